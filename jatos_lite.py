@@ -1,0 +1,3154 @@
+"""jatos-lite: run JATOS studies on one laptop, no internet needed.
+
+A single-module server that speaks JATOS's participant protocol ("publix") and the
+JATOS API v1, so studies written for JATOS run unchanged and scripts written for JATOS
+fetch their results unchanged. Data lives in one SQLite file (WAL mode) plus a folder
+of uploaded result files.
+
+Quick start::
+
+    pip install . && jatos-lite          # serves ./studies and ./data on port 9000
+
+Embedding::
+
+    import jatos_lite
+    app = jatos_lite.create_app(jatos_lite.Config(studies=Path("studies"), data=Path("data")))
+
+The file is cut into sections in data-flow order; each uses only what stands above it:
+config, errors and helpers, storage, study model, study flow, archives, web, CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import decimal
+import hashlib
+import hmac
+import html
+import io
+import itertools
+import json
+import logging
+import mimetypes
+import os
+import re
+import secrets
+import shutil
+import socket
+import sqlite3
+import string
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+import urllib.parse
+import uuid
+import zipfile
+import zlib
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable, Iterable, Iterator
+
+import bottle
+
+__version__ = "0.1.0"
+JATOS_VERSION = "3.10.5"
+API_VERSION = "1.1.0"
+
+log = logging.getLogger("jatos_lite")
+
+###############################################################################
+# Config
+###############################################################################
+
+ENV_PREFIX = "JATOS_LITE_"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything the server can be told. Built from defaults < environment < CLI flags."""
+
+    host: str = "0.0.0.0"
+    port: int = 9000
+    studies: Path = Path("studies")
+    data: Path = Path("data")
+    api_token: str | None = None
+    threads: int = 64
+    max_result_data: int = 5_000_000
+    max_upload: int = 30_000_000
+    max_uploads_per_run: int = 50_000_000
+    max_archive: int = 2_000_000_000
+    id_cookie_limit: int = 10
+    uploads_enabled: bool = True
+
+    @property
+    def db_path(self) -> Path:
+        return self.data / "jatos.sqlite"
+
+    @property
+    def uploads(self) -> Path:
+        return self.data / "result_uploads"
+
+    @property
+    def tmp(self) -> Path:
+        return self.data / "tmp"
+
+
+def _parse_bool(text: str) -> bool:
+    if text.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.strip().lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def _field_parser(field: dataclasses.Field) -> Callable[[str], Any]:
+    kind = str(field.type)
+    if kind == "int":
+        return int
+    if kind == "bool":
+        return _parse_bool
+    if kind == "Path":
+        return Path
+    return str
+
+
+def config_from_env(env: dict[str, str] | None = None, **overrides: Any) -> Config:
+    """A Config from `JATOS_LITE_<NAME>` variables, then explicit overrides (CLI flags)."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(Config):
+        text = env.get(ENV_PREFIX + field.name.upper())
+        if text not in (None, ""):
+            values[field.name] = _field_parser(field)(text)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return Config(**values)
+
+
+###############################################################################
+# Errors and small helpers
+###############################################################################
+
+
+class JatosError(Exception):
+    """A request that cannot be served: HTTP status, a message for people, an API code."""
+
+    API_CODES = {400: "INVALID_REQUEST", 401: "AUTH_ERROR", 403: "FORBIDDEN", 404: "NOT_FOUND",
+                 409: "CONFLICT", 413: "TOO_LARGE", 415: "WRONG_CONTENT_TYPE", 500: "UNEXPECTED_ERROR"}
+
+    def __init__(self, status: int, message: str, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code or self.API_CODES.get(status, "UNSPECIFIED")
+
+
+class CommittedError(JatosError):
+    """An error whose bookkeeping (e.g. the quotaReached flags) is committed before it is answered."""
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def new_uuid() -> str:
+    return str(uuid.uuid4())
+
+
+_ALNUM = string.ascii_letters + string.digits
+
+
+def random_alnum(length: int) -> str:
+    return "".join(secrets.choice(_ALNUM) for _ in range(length))
+
+
+def java_length(text: str) -> int:
+    """Length in UTF-16 code units, as Java counts it."""
+    return len(text.encode("utf-16-le")) // 2
+
+
+def truncate_message(text: str | None) -> str | None:
+    """JATOS keeps at most 255 UTF-16 code units of a message (never splitting a character here)."""
+    if text is None:
+        return None
+    out, units = [], 0
+    for char in text:
+        units += 2 if ord(char) > 0xFFFF else 1
+        if units > 255:
+            break
+        out.append(char)
+    return "".join(out)
+
+
+def description_hash(description: str | None) -> str | None:
+    """JATOS's descriptionHash: SHA-256 over the Latin-1 bytes ('?' for anything else)."""
+    if not description:
+        return None
+    return hashlib.sha256(description.encode("latin-1", "replace")).hexdigest()
+
+
+def human_bytes(n: int) -> str:
+    """Decimal units with one half-up rounded digit, exactly like JATOS (1500 -> '1.5 kB')."""
+    if n < 1000:
+        return f"{n} B"
+    prefixes = "kMGTPE"
+    index = 0
+    while n >= 999_950 and index < len(prefixes) - 1:
+        n //= 1000
+        index += 1
+    value = (decimal.Decimal(n) / 1000).quantize(decimal.Decimal("0.1"), decimal.ROUND_HALF_UP)
+    return f"{value} {prefixes[index]}B"
+
+
+def duration_text(start_ms: int | None, end_ms: int | None) -> str | None:
+    """'HH:MM:SS', or 'D:HH:MM:SS' with unpadded days; None while the run has no end."""
+    if start_ms is None or end_ms is None:
+        return None
+    seconds = max(0, (end_ms - start_ms) // 1000)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    clock = f"{hours:02d}:{minutes:02d}:{secs:02d}"
+    return f"{days}:{clock}" if days else clock
+
+
+def timestamp_for_filename() -> str:
+    return datetime.datetime.now().strftime("%Y%m%d%H%M%S")
+
+
+def minify_json_text(text: Any, what: str) -> str | None:
+    """Stored form of a study/component/batch input: minified JSON text, key order kept."""
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        return json.dumps(text, separators=(",", ":"), ensure_ascii=False)
+    if text.strip() == "":
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise JatosError(400, f"Error in field '{what}' - invalid JSON: {exc}", "VALIDATION_ERROR")
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def parse_json_text(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def to_json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+# File names JATOS refuses (formats-and-api.md §4.3), plus names Windows cannot store.
+_BAD_NAME_CHARS = set("`*?\"\\/,<>|:~!§$%&^°\x00")
+_WINDOWS_DEVICE_NAMES = {"CON", "PRN", "AUX", "NUL"} | {f"{p}{i}" for p in ("COM", "LPT") for i in range(1, 10)}
+
+
+def is_portable_name(name: str) -> bool:
+    """True for a single file or folder name that JATOS accepts and every OS can store."""
+    if not name or name in (".", "..") or len(name.encode("utf-8")) > 255:
+        return False
+    if any(c in _BAD_NAME_CHARS or c.isspace() or ord(c) < 32 for c in name):
+        return False
+    if name.endswith("."):
+        return False
+    return name.split(".")[0].upper() not in _WINDOWS_DEVICE_NAMES
+
+
+_BAD_PATH_CHARS = set('\\<>:"|?*')
+
+
+def confined_path(root: Path, relative: str) -> Path | None:
+    """`root/relative` if `relative` is a clean relative path that stays inside root, else None.
+
+    The path is normalised *before* it is checked, so `a/../../b` and encoded variants
+    cannot escape; symlinks pointing out of root are refused too.
+    """
+    if any(c in _BAD_PATH_CHARS or ord(c) < 32 or ord(c) == 127 for c in relative):
+        return None
+    parts: list[str] = []
+    for part in PurePosixPath(relative).parts:
+        if part in ("", ".", "/"):
+            continue
+        if part == "..":
+            if not parts:
+                return None
+            parts.pop()
+            continue
+        parts.append(part)
+    if relative.startswith("/") or not parts:
+        return None
+    candidate = root.joinpath(*parts)
+    try:
+        if not candidate.resolve().is_relative_to(root.resolve()):
+            return None
+    except OSError:
+        return None
+    return candidate
+
+
+def write_file_durably(target: Path, chunks: Iterable[bytes]) -> int:
+    """Write to a temp file beside target, fsync, rename over target. Returns the size."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=".upload-")
+    size = 0
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for chunk in chunks:
+                out.write(chunk)
+                size += len(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp_name, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_name)
+        raise
+    _fsync_dir(target.parent)
+    return size
+
+
+def _fsync_dir(folder: Path) -> None:
+    if os.name == "nt":
+        return  # Windows cannot open a directory for fsync; NTFS journals the rename.
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_chunks(fileobj: Any, size: int = 1 << 20) -> Iterator[bytes]:
+    while True:
+        chunk = fileobj.read(size)
+        if not chunk:
+            return
+        yield chunk
+
+
+def resource_dir() -> Path:
+    """Where jatos.js, admin.html and the bundled example study live: beside this module in a
+    checkout, or under <prefix>/share/jatos-lite once installed by pip."""
+    here = Path(__file__).resolve().parent
+    candidates = [here, Path(sysconfig.get_path("data")) / "share" / "jatos-lite",
+                  Path(sys.prefix) / "share" / "jatos-lite"]
+    user_base = sysconfig.get_config_var("userbase")
+    if user_base:
+        candidates.append(Path(user_base) / "share" / "jatos-lite")
+    for candidate in candidates:
+        if (candidate / "jatos.js").is_file():
+            return candidate
+    return here
+
+
+###############################################################################
+# Storage
+###############################################################################
+
+# Each entry migrates the schema from version i to i+1 (PRAGMA user_version).
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE studies (
+        id INTEGER PRIMARY KEY,
+        uuid TEXT NOT NULL UNIQUE,
+        title TEXT NOT NULL,
+        description TEXT,
+        dir_name TEXT NOT NULL UNIQUE COLLATE NOCASE,
+        comments TEXT,
+        study_input TEXT,
+        end_redirect_url TEXT,
+        study_entry_msg TEXT,
+        active INTEGER NOT NULL DEFAULT 1,
+        locked INTEGER NOT NULL DEFAULT 0,
+        group_study INTEGER NOT NULL DEFAULT 0,
+        linear_study INTEGER NOT NULL DEFAULT 0,
+        allow_preview INTEGER NOT NULL DEFAULT 0,
+        created INTEGER NOT NULL
+    );
+    CREATE TABLE components (
+        id INTEGER PRIMARY KEY,
+        study_id INTEGER NOT NULL REFERENCES studies(id),
+        uuid TEXT NOT NULL UNIQUE,
+        position INTEGER NOT NULL,
+        title TEXT NOT NULL,
+        html_file_path TEXT,
+        reloadable INTEGER NOT NULL DEFAULT 0,
+        active INTEGER NOT NULL DEFAULT 1,
+        comments TEXT,
+        component_input TEXT
+    );
+    CREATE INDEX components_by_study ON components(study_id, position);
+    CREATE TABLE batches (
+        id INTEGER PRIMARY KEY,
+        study_id INTEGER NOT NULL REFERENCES studies(id),
+        uuid TEXT NOT NULL UNIQUE,
+        position INTEGER NOT NULL,
+        title TEXT NOT NULL,
+        active INTEGER NOT NULL DEFAULT 1,
+        max_active_members INTEGER,
+        max_total_members INTEGER,
+        max_total_workers INTEGER,
+        allowed_worker_types TEXT NOT NULL DEFAULT '[]',
+        comments TEXT,
+        batch_input TEXT,
+        session_data TEXT NOT NULL DEFAULT '{}',
+        session_version INTEGER NOT NULL DEFAULT 1
+    );
+    CREATE INDEX batches_by_study ON batches(study_id, position);
+    CREATE TABLE workers (
+        id INTEGER PRIMARY KEY,
+        type TEXT NOT NULL,
+        comment TEXT,
+        mturk_worker_id TEXT
+    );
+    CREATE INDEX workers_by_mturk_id ON workers(mturk_worker_id COLLATE NOCASE, type)
+        WHERE mturk_worker_id IS NOT NULL;
+    INSERT INTO workers(id, type) VALUES (1, 'Jatos');
+    CREATE TABLE batch_workers (
+        batch_id INTEGER NOT NULL REFERENCES batches(id),
+        worker_id INTEGER NOT NULL REFERENCES workers(id),
+        PRIMARY KEY (batch_id, worker_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE study_links (
+        code TEXT PRIMARY KEY,
+        batch_id INTEGER NOT NULL REFERENCES batches(id),
+        worker_type TEXT NOT NULL,
+        worker_id INTEGER REFERENCES workers(id),
+        active INTEGER NOT NULL DEFAULT 1,
+        created INTEGER NOT NULL
+    );
+    CREATE INDEX study_links_by_batch ON study_links(batch_id, worker_type, worker_id);
+    CREATE INDEX study_links_by_worker ON study_links(worker_id);
+    CREATE TABLE study_results (
+        id INTEGER PRIMARY KEY,
+        uuid TEXT NOT NULL UNIQUE,
+        study_code TEXT,
+        study_id INTEGER NOT NULL REFERENCES studies(id),
+        batch_id INTEGER NOT NULL REFERENCES batches(id),
+        worker_id INTEGER NOT NULL REFERENCES workers(id),
+        state TEXT NOT NULL,
+        start_date INTEGER NOT NULL,
+        end_date INTEGER,
+        last_seen_date INTEGER,
+        study_session_data TEXT,
+        url_query_parameters TEXT NOT NULL DEFAULT '{}',
+        confirmation_code TEXT,
+        message TEXT,
+        quota_reached INTEGER NOT NULL DEFAULT 0,
+        group_result_id INTEGER
+    );
+    CREATE INDEX study_results_by_study ON study_results(study_id);
+    CREATE INDEX study_results_by_batch ON study_results(batch_id);
+    CREATE INDEX study_results_by_worker ON study_results(worker_id);
+    CREATE INDEX study_results_by_group ON study_results(group_result_id);
+    CREATE TABLE component_results (
+        id INTEGER PRIMARY KEY,
+        study_result_id INTEGER NOT NULL REFERENCES study_results(id),
+        component_id INTEGER NOT NULL REFERENCES components(id),
+        state TEXT NOT NULL,
+        start_date INTEGER NOT NULL,
+        end_date INTEGER,
+        data TEXT,
+        data_size INTEGER NOT NULL DEFAULT 0,
+        message TEXT,
+        quota_reached INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX component_results_by_run ON component_results(study_result_id);
+    CREATE INDEX component_results_by_component ON component_results(component_id);
+    CREATE TABLE applied_requests (
+        study_result_id INTEGER NOT NULL,
+        request_id TEXT NOT NULL,
+        status INTEGER NOT NULL,
+        body TEXT NOT NULL,
+        PRIMARY KEY (study_result_id, request_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE api_tokens (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL,
+        token_hash TEXT NOT NULL UNIQUE,
+        creation_date INTEGER NOT NULL,
+        expires_after INTEGER,
+        active INTEGER NOT NULL DEFAULT 1
+    );
+    CREATE TABLE settings (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE admin_sessions (
+        token_hash TEXT PRIMARY KEY,
+        csrf_token TEXT NOT NULL,
+        created INTEGER NOT NULL,
+        jatos_run TEXT,
+        run_component_uuid TEXT
+    ) WITHOUT ROWID;
+    """,
+]
+
+
+class Db:
+    """One connection inside one transaction, with short query helpers."""
+
+    def __init__(self, conn: sqlite3.Connection):
+        self.conn = conn
+
+    def one(self, sql: str, *args: Any) -> sqlite3.Row | None:
+        return self.conn.execute(sql, args).fetchone()
+
+    def all(self, sql: str, *args: Any) -> list[sqlite3.Row]:
+        return self.conn.execute(sql, args).fetchall()
+
+    def value(self, sql: str, *args: Any) -> Any:
+        row = self.conn.execute(sql, args).fetchone()
+        return None if row is None else row[0]
+
+    def run(self, sql: str, *args: Any) -> int:
+        return self.conn.execute(sql, args).rowcount
+
+    def insert(self, sql: str, *args: Any) -> int:
+        return self.conn.execute(sql, args).lastrowid
+
+
+class Store:
+    """The SQLite database: WAL mode, a connection per thread, one transaction per request.
+
+    A transaction starts with BEGIN IMMEDIATE, so writers queue on SQLite's lock (with a
+    busy timeout) instead of failing half-way; a request is answered only after COMMIT.
+    Several processes may share the file (the CLI while a server runs, or several servers).
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._migrate()
+
+    def connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        return conn
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self.connect()
+        return conn
+
+    @contextlib.contextmanager
+    def tx(self) -> Iterator[Db]:
+        """A write transaction: committed when the block ends, rolled back on any exception."""
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield Db(conn)
+        except CommittedError:
+            conn.execute("COMMIT")
+            raise
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[Db]:
+        """A read transaction: one consistent view of the data, no write lock taken."""
+        conn = self._conn()
+        conn.execute("BEGIN")
+        try:
+            yield Db(conn)
+        finally:
+            conn.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        conn = self.connect()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > len(MIGRATIONS):
+                conn.execute("ROLLBACK")
+                raise RuntimeError(f"{self.path} was written by a newer jatos-lite (schema {version})")
+            for index in range(version, len(MIGRATIONS)):
+                for statement in MIGRATIONS[index].split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+            conn.execute(f"PRAGMA user_version={len(MIGRATIONS)}")
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+
+
+###############################################################################
+# Study model: studies, components, batches, workers, study links
+###############################################################################
+
+WORKER_TYPES = ("Jatos", "PersonalSingle", "PersonalMultiple", "GeneralSingle", "GeneralMultiple",
+                "MT", "MTSandbox")
+WORKER_TYPE_LABELS = {"Jatos": "Jatos", "PersonalSingle": "Personal Single",
+                      "PersonalMultiple": "Personal Multiple", "GeneralSingle": "General Single",
+                      "GeneralMultiple": "General Multiple", "MT": "MTurk", "MTSandbox": "MTurk Sandbox"}
+# The order JATOS's HashSet gives allowedWorkerTypes; tests.html compares it literally.
+WORKER_TYPE_ORDER = ("PersonalSingle", "Jatos", "GeneralMultiple", "GeneralSingle", "PersonalMultiple", "MT")
+WORKER_TYPE_ALIASES = {"jatos": "Jatos", "ja": "Jatos", "personalsingle": "PersonalSingle",
+                       "ps": "PersonalSingle", "personalmultiple": "PersonalMultiple",
+                       "pm": "PersonalMultiple", "generalsingle": "GeneralSingle", "gs": "GeneralSingle",
+                       "generalmultiple": "GeneralMultiple", "gm": "GeneralMultiple", "mturk": "MT",
+                       "mt": "MT", "mturksandbox": "MTSandbox", "mts": "MTSandbox"}
+SINGLE_TYPES = ("PersonalSingle", "GeneralSingle")
+MTURK_TYPES = ("MT", "MTSandbox")
+JATOS_WORKER_ID = 1
+ADMIN_USER = {"id": 1, "username": "admin"}
+RESERVED_DIR_NAMES = {"jatos", "publix", "public", "assets", "study_assets_root", "study_assets"}
+_HTML_FILE_PATH = re.compile(r"^[\w\d_-][\w\d/_-]*\.[\w\d_-]+$", re.ASCII)
+_HTML_MARKUP = re.compile(r"<\s*/?\s*[A-Za-z!][^>]*>")
+
+
+def ordered_worker_types(types: Iterable[str]) -> list[str]:
+    present = set(types)
+    return [t for t in WORKER_TYPE_ORDER if t in present]
+
+
+def worker_type_from_alias(text: str) -> str:
+    found = WORKER_TYPE_ALIASES.get(str(text).strip().lower())
+    if found is None:
+        raise JatosError(400, f"Unknown worker type: {text}")
+    return found
+
+
+def _invalid(what: str, key: str, reason: str) -> JatosError:
+    return JatosError(400, f"{what} is invalid: Error in field '{key}' - {reason}", "VALIDATION_ERROR")
+
+
+def _check_text(what: str, key: str, value: Any, required: bool = False, max_length: int | None = 255) -> None:
+    if value is None:
+        if required:
+            raise _invalid(what, key, "missing")
+        return
+    if not isinstance(value, str):
+        raise _invalid(what, key, "must be a string")
+    if required and not value.strip():
+        raise _invalid(what, key, "must not be blank")
+    if max_length is not None and java_length(value) > max_length:
+        raise _invalid(what, key, f"longer than {max_length} characters")
+    if _HTML_MARKUP.search(value):
+        raise _invalid(what, key, "no HTML allowed")
+
+
+def _check_bool(what: str, key: str, value: Any) -> None:
+    if value is not None and not isinstance(value, bool):
+        raise _invalid(what, key, "must be true or false")
+
+
+def validate_dir_name(name: Any) -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise _invalid("Study", "dirName", "missing")
+    if java_length(name) > 255 or not is_portable_name(name) or name.lower() in RESERVED_DIR_NAMES:
+        raise _invalid("Study", "dirName", f"'{name}' is not a valid folder name")
+    return name
+
+
+def study_fields(data: dict) -> dict:
+    """The study columns from a JATOS study object (archive `data` or API body), validated."""
+    for key in ("title", "description", "comments", "endRedirectUrl"):
+        _check_text("Study", key, data.get(key), required=(key == "title"),
+                    max_length=255 if key == "title" else None)
+    _check_text("Study", "studyEntryMsg", data.get("studyEntryMsg"), max_length=None)
+    if len((data.get("studyEntryMsg") or "").encode("utf-8")) > 1000:
+        raise _invalid("Study", "studyEntryMsg", "longer than 1000 bytes")
+    for key in ("groupStudy", "linearStudy", "allowPreview", "active"):
+        _check_bool("Study", key, data.get(key))
+    study_input = data["studyInput"] if data.get("studyInput") is not None else data.get("jsonData")
+    return {
+        "title": data["title"],
+        "description": data.get("description"),
+        "comments": data.get("comments"),
+        "study_input": minify_json_text(study_input, "studyInput"),
+        "end_redirect_url": data.get("endRedirectUrl"),
+        "study_entry_msg": data.get("studyEntryMsg"),
+        "group_study": bool(data.get("groupStudy") or False),
+        "linear_study": bool(data.get("linearStudy") or False),
+        "allow_preview": bool(data.get("allowPreview") or False),
+    }
+
+
+def component_fields(data: dict) -> dict:
+    for key in ("title", "comments"):
+        _check_text("Component", key, data.get(key), required=(key == "title"),
+                    max_length=255 if key == "title" else None)
+    path = data.get("htmlFilePath")
+    if path not in (None, ""):
+        if not isinstance(path, str) or len(path) > 255 or not _HTML_FILE_PATH.match(path):
+            raise _invalid("Component", "htmlFilePath", f"'{path}' is not a valid HTML file path")
+    for key in ("reloadable", "active"):
+        _check_bool("Component", key, data.get(key))
+    component_input = data["componentInput"] if data.get("componentInput") is not None else data.get("jsonData")
+    return {
+        "title": data["title"],
+        "html_file_path": path or None,
+        "reloadable": bool(data.get("reloadable") or False),
+        "active": data.get("active") is not False,
+        "comments": data.get("comments"),
+        "component_input": minify_json_text(component_input, "componentInput"),
+    }
+
+
+def _check_limit(key: str, value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise _invalid("Batch", key, "must be empty or a number of at least 1")
+
+
+def batch_fields(data: dict) -> dict:
+    for key in ("title", "comments"):
+        _check_text("Batch", key, data.get(key), required=(key == "title"),
+                    max_length=255 if key == "title" else None)
+    _check_bool("Batch", "active", data.get("active"))
+    for key in ("maxActiveMembers", "maxTotalMembers", "maxTotalWorkers"):
+        _check_limit(key, data.get(key))
+    if (data.get("maxActiveMembers") and data.get("maxTotalMembers")
+            and data["maxTotalMembers"] < data["maxActiveMembers"]):
+        raise _invalid("Batch", "maxTotalMembers", "must not be smaller than maxActiveMembers")
+    types = data.get("allowedWorkerTypes") or []
+    if not isinstance(types, list):
+        raise _invalid("Batch", "allowedWorkerTypes", "must be a list")
+    allowed = []
+    for name in types:
+        found = WORKER_TYPE_ALIASES.get(str(name).lower())
+        if found is None or found == "MTSandbox" or str(name) == "MTSandbox":
+            raise _invalid("Batch", "allowedWorkerTypes", f"unknown worker type '{name}'")
+        allowed.append(found)
+    batch_input = data["batchInput"] if data.get("batchInput") is not None else data.get("jsonData")
+    return {
+        "title": data["title"],
+        "active": data.get("active") is not False,
+        "max_active_members": data.get("maxActiveMembers"),
+        "max_total_members": data.get("maxTotalMembers"),
+        "max_total_workers": data.get("maxTotalWorkers"),
+        "allowed_worker_types": to_json(ordered_worker_types(allowed)),
+        "comments": data.get("comments"),
+        "batch_input": minify_json_text(batch_input, "batchInput"),
+    }
+
+
+def _insert_row(db: Db, table: str, fields: dict) -> int:
+    names = ", ".join(fields)
+    marks = ", ".join("?" for _ in fields)
+    return db.insert(f"INSERT INTO {table} ({names}) VALUES ({marks})", *fields.values())
+
+
+def _update_row(db: Db, table: str, row_id: int, fields: dict) -> None:
+    if fields:
+        assignments = ", ".join(f"{name} = ?" for name in fields)
+        db.run(f"UPDATE {table} SET {assignments} WHERE id = ?", *fields.values(), row_id)
+
+
+def insert_study(db: Db, fields: dict, uuid_: str, dir_name: str, active: bool = True) -> int:
+    return _insert_row(db, "studies", {**fields, "uuid": uuid_, "dir_name": dir_name,
+                                       "active": active, "created": now_ms()})
+
+
+def insert_component(db: Db, study_id: int, fields: dict, uuid_: str | None = None) -> int:
+    position = (db.value("SELECT MAX(position) FROM components WHERE study_id = ?", study_id) or 0) + 1
+    return _insert_row(db, "components", {**fields, "study_id": study_id, "uuid": uuid_ or new_uuid(),
+                                          "position": position})
+
+
+def insert_batch(db: Db, study_id: int, fields: dict, uuid_: str | None = None) -> int:
+    position = (db.value("SELECT MAX(position) FROM batches WHERE study_id = ?", study_id) or 0) + 1
+    batch_id = _insert_row(db, "batches", {**fields, "study_id": study_id, "uuid": uuid_ or new_uuid(),
+                                           "position": position})
+    db.run("INSERT INTO batch_workers(batch_id, worker_id) VALUES (?, ?)", batch_id, JATOS_WORKER_ID)
+    return batch_id
+
+
+DEFAULT_BATCH = {"title": "Default", "allowedWorkerTypes": ["PersonalSingle", "PersonalMultiple"]}
+
+
+def find_study(db: Db, key: Any) -> sqlite3.Row:
+    """A study by numeric ID or UUID (as the API accepts either), else 404."""
+    text = str(key).strip()
+    row = (db.one("SELECT * FROM studies WHERE id = ?", int(text)) if text.isdigit()
+           else db.one("SELECT * FROM studies WHERE uuid = ? OR dir_name = ?", text, text))
+    if row is None:
+        raise JatosError(404, f"Study {text} doesn't exist.")
+    return row
+
+
+def find_batch(db: Db, key: Any, study_id: int | None = None) -> sqlite3.Row:
+    text = str(key).strip()
+    row = (db.one("SELECT * FROM batches WHERE id = ?", int(text)) if text.isdigit()
+           else db.one("SELECT * FROM batches WHERE uuid = ?", text))
+    if row is None or (study_id is not None and row["study_id"] != study_id):
+        raise JatosError(404, f"Batch {text} doesn't exist" + (" in this study." if study_id else "."))
+    return row
+
+
+def default_batch(db: Db, study_id: int) -> sqlite3.Row:
+    return db.one("SELECT * FROM batches WHERE study_id = ? ORDER BY position LIMIT 1", study_id)
+
+
+def components_of(db: Db, study_id: int) -> list[sqlite3.Row]:
+    return db.all("SELECT * FROM components WHERE study_id = ? ORDER BY position", study_id)
+
+
+def free_dir_name(db: Db, studies_root: Path, wanted: str) -> str:
+    """`wanted`, or `wanted_2`, `wanted_3`, ... whichever is neither a folder nor a study's."""
+    def taken(name: str) -> bool:
+        return (studies_root / name).exists() or db.value(
+            "SELECT 1 FROM studies WHERE dir_name = ?", name) is not None
+    if not taken(wanted):
+        return wanted
+    n = 2
+    while taken(f"{wanted}_{n}"):
+        n += 1
+    return f"{wanted}_{n}"
+
+
+def new_study_code(db: Db) -> str:
+    """11 alphanumeric characters from `secrets` (62^11, about 65 bits)."""
+    while True:
+        code = random_alnum(11)
+        if db.value("SELECT 1 FROM study_links WHERE code = ?", code) is None:
+            return code
+
+
+def _insert_link(db: Db, batch_id: int, worker_type: str, worker_id: int | None) -> str:
+    code = new_study_code(db)
+    db.run("INSERT INTO study_links(code, batch_id, worker_type, worker_id, created) VALUES (?, ?, ?, ?, ?)",
+           code, batch_id, worker_type, worker_id, now_ms())
+    return code
+
+
+def add_worker(db: Db, worker_type: str, batch_id: int, comment: str | None = None,
+               mturk_worker_id: str | None = None) -> int:
+    worker_id = db.insert("INSERT INTO workers(type, comment, mturk_worker_id) VALUES (?, ?, ?)",
+                          worker_type, comment, mturk_worker_id)
+    db.run("INSERT OR IGNORE INTO batch_workers(batch_id, worker_id) VALUES (?, ?)", batch_id, worker_id)
+    return worker_id
+
+
+def study_links_for(db: Db, batch: sqlite3.Row, worker_type: str, amount: int = 1,
+                    comment: str | None = None) -> list[str]:
+    """Study codes as JATOS hands them out: new personal workers with a link each, or the one
+    shared link of a general/MTurk type (created on first use)."""
+    if worker_type in ("PersonalSingle", "PersonalMultiple"):
+        if not 1 <= amount <= 10_000:
+            raise JatosError(400, "amount must be between 1 and 10000")
+        return [_insert_link(db, batch["id"], worker_type, add_worker(db, worker_type, batch["id"], comment))
+                for _ in range(amount)]
+    if worker_type in ("GeneralSingle", "GeneralMultiple", "MT"):
+        code = db.value("SELECT code FROM study_links WHERE batch_id = ? AND worker_type = ? "
+                        "ORDER BY created LIMIT 1", batch["id"], worker_type)
+        return [code or _insert_link(db, batch["id"], worker_type, None)]
+    if worker_type == "Jatos":
+        return [jatos_link(db, batch)]
+    raise JatosError(400, f"Study codes of type {worker_type} cannot be generated")
+
+
+def jatos_link(db: Db, batch: sqlite3.Row) -> str:
+    code = db.value("SELECT code FROM study_links WHERE batch_id = ? AND worker_type = 'Jatos'", batch["id"])
+    return code or _insert_link(db, batch["id"], "Jatos", JATOS_WORKER_ID)
+
+
+def component_object(row: sqlite3.Row) -> dict:
+    return {"id": row["id"], "uuid": row["uuid"], "title": row["title"], "htmlFilePath": row["html_file_path"],
+            "reloadable": bool(row["reloadable"]), "active": bool(row["active"]), "comments": row["comments"],
+            "componentInput": parse_json_text(row["component_input"])}
+
+
+def batch_object(row: sqlite3.Row) -> dict:
+    return {"id": row["id"], "uuid": row["uuid"], "title": row["title"], "active": bool(row["active"]),
+            "maxActiveMembers": row["max_active_members"], "maxTotalMembers": row["max_total_members"],
+            "maxTotalWorkers": row["max_total_workers"],
+            "allowedWorkerTypes": json.loads(row["allowed_worker_types"]), "comments": row["comments"],
+            "batchInput": parse_json_text(row["batch_input"])}
+
+
+def study_object(db: Db, row: sqlite3.Row, with_components: bool = False, with_batches: bool = False) -> dict:
+    """A study as the JATOS API shows it (formats-and-api.md §3.5.1)."""
+    components = components_of(db, row["id"])
+    batches = db.all("SELECT * FROM batches WHERE study_id = ? ORDER BY position", row["id"])
+    return {
+        "id": row["id"], "uuid": row["uuid"], "title": row["title"], "description": row["description"],
+        "descriptionHash": description_hash(row["description"]), "locked": bool(row["locked"]),
+        "active": bool(row["active"]), "groupStudy": bool(row["group_study"]),
+        "linearStudy": bool(row["linear_study"]), "allowPreview": bool(row["allow_preview"]),
+        "dirName": row["dir_name"], "comments": row["comments"],
+        "studyInput": parse_json_text(row["study_input"]), "endRedirectUrl": row["end_redirect_url"],
+        "studyEntryMsg": row["study_entry_msg"],
+        "components": [component_object(c) if with_components else {"id": c["id"], "uuid": c["uuid"]}
+                       for c in components],
+        "batches": [batch_object(b) if with_batches else {"id": b["id"], "uuid": b["uuid"]} for b in batches],
+        "members": [ADMIN_USER],
+    }
+
+
+###############################################################################
+# Study flow: who may start, component order, result data, files, end and abort
+###############################################################################
+
+SR_DONE = ("FINISHED", "ABORTED", "FAIL")
+CR_DONE = ("FINISHED", "ABORTED", "FAIL", "RELOADED")
+JATOS_RUNS = ("RUN_STUDY", "RUN_COMPONENT_START", "RUN_COMPONENT_FINISHED")
+EVICTION_MESSAGE = "Closed by JATOS: Too many unfinished studies open in the same browser."
+LAST_SEEN_THRESHOLD_MS = 30_000
+COOKIE_MAX_AGE = 864_000_000  # 10 000 days, as JATOS
+ID_COOKIE_PREFIX = "JATOS_ID_"
+GENERAL_SINGLE_COOKIE = "JATOS_GENERALSINGLE_UUIDS"
+_ID_COOKIE_REQUIRED = ("workerId", "workerType", "batchId", "studyId", "studyResultId", "studyResultUuid",
+                       "studyAssets", "urlBasePath", "creationTime")
+_ID_COOKIE_NUMERIC = ("batchId", "componentId", "componentPos", "componentResultId", "creationTime", "studyId",
+                      "studyResultId", "workerId")
+
+
+@dataclasses.dataclass
+class Redirect:
+    location: str
+
+
+@dataclasses.dataclass
+class AdminSession:
+    """A signed-in researcher (admin page session): what JATOS keeps in its Play session."""
+
+    token_hash: str
+    csrf_token: str
+    jatos_run: str | None = None
+    run_component_uuid: str | None = None
+
+
+@dataclasses.dataclass
+class Run:
+    """One study result with the rows it belongs to."""
+
+    sr: sqlite3.Row
+    study: sqlite3.Row
+    batch: sqlite3.Row
+    worker: sqlite3.Row
+
+    @property
+    def done(self) -> bool:
+        return self.sr["state"] in SR_DONE
+
+    @property
+    def worker_type(self) -> str:
+        return self.worker["type"]
+
+
+def cookie_header(name: str, value: str, max_age: int, http_only: bool = False,
+                  same_site: str | None = None) -> str:
+    """A Set-Cookie value written by hand: JATOS's ID cookie value holds '=' and '&', which
+    http.cookies would wrap in quotes that jatos.js cannot parse."""
+    expires = "Thu, 01 Jan 1970 00:00:00 GMT" if max_age <= 0 else time.strftime(
+        "%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + max_age))
+    header = f"{name}={value}; Max-Age={max(max_age, 0)}; Expires={expires}; Path=/"
+    if http_only:
+        header += "; HttpOnly"
+    if same_site:
+        header += f"; SameSite={same_site}"
+    return header
+
+
+def parse_cookie_header(header: str) -> dict[str, str]:
+    cookies: dict[str, str] = {}
+    for part in header.split(";"):
+        name, sep, value = part.strip().partition("=")
+        if sep and name and name not in cookies:
+            cookies[name] = value.strip().strip('"')
+    return cookies
+
+
+def _parse_id_cookie(name: str, value: str) -> dict[str, str] | None:
+    """The fields of a JATOS ID cookie, or None if it is malformed (publix-http.md §5.2)."""
+    if not name.upper().startswith(ID_COOKIE_PREFIX) or not name[len(ID_COOKIE_PREFIX):].isdigit():
+        return None
+    fields: dict[str, str] = {}
+    for pair in value.split("&"):
+        if pair.count("=") != 1:
+            return None
+        key, raw = pair.split("=")
+        fields[key] = urllib.parse.unquote_plus(raw)
+    for key in _ID_COOKIE_REQUIRED:
+        if fields.get(key, "null").strip() in ("", "null"):
+            return None
+    for key in _ID_COOKIE_NUMERIC:
+        if fields.get(key, "null") != "null" and not fields[key].isdigit():
+            return None
+    if fields.get("jatosRun") not in JATOS_RUNS:
+        fields["jatosRun"] = "null"
+    return fields
+
+
+class Browser:
+    """The participant's browser as its cookies show it; collects the cookies to send back."""
+
+    def __init__(self, cookie_header_text: str, limit: int):
+        self.limit = limit
+        self.cookies = parse_cookie_header(cookie_header_text or "")
+        self.id_cookies: dict[int, dict[str, str]] = {}
+        self.outgoing: dict[str, str] = {}
+        for name, value in self.cookies.items():
+            if not name.lower().startswith("jatos_id"):
+                continue
+            fields = _parse_id_cookie(name, value)
+            if fields is None:
+                self.outgoing[name] = cookie_header(name, "", 0)
+            else:
+                self.id_cookies[int(name[len(ID_COOKIE_PREFIX):])] = fields
+
+    def has_study_assets(self, dir_name: str) -> bool:
+        return any(fields["studyAssets"] == dir_name for fields in self.id_cookies.values())
+
+    def write_id_cookie(self, run: Run, component: sqlite3.Row | None = None, cr_id: int | None = None,
+                        jatos_run: str | None = None) -> None:
+        sr_id = run.sr["id"]
+        if sr_id not in self.id_cookies and len(self.id_cookies) >= self.limit:
+            raise JatosError(500, "Can't generate a new ID cookie due to max number is reached. This can happen "
+                                  "if multiple study runs are started at the same time in the same browser.")
+        fields = {
+            "batchId": run.batch["id"], "componentId": component["id"] if component else None,
+            "componentPos": component["position"] if component else None, "componentResultId": cr_id,
+            "creationTime": now_ms(), "studyAssets": run.study["dir_name"], "urlBasePath": "/",
+            "jatosRun": jatos_run, "studyId": run.study["id"], "studyResultId": sr_id,
+            "studyResultUuid": run.sr["uuid"], "workerId": run.worker["id"], "workerType": run.worker_type,
+        }
+        text = {key: "null" if value is None else str(value) for key, value in fields.items()}
+        value = "&".join(f"{key}={urllib.parse.quote_plus(v) if key == 'studyAssets' else v}"
+                         for key, v in text.items())
+        self.id_cookies[sr_id] = text
+        self.outgoing[f"{ID_COOKIE_PREFIX}{sr_id}"] = cookie_header(f"{ID_COOKIE_PREFIX}{sr_id}", value,
+                                                                   COOKIE_MAX_AGE)
+
+    def delete_id_cookie(self, sr_id: int) -> None:
+        if self.id_cookies.pop(sr_id, None) is not None:
+            name = f"{ID_COOKIE_PREFIX}{sr_id}"
+            self.outgoing[name] = cookie_header(name, "", 0)
+
+    def least_recent_run(self) -> int:
+        return min(self.id_cookies, key=lambda sr_id: int(self.id_cookies[sr_id]["creationTime"]))
+
+    def general_single_worker(self, study_uuid: str) -> int | None:
+        ids = [int(wid) for key, wid in urllib.parse.parse_qsl(self.cookies.get(GENERAL_SINGLE_COOKIE, ""))
+               if key == study_uuid and wid.isdigit()]
+        return max(ids) if ids else None
+
+    def remember_general_single(self, study_uuid: str, worker_id: int) -> None:
+        old = self.cookies.get(GENERAL_SINGLE_COOKIE, "")
+        value = f"{old}&{study_uuid}={worker_id}" if old else f"{study_uuid}={worker_id}"
+        self.cookies[GENERAL_SINGLE_COOKIE] = value
+        self.outgoing[GENERAL_SINGLE_COOKIE] = cookie_header(GENERAL_SINGLE_COOKIE, value, COOKIE_MAX_AGE,
+                                                             http_only=True, same_site="Lax")
+
+
+def _row(db: Db, table: str, row_id: int) -> sqlite3.Row:
+    return db.one(f"SELECT * FROM {table} WHERE id = ?", row_id)
+
+
+def _run_of(db: Db, sr: sqlite3.Row) -> Run:
+    return Run(sr, _row(db, "studies", sr["study_id"]), _row(db, "batches", sr["batch_id"]),
+               _row(db, "workers", sr["worker_id"]))
+
+
+def load_run(db: Db, sr_uuid: str) -> Run:
+    if sr_uuid == "undefined":
+        raise JatosError(403, "Error getting study result UUID")
+    sr = db.one("SELECT * FROM study_results WHERE uuid = ?", sr_uuid)
+    if sr is None:
+        raise JatosError(400, f"Study result {sr_uuid} doesn't exist.")
+    return _run_of(db, sr)
+
+
+def _checked_run(db: Db, sr_uuid: str, comp_uuid: str) -> tuple[Run, sqlite3.Row]:
+    """The "run checks" shared by component start, initData, result data, log and upload."""
+    run = load_run(db, sr_uuid)
+    if comp_uuid == "undefined":
+        raise JatosError(403, "Error getting component UUID")
+    component = db.one("SELECT * FROM components WHERE uuid = ? AND study_id = ?", comp_uuid, run.study["id"])
+    if component is None:
+        raise JatosError(404, f"Component {comp_uuid} doesn't exist.")
+    if run.done:
+        raise JatosError(403, f"Study run is already finished (study result {run.sr['id']})")
+    if not component["active"]:
+        raise JatosError(403, f"Component {component['id']} is not active.")
+    return run, component
+
+
+def authorise_do(db: Db, run: Run, session: AdminSession | None) -> None:
+    """JATOS's "do" check: may this worker go on working on this study in this batch?"""
+    worker, study, batch = run.worker, run.study, run.batch
+    if worker["type"] == "Jatos":
+        if session is None:
+            raise JatosError(403, f"Worker {worker['id']} is not allowed to do study {study['id']}.")
+        return
+    needed = "MT" if worker["type"] in MTURK_TYPES else worker["type"]
+    if needed not in json.loads(batch["allowed_worker_types"]):
+        raise JatosError(403, f"It's not allowed to run this study (ID: {study['id']}) in this batch "
+                              f"(ID: {batch['id']}) with a worker of type "
+                              f"\"{WORKER_TYPE_LABELS[worker['type']]}\".")
+    if worker["type"] in SINGLE_TYPES and db.value(
+            "SELECT 1 FROM study_results WHERE worker_id = ? AND study_id = ? AND state IN (?, ?, ?)",
+            worker["id"], study["id"], *SR_DONE):
+        raise JatosError(403, "Study can be done only once.")
+
+
+def _authorise_start(db: Db, run: Run, session: AdminSession | None) -> None:
+    study, batch, worker = run.study, run.batch, run.worker
+    if not study["active"]:
+        raise JatosError(403, f"The study (ID: {study['id']}) was deactivated by an admin.")
+    if not batch["active"]:
+        raise JatosError(403, f"The batch (ID: {batch['id']}) is inactive.")
+    if worker["type"] in SINGLE_TYPES:
+        first = db.value("SELECT state FROM study_results WHERE worker_id = ? ORDER BY id LIMIT 1", worker["id"])
+        if first is not None and first != "PRE":
+            raise JatosError(403, "Study can be done only once.")
+    if batch["max_total_workers"] is not None:
+        count = db.value("SELECT COUNT(*) FROM batch_workers WHERE batch_id = ?", batch["id"])
+        if count > batch["max_total_workers"]:
+            raise JatosError(403, f"For the batch (ID: {batch['id']}) the maximum number of workers is "
+                                  "already reached.")
+    authorise_do(db, run, session)
+
+
+def _create_run(db: Db, run: Run, code: str) -> Run:
+    state = "PRE" if run.study["allow_preview"] and run.worker_type in SINGLE_TYPES else "STARTED"
+    now = now_ms()
+    sr_id = db.insert("INSERT INTO study_results(uuid, study_code, study_id, batch_id, worker_id, state, "
+                      "start_date, last_seen_date, study_session_data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, '{}')",
+                      new_uuid(), code, run.study["id"], run.batch["id"], run.worker["id"], state, now, now)
+    return dataclasses.replace(run, sr=_row(db, "study_results", sr_id))
+
+
+def current_cr(db: Db, sr_id: int) -> sqlite3.Row | None:
+    """The run's last component result, if it is still open."""
+    last = db.one("SELECT * FROM component_results WHERE study_result_id = ? ORDER BY id DESC LIMIT 1", sr_id)
+    return last if last is not None and last["state"] not in CR_DONE else None
+
+
+def _finish_run(db: Db, run: Run, successful: bool, message: str | None) -> None:
+    """End a run that is not done yet (end, eviction): close its component results and the run."""
+    now = now_ms()
+    code = new_uuid() if successful and run.worker_type in MTURK_TYPES else None
+    current = current_cr(db, run.sr["id"])
+    if current is not None:
+        db.run("UPDATE component_results SET state = ?, end_date = ?, message = NULL WHERE id = ?",
+               "FINISHED" if successful else "FAIL", now, current["id"])
+    db.run("UPDATE component_results SET state = 'FINISHED', end_date = ? "
+           "WHERE study_result_id = ? AND state NOT IN (?, ?, ?, ?)", now, run.sr["id"], *CR_DONE)
+    db.run("UPDATE study_results SET state = ?, confirmation_code = ?, message = ?, end_date = ?, "
+           "last_seen_date = ?, study_session_data = NULL WHERE id = ?",
+           "FINISHED" if successful else "FAIL", code, truncate_message(message), now, now, run.sr["id"])
+
+
+def _make_room(db: Db, browser: Browser) -> None:
+    """Evict the least recently used run of this browser while its ID cookies are at the limit."""
+    while len(browser.id_cookies) >= browser.limit:
+        sr_id = browser.least_recent_run()
+        sr = db.one("SELECT * FROM study_results WHERE id = ?", sr_id)
+        if sr is not None and sr["state"] not in SR_DONE:
+            _finish_run(db, _run_of(db, sr), False, EVICTION_MESSAGE)
+        browser.delete_id_cookie(sr_id)
+
+
+def _last_run_of(db: Db, worker_id: int) -> sqlite3.Row | None:
+    return db.one("SELECT * FROM study_results WHERE worker_id = ? ORDER BY id DESC LIMIT 1", worker_id)
+
+
+@dataclasses.dataclass
+class _Start:
+    """What a run start works with: the link and the request's browser, query and session."""
+
+    db: Db
+    link: sqlite3.Row
+    run: Run  # with sr=None until the study result exists
+    query: dict[str, str]
+    browser: Browser
+    session: AdminSession | None
+
+    def with_worker(self, worker_id: int) -> _Start:
+        return dataclasses.replace(self, run=dataclasses.replace(self.run, worker=_row(self.db, "workers",
+                                                                                        worker_id)))
+
+    def new_run(self) -> Run:
+        _authorise_start(self.db, self.run, self.session)
+        _make_room(self.db, self.browser)
+        return _create_run(self.db, self.run, self.link["code"])
+
+    def resume_or_new(self) -> Run:
+        """Single workers: the run in preview (PRE) continues; the first visit creates it."""
+        _authorise_start(self.db, self.run, self.session)
+        last = _last_run_of(self.db, self.run.worker["id"])
+        if last is None:
+            _make_room(self.db, self.browser)
+            return _create_run(self.db, self.run, self.link["code"])
+        if last["id"] not in self.browser.id_cookies:
+            _make_room(self.db, self.browser)
+        return dataclasses.replace(self.run, sr=last)
+
+
+def _start_personal_single(start: _Start) -> tuple[Run, str | None]:
+    return start.resume_or_new(), None
+
+
+def _start_fixed_worker(start: _Start) -> tuple[Run, str | None]:
+    return start.new_run(), None
+
+
+def _start_general_single(start: _Start) -> tuple[Run, str | None]:
+    db, study = start.db, start.run.study
+    worker_id = start.browser.general_single_worker(study["uuid"])
+    if worker_id is None:
+        worker_id = add_worker(db, "GeneralSingle", start.run.batch["id"])
+        run = start.with_worker(worker_id).new_run()
+        start.browser.remember_general_single(study["uuid"], worker_id)
+        return run, None
+    if _row(db, "workers", worker_id) is None:
+        raise JatosError(403, f"This study was run in this browser already. Although a worker with ID {worker_id} "
+                              "doesn't exist. Probably it was run on a different JATOS.")
+    start = start.with_worker(worker_id)
+    _authorise_start(db, start.run, start.session)
+    last = _last_run_of(db, worker_id)
+    if last is None:
+        raise JatosError(403, "This study was run in this browser already. Although JATOS couldn't find the "
+                              "study result.")
+    if last["id"] not in start.browser.id_cookies:
+        _make_room(db, start.browser)
+        start.browser.remember_general_single(study["uuid"], worker_id)
+    return dataclasses.replace(start.run, sr=last), None
+
+
+def _start_general_multiple(start: _Start) -> tuple[Run, str | None]:
+    return start.with_worker(add_worker(start.db, "GeneralMultiple", start.run.batch["id"])).new_run(), None
+
+
+def _start_mturk(start: _Start) -> tuple[Run, str | None]:
+    query, study = start.query, start.run.study
+    if query.get("assignmentId") == "ASSIGNMENT_ID_NOT_AVAILABLE":
+        raise JatosError(400, f"No preview available for study {study['id']}.")
+    mturk_id = (query.get("workerId") or "").strip()
+    if not mturk_id:
+        raise JatosError(400, "MTurk's workerId is missing in the query parameters.")
+    worker_type = "MTSandbox" if "sandbox" in query.get("turkSubmitTo", "").lower() else "MT"
+    worker_id = start.db.value("SELECT id FROM workers WHERE mturk_worker_id = ? COLLATE NOCASE AND type = ? "
+                               "ORDER BY id LIMIT 1", mturk_id, worker_type)
+    if worker_id is None:
+        worker_id = add_worker(start.db, worker_type, start.run.batch["id"], mturk_worker_id=mturk_id)
+    return start.with_worker(worker_id).new_run(), None
+
+
+def _start_jatos(start: _Start) -> tuple[Run, str | None]:
+    session = start.session
+    if session is None:
+        raise JatosError(403, "No user signed in")
+    start = start.with_worker(JATOS_WORKER_ID)
+    _authorise_start(start.db, start.run, session)
+    if session.jatos_run is None:
+        raise JatosError(403, "This study or component was never started in JATOS.")
+    if session.jatos_run not in JATOS_RUNS:
+        raise JatosError(400, "Malformed session parameter 'jatos_run'")
+    if session.jatos_run == "RUN_COMPONENT_FINISHED":
+        raise JatosError(403, "This study was never started in JATOS.")
+    target = (session.run_component_uuid or "unknown") if session.jatos_run == "RUN_COMPONENT_START" else None
+    _make_room(start.db, start.browser)
+    return _create_run(start.db, start.run, start.link["code"]), target
+
+
+_STARTERS: dict[str, Callable[[_Start], tuple[Run, str | None]]] = {
+    "PersonalSingle": _start_personal_single, "PersonalMultiple": _start_fixed_worker,
+    "GeneralSingle": _start_general_single, "GeneralMultiple": _start_general_multiple,
+    "MT": _start_mturk, "MTSandbox": _start_mturk, "Jatos": _start_jatos,
+}
+
+
+def first_active_component(db: Db, study_id: int) -> sqlite3.Row | None:
+    return db.one("SELECT * FROM components WHERE study_id = ? AND active = 1 ORDER BY position LIMIT 1", study_id)
+
+
+def start_run(db: Db, code: str, query: dict[str, str], browser: Browser,
+              session: AdminSession | None) -> Redirect:
+    """GET /publix/{code}: start (or resume) a study run and send the browser to its first component."""
+    link = db.one("SELECT * FROM study_links WHERE code = ?", code)
+    if link is None:
+        raise JatosError(400, "No valid study link")
+    if not link["active"]:
+        raise JatosError(403, "This study link is inactive")
+    starter = _STARTERS.get(link["worker_type"])
+    if starter is None:
+        raise JatosError(400, "Unknown worker type")
+    batch = _row(db, "batches", link["batch_id"])
+    worker = _row(db, "workers", link["worker_id"]) if link["worker_id"] else None
+    blank = Run(None, _row(db, "studies", batch["study_id"]), batch, worker)  # type: ignore[arg-type]
+    run, target = starter(_Start(db, link, blank, query, browser, session))
+    db.run("UPDATE study_results SET url_query_parameters = ? WHERE id = ?", to_json(query), run.sr["id"])
+    jatos_run = session.jatos_run if run.worker_type == "Jatos" and session else None
+    browser.write_id_cookie(run, jatos_run=jatos_run)
+    if target is None:
+        first = first_active_component(db, run.study["id"])
+        if first is None:
+            raise JatosError(404, f"The study with ID {run.study['id']} has no active components.")
+        target = first["uuid"]
+    return Redirect(f"/publix/{run.sr['uuid']}/{target}/start")
+
+
+def legacy_start(db: Db, study_id_text: str, query: dict[str, str]) -> Redirect:
+    """GET /publix/{studyId}/start?batchId=...: a pre-3.7 run link, turned into a study link."""
+    if not study_id_text.isdigit() or not query.get("batchId", "").isdigit():
+        raise JatosError(400, "Bad request: studyId and batchId must be numbers")
+    batch = db.one("SELECT * FROM batches WHERE id = ? AND study_id = ?", int(query["batchId"]), int(study_id_text))
+    if batch is None:
+        raise JatosError(400, "Unknown study or batch")
+    personal = {"personalSingleWorkerId": "PersonalSingle", "personalMultipleWorkerId": "PersonalMultiple"}
+    for param, worker_type in personal.items():
+        if param in query:
+            code = _legacy_personal_link(db, batch, worker_type, query[param])
+            break
+    else:
+        code = study_links_for(db, batch, _legacy_general_type(query))[0]
+    return Redirect(f"/publix/{code}?{urllib.parse.urlencode(query)}")
+
+
+def _legacy_general_type(query: dict[str, str]) -> str:
+    if "generalSingle" in query:
+        return "GeneralSingle"
+    if "generalMultiple" in query:
+        return "GeneralMultiple"
+    if "workerId" in query and "assignmentId" in query:
+        return "MT"  # the sandbox is told apart at run start, from turkSubmitTo
+    if query.get("mode") == "requester-preview":
+        raise JatosError(400, "You cannot start a study from a MTurk requester preview")
+    raise JatosError(400, "Unknown worker type")
+
+
+def _legacy_personal_link(db: Db, batch: sqlite3.Row, worker_type: str, worker_id_text: str) -> str:
+    if not worker_id_text.strip().isdigit():
+        raise JatosError(400, "Couldn't parse worker ID from URL query string")
+    worker = _row(db, "workers", int(worker_id_text))
+    if worker is None:
+        raise JatosError(400, f"Unknown worker {worker_id_text}")
+    if worker["type"] != worker_type:
+        raise JatosError(400, f"Worker not of type {worker_type}")
+    if db.value("SELECT 1 FROM batch_workers WHERE batch_id = ? AND worker_id = ?", batch["id"], worker["id"]) is None:
+        raise JatosError(400, "Worker doesn't belong to batch")
+    code = db.value("SELECT code FROM study_links WHERE batch_id = ? AND worker_id = ?", batch["id"], worker["id"])
+    return code or _insert_link(db, batch["id"], worker_type, worker["id"])
+
+
+def _set_cr_state(db: Db, cr_id: int, state: str, message: str | None = None) -> None:
+    db.run("UPDATE component_results SET state = ?, end_date = ?, message = ? WHERE id = ?",
+           state, now_ms(), truncate_message(message), cr_id)
+
+
+def _begin_component(db: Db, run: Run, component: sqlite3.Row, message: str | None) -> str | None:
+    """JATOS's startComponent rules (§6.2). Returns why it is forbidden, or None once the new
+    component result exists."""
+    last = db.one("SELECT * FROM component_results WHERE study_result_id = ? ORDER BY id DESC LIMIT 1",
+                  run.sr["id"])
+    if last is not None:
+        last_component = _row(db, "components", last["component_id"])
+        study = run.study
+        if study["linear_study"] and last_component["position"] > component["position"]:
+            _set_cr_state(db, last["id"], "FAIL", message)
+            return (f"Study '{study['title']}' (ID: {study['id']}) allows only linear study flow. But component "
+                    f"{last_component['id']} attempted to start component {component['id']}. The study is finished.")
+        if last["component_id"] == component["id"]:
+            first = first_active_component(db, study["id"])
+            preview_reload = run.sr["state"] == "PRE" and first is not None and first["id"] == component["id"]
+            if not (component["reloadable"] or preview_reload):
+                _set_cr_state(db, last["id"], "FAIL", message)
+                return (f"It's not allowed to reload this component (ID: {component['id']}). "
+                        f"Study (ID: {study['id']}) is finished.")
+            if last["state"] not in CR_DONE:
+                _set_cr_state(db, last["id"], "RELOADED", message)
+        elif last["state"] not in CR_DONE:
+            _set_cr_state(db, last["id"], "FINISHED", message)
+    db.insert("INSERT INTO component_results(study_result_id, component_id, state, start_date) "
+              "VALUES (?, ?, 'STARTED', ?)", run.sr["id"], component["id"], now_ms())
+    return None
+
+
+def _end_redirect(run: Run, reason: str) -> Redirect:
+    return Redirect(f"/publix/{run.sr['uuid']}/end?successful=false&message={urllib.parse.quote_plus(reason)}")
+
+
+def component_html(studies_root: Path, study: sqlite3.Row, component: sqlite3.Row) -> Path:
+    path = confined_path(studies_root / study["dir_name"], component["html_file_path"] or "")
+    if path is None or not path.is_file():
+        raise JatosError(404, f"HTML file '{component['html_file_path']}' in study assets '{study['dir_name']}' "
+                              "couldn't be found. Please change this in the component's properties.")
+    return path
+
+
+def start_component(db: Db, studies_root: Path, sr_uuid: str, comp_uuid: str, message: str | None,
+                    browser: Browser, session: AdminSession | None) -> Path | Redirect:
+    """GET /publix/{sr}/{comp}/start: the component's HTML file, or where to go instead."""
+    run, component = _checked_run(db, sr_uuid, comp_uuid)
+    jatos_run = None
+    if run.worker_type == "Jatos":
+        cookie = browser.id_cookies.get(run.sr["id"])
+        if cookie is None:
+            raise JatosError(400, f"Couldn't find cookie for study result ID {run.sr['id']}. "
+                                  "Are cookies allowed in your browser?")
+        authorise_do(db, run, session)
+        jatos_run = None if cookie["jatosRun"] == "null" else cookie["jatosRun"]
+        if jatos_run == "RUN_COMPONENT_FINISHED":
+            last = db.value("SELECT component_id FROM component_results WHERE study_result_id = ? "
+                            "ORDER BY id DESC LIMIT 1", run.sr["id"])
+            if last is not None and last != component["id"]:
+                return Redirect(f"/publix/{run.sr['uuid']}/end")
+        elif jatos_run == "RUN_COMPONENT_START":
+            jatos_run = "RUN_COMPONENT_FINISHED"
+    reason = _begin_component(db, run, component, message)
+    if reason is not None:
+        return _end_redirect(run, reason)
+    first = first_active_component(db, run.study["id"])
+    if run.sr["state"] == "PRE" and first["id"] != component["id"]:
+        db.run("UPDATE study_results SET state = 'STARTED', last_seen_date = ? WHERE id = ?", now_ms(), run.sr["id"])
+    path = component_html(studies_root, run.study, component)
+    browser.write_id_cookie(run, component, current_cr(db, run.sr["id"])["id"], jatos_run)
+    return path
+
+
+def init_data(db: Db, sr_uuid: str, comp_uuid: str, session: AdminSession | None) -> dict | Redirect:
+    """GET /publix/{sr}/{comp}/initData: everything jatos.js fills its variables from (§7)."""
+    run, component = _checked_run(db, sr_uuid, comp_uuid)
+    authorise_do(db, run, session)
+    cr = current_cr(db, run.sr["id"])
+    if cr is None:
+        reason = _begin_component(db, run, component, None)
+        if reason is not None:
+            return _end_redirect(run, reason)
+        cr = current_cr(db, run.sr["id"])
+    if run.sr["state"] != "PRE":
+        db.run("UPDATE study_results SET state = 'DATA_RETRIEVED', last_seen_date = ? WHERE id = ?",
+               now_ms(), run.sr["id"])
+    db.run("UPDATE component_results SET state = 'DATA_RETRIEVED' WHERE id = ?", cr["id"])
+    study, batch = run.study, run.batch
+    return {
+        "studySessionData": run.sr["study_session_data"],
+        "studyProperties": {
+            "id": study["id"], "uuid": study["uuid"], "title": study["title"],
+            "description": study["description"], "locked": bool(study["locked"]),
+            "groupStudy": bool(study["group_study"]), "linearStudy": bool(study["linear_study"]),
+            "allowPreview": bool(study["allow_preview"]), "dirName": study["dir_name"],
+            "studyInput": study["study_input"], "jsonData": study["study_input"],
+            "descriptionHash": description_hash(study["description"]),
+        },
+        "batchProperties": {
+            "id": batch["id"], "title": batch["title"], "maxActiveMembers": batch["max_active_members"],
+            "maxTotalMembers": batch["max_total_members"], "maxTotalWorkers": batch["max_total_workers"],
+            "allowedWorkerTypes": ordered_worker_types(json.loads(batch["allowed_worker_types"])),
+            "batchInput": batch["batch_input"], "jsonData": batch["batch_input"],
+        },
+        "componentList": [{"id": c["id"], "uuid": c["uuid"], "title": c["title"], "active": bool(c["active"]),
+                           "reloadable": bool(c["reloadable"]), "position": c["position"]}
+                          for c in components_of(db, study["id"])],
+        "componentProperties": {
+            "id": component["id"], "uuid": component["uuid"], "title": component["title"],
+            "htmlFilePath": component["html_file_path"], "reloadable": bool(component["reloadable"]),
+            "componentInput": component["component_input"], "jsonData": component["component_input"],
+        },
+        "urlQueryParameters": json.loads(run.sr["url_query_parameters"]),
+        "studyCode": run.sr["study_code"],
+    }
+
+
+def _touch_last_seen(db: Db, sr_id: int) -> None:
+    now = now_ms()
+    db.run("UPDATE study_results SET last_seen_date = ? WHERE id = ? AND "
+           "(last_seen_date IS NULL OR last_seen_date < ?)", now, sr_id, now - LAST_SEEN_THRESHOLD_MS)
+
+
+def heartbeat(db: Db, sr_uuid: str) -> None:
+    run = load_run(db, sr_uuid)
+    db.run("UPDATE study_results SET last_seen_date = ? WHERE id = ?", now_ms(), run.sr["id"])
+
+
+def set_study_session(db: Db, sr_uuid: str, text: str | None, session: AdminSession | None) -> None:
+    run = load_run(db, sr_uuid)
+    authorise_do(db, run, session)
+    db.run("UPDATE study_results SET study_session_data = ? WHERE id = ?", text, run.sr["id"])
+
+
+def _flag_quota(db: Db, sr_id: int, cr_id: int | None) -> None:
+    db.run("UPDATE study_results SET quota_reached = 1 WHERE id = ?", sr_id)
+    if cr_id is not None:
+        db.run("UPDATE component_results SET quota_reached = 1 WHERE id = ?", cr_id)
+
+
+def write_result_data(db: Db, max_size: int, sr_uuid: str, comp_uuid: str, text: str | None, append: bool,
+                      session: AdminSession | None) -> None:
+    """PUT (replace) or POST (append) result data of the run's current component result.
+    Appending is done in SQL: the stored data is never read back into Python."""
+    run, _ = _checked_run(db, sr_uuid, comp_uuid)
+    authorise_do(db, run, session)
+    cr = current_cr(db, run.sr["id"])
+    if cr is None:
+        raise JatosError(403, "Impossible to put result data to component result")
+    if not text:
+        raise JatosError(400, "Result data empty")
+    size = len(text.encode("utf-8"))
+    if size + (cr["data_size"] if append else 0) > max_size:
+        _flag_quota(db, run.sr["id"], cr["id"])
+        raise CommittedError(413, f"Result data size exceeds allowed {human_bytes(max_size)}. "
+                                  "Consider using result files instead.")
+    if append:
+        db.run("UPDATE component_results SET data = COALESCE(data, '') || ?, data_size = data_size + ? "
+               "WHERE id = ?", text, size, cr["id"])
+    else:
+        db.run("UPDATE component_results SET data = ?, data_size = ? WHERE id = ?", text, size, cr["id"])
+    _touch_last_seen(db, run.sr["id"])
+
+
+def write_study_log(db: Db, sr_uuid: str, comp_uuid: str, text: str | None, session: AdminSession | None) -> None:
+    run, component = _checked_run(db, sr_uuid, comp_uuid)
+    authorise_do(db, run, session)
+    if not text:
+        raise JatosError(400, "Log message empty")
+    log.info("study log: %s (study result %s, batch %s, study %s, component %s, worker %s)",
+             " ".join(text.split()), run.sr["id"], run.batch["id"], run.study["id"], component["id"],
+             run.worker["id"])
+
+
+def run_uploads(config: Config, sr_id: int) -> Path:
+    return config.uploads / str(sr_id)
+
+
+def _uploads_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
+
+
+def store_result_file(db: Db, config: Config, sr_uuid: str, comp_uuid: str, filename: str,
+                      fileobj: Any, session: AdminSession | None) -> None:
+    """POST /publix/{sr}/{comp}/files/{filename}: checks in JATOS's order (§8.5), then a durable write."""
+    run, _ = _checked_run(db, sr_uuid, comp_uuid)
+    if not config.uploads_enabled:
+        raise JatosError(403, "File upload not allowed. Contact your admin.")
+    authorise_do(db, run, session)
+    cr = current_cr(db, run.sr["id"])
+    if cr is None:
+        raise JatosError(403, "Impossible to upload result file to component result")
+    if fileobj is None:
+        raise JatosError(400, "Missing file")
+    size = fileobj.seek(0, io.SEEK_END)
+    fileobj.seek(0)
+    if size > config.max_upload:
+        _flag_quota(db, run.sr["id"], cr["id"])
+        raise CommittedError(413, "File size too large")
+    if _uploads_size(run_uploads(config, run.sr["id"])) + size > config.max_uploads_per_run:
+        _flag_quota(db, run.sr["id"], None)
+        raise CommittedError(413, "Reached max file size limit per study run")
+    if not is_portable_name(filename):
+        raise JatosError(400, "Bad filename")
+    try:
+        write_file_durably(run_uploads(config, run.sr["id"]) / str(cr["id"]) / filename, read_chunks(fileobj))
+    except OSError as exc:
+        log.error("upload of %s for study result %s failed: %s", filename, run.sr["id"], exc)
+        raise JatosError(400, "File upload failed")
+    _touch_last_seen(db, run.sr["id"])
+
+
+def find_result_file(db: Db, config: Config, sr_uuid: str, filename: str, component_id: str | None,
+                     session: AdminSession | None) -> Path:
+    """GET /publix/{sr}/files/{filename}: the newest upload of that name in this run."""
+    run = load_run(db, sr_uuid)
+    authorise_do(db, run, session)
+    sql, args = "SELECT id FROM component_results WHERE study_result_id = ?", [run.sr["id"]]
+    if component_id is not None:
+        component = _checked_download_component(db, run, component_id)
+        sql, args = sql + " AND component_id = ?", args + [component["id"]]
+    for (cr_id,) in db.all(sql + " ORDER BY id DESC", *args):
+        path = confined_path(run_uploads(config, run.sr["id"]) / str(cr_id), filename)
+        if path is not None and path.is_file():
+            return path
+    raise JatosError(404, f"Result file not found: {filename}")
+
+
+def _checked_download_component(db: Db, run: Run, component_id: str) -> sqlite3.Row:
+    study_id = run.study["id"]
+    if not component_id.isdigit():
+        raise JatosError(400, f"componentId must be a number, not '{component_id}'")
+    component = _row(db, "components", int(component_id))
+    if component is None:
+        raise JatosError(404, f"An component with ID {component_id} of study {study_id} doesn't exist.")
+    if component["study_id"] != study_id:
+        raise JatosError(400, f"There is no study with ID {study_id} that has a component with ID {component_id}.")
+    if not component["active"]:
+        raise JatosError(403, f"Component with ID {component_id} in study with ID {study_id} is not active.")
+    return component
+
+
+def end_run(db: Db, sr_uuid: str, successful: bool, message: str | None, browser: Browser,
+            session: AdminSession | None) -> Run:
+    """GET /publix/{sr}/end: finish the run (once) and forget its ID cookie."""
+    run = load_run(db, sr_uuid)
+    authorise_do(db, run, session)
+    if not run.done:
+        _finish_run(db, run, successful, message)
+    browser.delete_id_cookie(run.sr["id"])
+    return _run_of(db, _row(db, "study_results", run.sr["id"]))
+
+
+def abort_run(db: Db, config: Config, sr_uuid: str, message: str | None, browser: Browser,
+              session: AdminSession | None) -> Run:
+    """GET /publix/{sr}/abort: end the run as ABORTED and delete all its result data and files."""
+    run = load_run(db, sr_uuid)
+    authorise_do(db, run, session)
+    sr_id = run.sr["id"]
+    if not run.done:
+        now = now_ms()
+        current = current_cr(db, sr_id)
+        if current is not None:
+            _set_cr_state(db, current["id"], "ABORTED")
+        db.run("UPDATE component_results SET state = 'FINISHED', end_date = ? "
+               "WHERE study_result_id = ? AND state NOT IN (?, ?, ?, ?)", now, sr_id, *CR_DONE)
+        db.run("UPDATE component_results SET data = NULL, data_size = 0, state = 'ABORTED' "
+               "WHERE study_result_id = ?", sr_id)
+        db.run("UPDATE study_results SET state = 'ABORTED', message = ?, end_date = ?, last_seen_date = ?, "
+               "study_session_data = NULL WHERE id = ?", truncate_message(message), now, now, sr_id)
+        db.run("DELETE FROM applied_requests WHERE study_result_id = ?", sr_id)
+        shutil.rmtree(run_uploads(config, sr_id), ignore_errors=True)
+    browser.delete_id_cookie(sr_id)
+    return _run_of(db, _row(db, "study_results", sr_id))
+
+
+def end_redirect_url(template: str, query: dict[str, str], confirmation_code: str | None) -> str:
+    """Fill `[name]` placeholders from the run's URL query parameters (unknown: 'undefined')."""
+    url = template
+    for name in dict.fromkeys(re.findall(r"\[(.*?)\]", template)):
+        value = query.get(urllib.parse.unquote(name))
+        url = url.replace(f"[{name}]", "undefined" if value is None else urllib.parse.quote_plus(value))
+    if confirmation_code:
+        url += ("&" if "?" in url else "?") + f"confirmationCode={confirmation_code}"
+    return url
+
+
+def end_page(db: Db, studies_root: Path, sr_uuid: str) -> Redirect | Path | None:
+    """GET /publix/{sr}/final/endPage.html: the end redirect, the study's own endPage.html, or
+    None for the default page."""
+    sr = db.one("SELECT * FROM study_results WHERE uuid = ?", sr_uuid)
+    if sr is None:
+        raise JatosError(400, f"A study result {sr_uuid} doesn't exist.")
+    if sr["state"] not in SR_DONE:
+        raise JatosError(400, f"The study result {sr_uuid} isn't finished yet.")
+    study = _row(db, "studies", sr["study_id"])
+    if (study["end_redirect_url"] or "").strip():
+        return Redirect(end_redirect_url(study["end_redirect_url"].strip(), json.loads(sr["url_query_parameters"]),
+                                         sr["confirmation_code"]))
+    page = studies_root / study["dir_name"] / "endPage.html"
+    return page if page.is_file() else None
+
+
+def replay_or_apply(db: Db, sr_uuid: str, request_id: str | None, apply: Callable[[], str]) -> str:
+    """Exactly-once writes: a request id already applied for this run answers the original
+    body without doing anything; a new one is applied and remembered in the same transaction."""
+    if not request_id:
+        return apply()
+    if len(request_id) > 128 or not request_id.isprintable():
+        raise JatosError(400, "Malformed X-Request-Id")
+    sr_id = db.value("SELECT id FROM study_results WHERE uuid = ?", sr_uuid)
+    if sr_id is not None:
+        body = db.value("SELECT body FROM applied_requests WHERE study_result_id = ? AND request_id = ?",
+                        sr_id, request_id)
+        if body is not None:
+            return body
+    body = apply()
+    db.run("INSERT INTO applied_requests(study_result_id, request_id, status, body) VALUES (?, ?, 200, ?)",
+           sr_id, request_id, body)
+    return body
+
+
+###############################################################################
+# Archives: study archive import, results export (streamed), results deletion
+###############################################################################
+
+IMPORT_FLAG_DEFAULTS = {"keepProperties": False, "keepAssets": False, "keepCurrentAssetsName": True,
+                        "renameAssets": True}
+MAX_ARCHIVE_ENTRIES = 100_000
+
+
+@dataclasses.dataclass
+class StudyArchive:
+    """An unpacked .jzip: the parsed .jas description and the folder holding the assets."""
+
+    data: dict
+    assets: Path
+    legacy: bool  # version 0/2 archives from JATOS 1.x have no batches
+
+
+def _archive_error(message: str) -> JatosError:
+    return JatosError(400, message, "IMPORT_EXPORT_ERROR")
+
+
+def _entry_parts(info: zipfile.ZipInfo) -> list[str]:
+    name = info.filename
+    if not info.flag_bits & 0x800:  # no UTF-8 flag: zipfile decoded cp437; many zippers wrote UTF-8 anyway
+        with contextlib.suppress(UnicodeError):
+            name = name.encode("cp437").decode("utf-8")
+    return [part for part in name.replace("\\", "/").split("/") if part not in ("", ".")]
+
+
+def _read_jas(raw: bytes) -> tuple[dict, bool]:
+    try:
+        document = json.loads(raw.decode("utf-8-sig"))
+    except (UnicodeError, ValueError) as exc:
+        raise JatosError(400, f"File is not a valid JATOS study: {exc}", "VALIDATION_ERROR")
+    if not isinstance(document, dict) or not isinstance(document.get("data"), dict):
+        raise JatosError(400, "File is not a valid JATOS study", "VALIDATION_ERROR")
+    version = str(document.get("version"))
+    if version not in ("0", "2", "3"):
+        raise JatosError(400, f"Unsupported study archive version {document.get('version')!r}", "VALIDATION_ERROR")
+    return document["data"], version != "3"
+
+
+def unpack_study_archive(source: Any, target: Path, max_bytes: int) -> StudyArchive:
+    """Unzip a study archive into `target`, refusing entries that escape it and zip bombs."""
+    try:
+        archive = zipfile.ZipFile(source)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        raise _archive_error("Unpacking ZIP archive failed")
+    with archive:
+        entries = [(info, _entry_parts(info)) for info in archive.infolist()]
+        entries = [(info, parts) for info, parts in entries if parts and parts[0] != "__MACOSX"]
+        if len(entries) > MAX_ARCHIVE_ENTRIES or sum(info.file_size for info, _ in entries) > max_bytes:
+            raise JatosError(413, "The study archive is too large when unpacked", "TOO_LARGE")
+        descriptions = [info for info, parts in entries if len(parts) == 1 and not info.is_dir()
+                        and parts[0].endswith("jas")]
+        if len(descriptions) != 1:
+            raise JatosError(400, "File is not a valid JATOS study", "VALIDATION_ERROR")
+        folders = {parts[0] for info, parts in entries if len(parts) > 1 or info.is_dir()}
+        if len(folders) > 1:
+            raise _archive_error("The archive has more than one folder at its top level")
+        data, legacy = _read_jas(archive.read(descriptions[0]))
+        assets = target / "assets"
+        assets.mkdir(parents=True)
+        for info, parts in entries:
+            if parts[0] not in folders or len(parts) < 2:
+                continue
+            destination = confined_path(assets, "/".join(parts[1:]))
+            if destination is None or ".." in parts:
+                raise _archive_error(f"Illegal name in archive: {info.filename}")
+            if info.is_dir():
+                destination.mkdir(parents=True, exist_ok=True)
+                continue
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                with archive.open(info) as src, open(destination, "wb") as out:
+                    shutil.copyfileobj(src, out, 1 << 20)
+            except (zipfile.BadZipFile, zlib.error, OSError) as exc:
+                raise _archive_error(f"Unpacking ZIP archive failed at {info.filename}: {exc}")
+    return StudyArchive(data, assets, legacy)
+
+
+def _dir_taken(db: Db, studies_root: Path, name: str, except_study: int | None = None) -> bool:
+    owner = db.value("SELECT id FROM studies WHERE dir_name = ?", name)
+    if owner is not None:
+        return owner != except_study
+    return (studies_root / name).exists() and except_study is None
+
+
+def _move_assets_in(uploaded: Path, studies_root: Path, name: str, trash: Path) -> None:
+    """Put the uploaded assets folder at studies_root/name, moving what was there to trash."""
+    target = studies_root / name
+    if target.exists():
+        shutil.move(str(target), str(trash / "old_assets"))
+    studies_root.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(uploaded), str(target))
+
+
+def _merge_components(db: Db, study_id: int, components: list[tuple[str, dict]]) -> None:
+    """Re-import: the file's order wins; known UUIDs are updated in place (keeping their results),
+    components missing from the file are kept, deactivated, at the end."""
+    existing = {c["uuid"]: c for c in components_of(db, study_id)}
+    position = 0
+    for uuid_, fields in components:
+        position += 1
+        if uuid_ in existing:
+            _update_row(db, "components", existing.pop(uuid_)["id"], {**fields, "position": position})
+        else:
+            _insert_row(db, "components", {**fields, "study_id": study_id, "uuid": uuid_, "position": position})
+    for component in existing.values():
+        position += 1
+        _update_row(db, "components", component["id"], {"active": False, "position": position})
+
+
+def import_study(db: Db, config: Config, archive: StudyArchive, flags: dict[str, bool], trash: Path
+                 ) -> tuple[int, bool]:
+    """Create or overwrite the study of an unpacked archive (formats-and-api.md §1.5).
+    Returns (study id, created)."""
+    data = archive.data
+    study_uuid = str(data.get("uuid") or new_uuid())
+    fields = study_fields(data)
+    components = [(str(c.get("uuid") or new_uuid()), component_fields(c))
+                  for c in data.get("componentList") or [] if isinstance(c, dict)]
+    batches = [] if archive.legacy else [(b.get("uuid"), batch_fields(b))
+                                          for b in data.get("batchList") or [] if isinstance(b, dict)]
+    uploaded_dir = validate_dir_name(data.get("dirName") or study_uuid)
+    existing = db.one("SELECT * FROM studies WHERE uuid = ?", study_uuid)
+    for uuid_, _ in components:
+        owner = db.value("SELECT study_id FROM components WHERE uuid = ?", uuid_)
+        if owner is not None and (existing is None or owner != existing["id"]):
+            raise JatosError(403, f"Component {uuid_} has the same UUID as a component of another study.")
+    if existing is not None:
+        return _overwrite_study(db, config, existing, archive, fields, components, uploaded_dir, flags, trash), False
+    if _dir_taken(db, config.studies, uploaded_dir):
+        if not flags["renameAssets"]:
+            raise JatosError(403, f"A study assets folder '{uploaded_dir}' exists already.")
+        uploaded_dir = free_dir_name(db, config.studies, uploaded_dir)
+    study_id = insert_study(db, fields, study_uuid, uploaded_dir, active=data.get("active") is not False)
+    for uuid_, component in components:
+        insert_component(db, study_id, component, uuid_)
+    for uuid_, batch in batches or [(None, batch_fields(DEFAULT_BATCH))]:
+        clash = uuid_ is not None and db.value("SELECT 1 FROM batches WHERE uuid = ?", uuid_)
+        insert_batch(db, study_id, batch, None if clash else uuid_)
+    _move_assets_in(archive.assets, config.studies, uploaded_dir, trash)
+    return study_id, True
+
+
+def _overwrite_study(db: Db, config: Config, study: sqlite3.Row, archive: StudyArchive, fields: dict,
+                     components: list[tuple[str, dict]], uploaded_dir: str, flags: dict[str, bool],
+                     trash: Path) -> int:
+    if study["locked"]:
+        raise JatosError(403, f"Study {study['id']} is locked.", "STUDY_LOCKED")
+    dir_name = study["dir_name"]
+    if not flags["keepAssets"]:
+        if not flags["keepCurrentAssetsName"]:
+            if _dir_taken(db, config.studies, uploaded_dir, except_study=study["id"]):
+                raise JatosError(403, f"A study assets folder '{uploaded_dir}' exists already.")
+            dir_name = uploaded_dir
+    if not flags["keepProperties"]:
+        _update_row(db, "studies", study["id"], {**fields, "dir_name": dir_name})
+        _merge_components(db, study["id"], components)
+    elif dir_name != study["dir_name"]:
+        _update_row(db, "studies", study["id"], {"dir_name": dir_name})
+    if not flags["keepAssets"]:
+        old = config.studies / study["dir_name"]
+        if old.exists() and dir_name != study["dir_name"]:
+            shutil.move(str(old), str(trash / "old_assets"))
+        _move_assets_in(archive.assets, config.studies, dir_name, trash)
+    return study["id"]
+
+
+def import_study_file(store: Store, config: Config, source: Any, flags: dict[str, bool] | None = None
+                      ) -> tuple[int, bool]:
+    """Import a .jzip (path or binary file object): unpack, validate, then one transaction."""
+    flags = {**IMPORT_FLAG_DEFAULTS, **(flags or {})}
+    config.tmp.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=config.tmp) as tmp:
+        archive = unpack_study_archive(source, Path(tmp), config.max_archive)
+        trash = Path(tmp) / "trash"
+        trash.mkdir()
+        with store.tx() as db:
+            return import_study(db, config, archive, flags, trash)
+
+
+# --- result selection ---------------------------------------------------------
+
+SELECTORS = {  # query parameter -> (JSON body key, SQL condition on the joined result row)
+    "studyId": ("studyIds", "sr.study_id"), "studyUuid": ("studyUuids", "s.uuid"),
+    "componentId": ("componentIds", "cr.component_id"), "componentUuid": ("componentUuids", "c.uuid"),
+    "studyResultId": ("studyResultIds", "sr.id"), "componentResultId": ("componentResultIds", "cr.id"),
+    "batchId": ("batchIds", "sr.batch_id"), "groupId": ("groupIds", "sr.group_result_id"),
+}
+_RESULT_JOIN = ("FROM component_results cr JOIN study_results sr ON sr.id = cr.study_result_id "
+                "JOIN components c ON c.id = cr.component_id JOIN studies s ON s.id = sr.study_id")
+
+
+def _ids_from_text(text: str) -> list[int]:
+    """'1-10, 12' -> [1..10, 12]; JATOS's comma-separated IDs and inclusive ranges."""
+    ids: list[int] = []
+    for element in text.split(","):
+        element = element.strip()
+        if not element:
+            continue
+        low, sep, high = element.partition("-")
+        try:
+            if sep:
+                start, stop = int(low), int(high)
+                if stop - start > 1_000_000:
+                    raise JatosError(400, f"Range too large: {element}", "INVALID_REQUEST")
+                ids.extend(range(start, stop + 1))
+            else:
+                ids.append(int(element))
+        except ValueError:
+            raise JatosError(400, f"Invalid ID list: {text}", "INVALID_REQUEST")
+    return ids
+
+
+def _selector_values(param: str, value: Any) -> list:
+    if value is None:
+        return []
+    if param.endswith("Uuid"):
+        values = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, str) for v in values):
+            raise JatosError(400, f"{SELECTORS[param][0]} takes UUID strings", "INVALID_REQUEST")
+        return values
+    if isinstance(value, str):
+        return _ids_from_text(value)
+    values = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise JatosError(400, f"{SELECTORS[param][0]} takes IDs", "INVALID_REQUEST")
+    return values
+
+
+def parse_selection(query: list[tuple[str, str]], body: Any) -> dict[str, set]:
+    """The union of query-string and JSON-body selectors (formats-and-api.md §3.4.1)."""
+    selection: dict[str, set] = {param: set() for param in SELECTORS}
+    for key, value in query:
+        if key in SELECTORS:
+            if key.endswith("Uuid"):
+                selection[key].add(value)
+            elif value.strip().isdigit():
+                selection[key].add(int(value))
+    if body is None:
+        return selection
+    if not isinstance(body, dict):
+        raise JatosError(400, "The request body must be a JSON object", "INVALID_JSON")
+    by_body_key = {body_key: param for param, (body_key, _) in SELECTORS.items()}
+    for key, value in body.items():
+        if key not in by_body_key:
+            raise JatosError(400, f"Unknown field '{key}'", "INVALID_JSON")
+        selection[by_body_key[key]].update(_selector_values(by_body_key[key], value))
+    return selection
+
+
+def select_component_results(db: Db, selection: dict[str, set]) -> list[int]:
+    """IDs of the selected component results, ascending; unknown IDs are dropped."""
+    conditions, args = [], []
+    for param, values in selection.items():
+        if values:
+            conditions.append(f"{SELECTORS[param][1]} IN (SELECT value FROM json_each(?))")
+            args.append(to_json(sorted(values, key=str)))
+    if not conditions:
+        return []
+    return [row[0] for row in db.all(f"SELECT cr.id {_RESULT_JOIN} WHERE {' OR '.join(conditions)} "
+                                     "ORDER BY cr.id", *args)]
+
+
+# --- results export -----------------------------------------------------------
+
+_EXPORT_SQL = f"""
+    SELECT s.id AS study_id, s.uuid AS study_uuid, s.title AS study_title,
+           sr.id AS sr_id, sr.uuid AS sr_uuid, sr.study_code, w.comment AS worker_comment,
+           sr.start_date AS sr_start, sr.end_date AS sr_end, sr.last_seen_date, sr.state AS sr_state,
+           sr.message AS sr_message, sr.url_query_parameters, sr.worker_id, w.type AS worker_type,
+           sr.batch_id, b.uuid AS batch_uuid, b.title AS batch_title, sr.group_result_id,
+           sr.confirmation_code, sr.quota_reached AS sr_quota,
+           cr.id AS cr_id, cr.component_id, c.uuid AS component_uuid, cr.start_date AS cr_start,
+           cr.end_date AS cr_end, cr.state AS cr_state, cr.data_size, cr.quota_reached AS cr_quota
+           {{data}}
+    {_RESULT_JOIN} JOIN workers w ON w.id = sr.worker_id JOIN batches b ON b.id = sr.batch_id
+    WHERE cr.id IN (SELECT value FROM json_each(?))
+    ORDER BY s.id, sr.id, cr.id
+"""
+
+
+def result_path(sr_id: int, cr_id: int) -> str:
+    return f"study_result_{sr_id}/comp-result_{cr_id}"
+
+
+def _result_files(config: Config, sr_id: int, cr_id: int) -> list[Path]:
+    folder = run_uploads(config, sr_id) / str(cr_id)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".upload-"))
+
+
+def _component_result_metadata(config: Config, row: sqlite3.Row) -> dict:
+    size = row["data_size"]
+    data = {"size": size, "sizeHumanReadable": human_bytes(size)}
+    if size == 0:
+        data["filename"] = "data.txt"  # JATOS writes it only for empty data; reproduced on purpose
+    files = [{"filename": p.name, "size": p.stat().st_size, "sizeHumanReadable": human_bytes(p.stat().st_size)}
+             for p in _result_files(config, row["sr_id"], row["cr_id"])]
+    return {"id": row["cr_id"], "componentId": row["component_id"], "componentUuid": row["component_uuid"],
+            "startDate": row["cr_start"], "endDate": row["cr_end"],
+            "duration": duration_text(row["cr_start"], row["cr_end"]), "componentState": row["cr_state"],
+            "path": "/" + result_path(row["sr_id"], row["cr_id"]), "data": data, "files": files,
+            "isQuotaReached": bool(row["cr_quota"])}
+
+
+def _study_result_metadata(row: sqlite3.Row, component_results: list[dict]) -> dict:
+    meta: dict[str, Any] = {"id": row["sr_id"], "uuid": row["sr_uuid"], "studyCode": row["study_code"]}
+    if row["worker_comment"]:
+        meta["comment"] = row["worker_comment"]
+    meta.update({"startDate": row["sr_start"], "endDate": row["sr_end"],
+                 "duration": duration_text(row["sr_start"], row["sr_end"]), "lastSeenDate": row["last_seen_date"],
+                 "studyState": row["sr_state"]})
+    if row["sr_message"]:
+        meta["message"] = row["sr_message"]
+    query = json.loads(row["url_query_parameters"] or "{}")
+    if query:
+        meta["urlQueryParameters"] = query
+    meta.update({"workerId": row["worker_id"], "workerType": row["worker_type"], "batchId": row["batch_id"],
+                 "batchUuid": row["batch_uuid"], "batchTitle": row["batch_title"],
+                 "groupId": row["group_result_id"]})
+    if row["confirmation_code"] is not None:
+        meta["confirmationCode"] = row["confirmation_code"]
+    meta.update({"isQuotaReached": bool(row["sr_quota"]), "componentResults": component_results})
+    return meta
+
+
+def _grouped(rows: Iterable[sqlite3.Row], key: str) -> Iterator[list[sqlite3.Row]]:
+    """Consecutive rows with the same `key`, one group at a time (the cursor streams)."""
+    group: list[sqlite3.Row] = []
+    for row in rows:
+        if group and group[-1][key] != row[key]:
+            yield group
+            group = []
+        group.append(row)
+    if group:
+        yield group
+
+
+def metadata_chunks(conn: sqlite3.Connection, config: Config, cr_ids: list[int], api_call: bool) -> Iterator[str]:
+    """The results metadata JSON (§2.6), one study result at a time."""
+    yield '{"apiVersion":"%s","data":[' % API_VERSION if api_call else '{"data":['
+    rows = conn.execute(_EXPORT_SQL.format(data=""), (to_json(cr_ids),))
+    first_study = True
+    study_id = None
+    for sr_rows in _grouped(rows, "sr_id"):
+        head = sr_rows[0]
+        if head["study_id"] != study_id:
+            if study_id is not None:
+                yield "]}"
+            yield ("" if first_study else ",") + to_json(
+                {"studyId": head["study_id"], "studyUuid": head["study_uuid"], "studyTitle": head["study_title"]}
+            )[:-1] + ',"studyResults":['
+            first_study, study_id, first_sr = False, head["study_id"], True
+        yield ("" if first_sr else ",") + to_json(
+            _study_result_metadata(head, [_component_result_metadata(config, r) for r in sr_rows]))
+        first_sr = False
+    if study_id is not None:
+        yield "]}"
+    yield "]}"
+
+
+class _Drain:
+    """A write-only sink that zipfile streams into; the bytes are taken out as they come."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.parts.append(bytes(data))
+        self.size += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def take(self) -> bytes:
+        out = b"".join(self.parts)
+        self.parts, self.size = [], 0
+        return out
+
+
+def zip_stream(entries: Iterable[tuple[str, Iterable[bytes]]]) -> Iterator[bytes]:
+    """A ZIP file produced while it is sent: memory holds about one chunk, whatever the size."""
+    drain = _Drain()
+    with zipfile.ZipFile(drain, "w", zipfile.ZIP_DEFLATED) as archive:  # type: ignore[arg-type]
+        for name, chunks in entries:
+            info = zipfile.ZipInfo(name, date_time=time.localtime()[:6])
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with archive.open(info, "w") as out:
+                for chunk in chunks:
+                    out.write(chunk)
+                    if drain.size >= 1 << 20:
+                        yield drain.take()
+            if drain.size:
+                yield drain.take()
+    yield drain.take()
+
+
+def _file_chunks(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as source:
+        yield from read_chunks(source)
+
+
+def _result_entries(conn: sqlite3.Connection, config: Config, cr_ids: list[int], with_data: bool,
+                    with_files: bool) -> Iterator[tuple[str, Iterable[bytes]]]:
+    rows = conn.execute(_EXPORT_SQL.format(data=", cr.data AS data" if with_data else ""), (to_json(cr_ids),))
+    for row in rows:
+        prefix = result_path(row["sr_id"], row["cr_id"])
+        if with_files:
+            for path in _result_files(config, row["sr_id"], row["cr_id"]):
+                yield f"{prefix}/files/{path.name}", _file_chunks(path)
+        if with_data and row["data"] is not None:
+            yield f"{prefix}/data.txt", [row["data"].encode("utf-8")]
+
+
+def results_archive(store: Store, config: Config, cr_ids: list[int], api_call: bool = True) -> Iterator[bytes]:
+    """The JATOS results archive (§2.7): files and data.txt per component result, metadata.json last."""
+    conn = store.connect()
+    try:
+        entries = itertools.chain(
+            _result_entries(conn, config, cr_ids, with_data=True, with_files=True),
+            [("metadata.json", (chunk.encode("utf-8") for chunk in metadata_chunks(conn, config, cr_ids, api_call)))])
+        yield from zip_stream(entries)
+    finally:
+        conn.close()
+
+
+def results_zip(store: Store, config: Config, cr_ids: list[int], with_data: bool, with_files: bool
+                ) -> Iterator[bytes]:
+    """Data-only (§2.4) or files-only (§2.5) ZIP."""
+    conn = store.connect()
+    try:
+        yield from zip_stream(_result_entries(conn, config, cr_ids, with_data, with_files))
+    finally:
+        conn.close()
+
+
+def results_metadata(store: Store, config: Config, cr_ids: list[int], api_call: bool) -> Iterator[bytes]:
+    conn = store.connect()
+    try:
+        for chunk in metadata_chunks(conn, config, cr_ids, api_call):
+            yield chunk.encode("utf-8")
+    finally:
+        conn.close()
+
+
+def results_plain_text(store: Store, cr_ids: list[int]) -> Iterator[bytes]:
+    """All selected data, one component result after another, each followed by a newline (§2.3)."""
+    conn = store.connect()
+    try:
+        rows = conn.execute("SELECT data FROM component_results WHERE id IN (SELECT value FROM json_each(?)) "
+                            "AND data IS NOT NULL ORDER BY id", (to_json(cr_ids),))
+        for (data,) in rows:
+            yield (data + "\n").encode("utf-8")
+    finally:
+        conn.close()
+
+
+def result_file(db: Db, config: Config, filename: str, cr_id_text: str | None) -> Path:
+    if not cr_id_text or not cr_id_text.isdigit():
+        raise JatosError(400, "componentResultId is required and must be a number")
+    sr_id = db.value("SELECT study_result_id FROM component_results WHERE id = ?", int(cr_id_text))
+    path = None if sr_id is None else confined_path(run_uploads(config, sr_id) / cr_id_text, filename)
+    if path is None or not path.is_file():
+        raise JatosError(404, f"Result file not found: {filename}")
+    return path
+
+
+def delete_results(db: Db, config: Config, cr_ids: list[int]) -> list[int]:
+    """Delete component results with their files, and every study result left empty."""
+    ids = to_json(cr_ids)
+    pairs = db.all("SELECT id, study_result_id FROM component_results WHERE id IN (SELECT value FROM json_each(?))",
+                   ids)
+    db.run("DELETE FROM component_results WHERE id IN (SELECT value FROM json_each(?))", ids)
+    for cr_id, sr_id in pairs:
+        shutil.rmtree(run_uploads(config, sr_id) / str(cr_id), ignore_errors=True)
+    for sr_id in {sr_id for _, sr_id in pairs}:
+        if db.value("SELECT 1 FROM component_results WHERE study_result_id = ?", sr_id) is None:
+            db.run("DELETE FROM applied_requests WHERE study_result_id = ?", sr_id)
+            db.run("DELETE FROM study_results WHERE id = ?", sr_id)
+            shutil.rmtree(run_uploads(config, sr_id), ignore_errors=True)
+    return [cr_id for cr_id, _ in pairs]
+
+
+###############################################################################
+# Web: publix routes, study assets, jatos.js, admin sign-in, JATOS API v1
+###############################################################################
+
+SESSION_COOKIE = "JATOS_LITE_SESSION"
+API_PREFIX = "/jatos/api/v1"
+_PAGE = """<!DOCTYPE html>
+<html><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{title}</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:40em;margin:3em auto;padding:0 1em;line-height:1.5}}
+button{{font-size:1.5em;padding:.2em 1em}} input{{font-size:1.2em}} .error{{color:#a00}}</style>
+</head><body>{body}</body></html>"""
+
+
+def html_page(title: str, body: str) -> str:
+    """A minimal page; `body` must already be escaped."""
+    return _PAGE.format(title=html.escape(title), body=body)
+
+
+def content_type_for(path: Path | str) -> str:
+    guessed = mimetypes.guess_type(str(path), strict=False)[0]
+    if str(path).endswith((".js", ".mjs")):
+        return "application/javascript"
+    return guessed or "application/octet-stream"
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def mint_api_token(db: Db, name: str, expires_after: int | None = None) -> tuple[int, str]:
+    """A new token in JATOS's format: 'jap_' + 31 random characters + 6-character MD5 checksum.
+    Only its SHA-256 is stored; the plain token is returned once."""
+    body = random_alnum(31)
+    token = f"jap_{body}{hashlib.md5(body.encode()).hexdigest()[:6]}"
+    token_id = db.insert("INSERT INTO api_tokens(name, token_hash, creation_date, expires_after) VALUES (?, ?, ?, ?)",
+                         name, hash_secret(token), now_ms(), expires_after)
+    return token_id, token
+
+
+def token_metadata(row: sqlite3.Row | dict) -> dict:
+    created, expires_after = row["creation_date"], row["expires_after"]
+    expiration = created + expires_after * 1000 if expires_after and expires_after > 0 else 0
+    return {"id": row["id"], "name": row["name"], "creationDate": created, "expiresAfter": expires_after,
+            "expirationDate": expiration, "isExpired": bool(expiration and expiration < now_ms()),
+            "active": bool(row["active"]), "username": ADMIN_USER["username"], "userId": ADMIN_USER["id"],
+            "roles": ["USER", "ADMIN"]}
+
+
+def check_api_token(db: Db, config: Config, token: str) -> dict | None:
+    """The token's metadata if it is valid and active (the fixed --api-token counts too)."""
+    if config.api_token and hmac.compare_digest(token.encode(), config.api_token.encode()):
+        return token_metadata({"id": 0, "name": "--api-token", "creation_date": 0, "expires_after": None,
+                               "active": True})
+    if not token.startswith("jap_") or len(token) != 41:
+        return None
+    body, checksum = token[4:35], token[35:]
+    if not hmac.compare_digest(hashlib.md5(body.encode()).hexdigest()[:6], checksum):
+        return None
+    row = db.one("SELECT * FROM api_tokens WHERE token_hash = ?", hash_secret(token))
+    if row is None or not row["active"]:
+        return None
+    metadata = token_metadata(row)
+    return None if metadata["isExpired"] else metadata
+
+
+def _flag(query: dict[str, str], name: str, default: bool) -> bool:
+    text = query.get(name)
+    if text is None:
+        return default
+    if text.lower() in ("true", "1"):
+        return True
+    if text.lower() in ("false", "0"):
+        return False
+    raise JatosError(400, f"Bad request: '{name}' must be true or false")
+
+
+def _query() -> dict[str, str]:
+    """The query string's parameters, first value of each, decoded as UTF-8."""
+    return dict(reversed(_query_pairs()))
+
+
+def _query_pairs() -> list[tuple[str, str]]:
+    return urllib.parse.parse_qsl(bottle.request.environ.get("QUERY_STRING", ""), keep_blank_values=True)
+
+
+def _wants_html() -> bool:
+    accept = bottle.request.get_header("Accept", "") or ""
+    return any(part.split(";")[0].strip().lower() == "text/html" for part in accept.split(","))
+
+
+def _is_ajax() -> bool:
+    return bottle.request.get_header("X-Requested-With") == "XMLHttpRequest"
+
+
+def _redirect(location: str) -> str:
+    bottle.response.status = 303
+    bottle.response.set_header("Location", location)
+    return ""
+
+
+def _read_body(limit: int) -> bytes:
+    """At most `limit` bytes of the request body (one more tells that it was longer)."""
+    length = bottle.request.content_length
+    if length <= 0:
+        return b""
+    return bottle.request.environ["wsgi.input"].read(min(length, limit + 1))
+
+
+def _text_body(limit: int) -> str | None:
+    raw = _read_body(limit)
+    if not raw:
+        return None
+    if len(raw) > limit:
+        raise JatosError(413, f"Request body exceeds {human_bytes(limit)}")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise JatosError(400, "The request body is not valid UTF-8 text")
+
+
+def _json_body(limit: int = 10_000_000, required: bool = False) -> Any:
+    text = _text_body(limit)
+    if text is None or not text.strip():
+        if required:
+            raise JatosError(400, "A JSON body is required", "INVALID_JSON")
+        return None
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise JatosError(400, f"Malformed JSON: {exc}", "INVALID_JSON")
+
+
+def _parse_range(header: str, size: int) -> tuple[int, int] | None:
+    """(start, end) inclusive of a single 'bytes=' range; raises 416 when unsatisfiable."""
+    match = re.fullmatch(r"bytes=(\d*)-(\d*)", header.strip())
+    if not match or match.groups() == ("", ""):
+        return None
+    first, last = match.groups()
+    if first:
+        start, end = int(first), min(int(last), size - 1) if last else size - 1
+    else:
+        start, end = max(size - int(last), 0), size - 1
+    if start > end or start >= size:
+        bottle.response.set_header("Content-Range", f"bytes */{size}")
+        raise JatosError(416, "Requested range not satisfiable")
+    return start, end
+
+
+def _range_chunks(source: Any, remaining: int) -> Iterator[bytes]:
+    with source:
+        while remaining > 0:
+            chunk = source.read(min(remaining, 1 << 20))
+            if not chunk:
+                return
+            remaining -= len(chunk)
+            yield chunk
+
+
+def send_file(path: Path, content_type: str | None = None, disposition: str = "inline",
+              cache_control: str | None = None) -> Any:
+    """A file as the response body, with Range support (video in Safari needs it)."""
+    response = bottle.response
+    size = path.stat().st_size
+    response.content_type = content_type or content_type_for(path)
+    quoted = urllib.parse.quote(path.name)
+    response.set_header("Content-Disposition", f"{disposition}; filename*=UTF-8''{quoted}")
+    response.set_header("Accept-Ranges", "bytes")
+    if cache_control:
+        response.set_header("Cache-Control", cache_control)
+    byte_range = _parse_range(bottle.request.get_header("Range", ""), size) if size else None
+    source = open(path, "rb")
+    if byte_range is None:
+        response.set_header("Content-Length", str(size))
+        return source
+    start, end = byte_range
+    source.seek(start)
+    response.status = 206
+    response.set_header("Content-Range", f"bytes {start}-{end}/{size}")
+    response.set_header("Content-Length", str(end - start + 1))
+    return _range_chunks(source, end - start + 1)
+
+
+def _error_page(message: str) -> str:
+    return html_page("JATOS", f"<h1>A problem occurred:</h1><p class=\"error\">{html.escape(message)}</p>")
+
+
+def envelope(data: Any = None, message: str | None = None) -> str:
+    body: dict[str, Any] = {"apiVersion": API_VERSION}
+    if message is not None:
+        body["message"] = message
+    if data is not None or message is None:
+        body["data"] = data
+    bottle.response.content_type = "application/json"
+    return to_json(body)
+
+
+def _render_error(exc: JatosError) -> str:
+    """The one place errors become responses: API envelope, HTML page or plain text."""
+    bottle.response.status = exc.status
+    bottle.response.set_header("Cache-Control", "no-store")
+    request = bottle.request
+    level = logging.WARNING if exc.status >= 500 else logging.INFO
+    log.log(level, "%s %s -> %s %s", request.method, request.fullpath, exc.status, exc.message)
+    if request.path.startswith(API_PREFIX):
+        bottle.response.content_type = "application/json"
+        return to_json({"apiVersion": API_VERSION, "error": {"code": exc.code, "message": exc.message}})
+    if _wants_html():
+        bottle.response.content_type = "text/html; charset=utf-8"
+        return _error_page(exc.message)
+    bottle.response.content_type = "text/plain; charset=utf-8"
+    return exc.message
+
+
+def _catch_jatos_errors(callback: Callable) -> Callable:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return callback(*args, **kwargs)
+        except JatosError as exc:
+            return _render_error(exc)
+    return wrapper
+
+
+def _security_headers() -> None:
+    bottle.response.set_header("X-Frame-Options", "SAMEORIGIN")
+    bottle.response.set_header("Referrer-Policy", "origin-when-cross-origin, strict-origin-when-cross-origin")
+
+
+def _entry_page(db: Db, code: str | None, query: dict[str, str]) -> str:
+    """GET /publix/run: the study entry page (publix-http.md §4.2), parameters re-encoded."""
+    if not code:
+        body = ("<h1>Start a study</h1><form id=\"f\"><input id=\"code\" minlength=\"11\" maxlength=\"11\" "
+                "required autofocus> <button>&#9654;</button></form><script>document.getElementById('f')"
+                ".onsubmit=function(e){e.preventDefault();location.href='/publix/'+encodeURIComponent("
+                "document.getElementById('code').value.trim())+'" + html.escape(
+                    "?" + urllib.parse.urlencode(query), quote=True).replace("'", "%27") + "';};</script>")
+        return html_page("JATOS", body)
+    link = db.one("SELECT * FROM study_links WHERE code = ?", code)
+    if link is None:
+        return html_page("JATOS", "<p class=\"error\">No valid study code</p>")
+    if link["worker_type"] == "PersonalSingle" and db.value(
+            "SELECT 1 FROM study_results WHERE study_code = ? AND state != 'PRE'", code):
+        return html_page("JATOS", "<p class=\"error\">This study link is valid only once.</p>")
+    study = db.one("SELECT s.* FROM studies s JOIN batches b ON b.study_id = s.id WHERE b.id = ?", link["batch_id"])
+    message = study["study_entry_msg"] or "Press \u25b6 to start the experiment"
+    target = f"/publix/{urllib.parse.quote(code)}?{urllib.parse.urlencode(query)}"
+    return html_page("JATOS", "<p>" + html.escape(message).replace("\n", "<br>") + "</p>"
+                     f"<p><a href=\"{html.escape(target)}\"><button>&#9654;</button></a></p>")
+
+
+def _multi_frame_page(code: str, query: dict[str, str]) -> str:
+    """GET /publix/runx: several runs of one link side by side in iframes."""
+    frames = int(query.get("frames", "2")) if query.get("frames", "2").isdigit() else 2
+    h_split = max(1, int(query["hSplit"])) if query.get("hSplit", "").isdigit() else 2
+    v_split = max(1, int(query["vSplit"])) if query.get("vSplit", "").isdigit() else 1
+    delay = int(query["delay"]) if query.get("delay", "").isdigit() else 50
+    rest = urllib.parse.urlencode({k: v for k, v in query.items() if k not in ("code", "frames", "hSplit",
+                                                                               "vSplit", "delay")})
+    base = f"/publix/{urllib.parse.quote(code)}"
+    script = (f"var n={frames},done=0,base={json.dumps(base)},rest={json.dumps(rest)};"
+              "function onIframeComplete(frameId,studyId){if(++done>=n)location.href='/jatos/'+studyId;}"
+              "for(let i=1;i<=n;i++)setTimeout(function(){var f=document.createElement('iframe');"
+              "f.src=base+'?frameId='+i+(rest?'&'+rest:'');document.getElementById('grid').appendChild(f);},"
+              f"(i-1)*{delay});")
+    style = (f"#grid{{display:grid;grid-template-columns:repeat({h_split},1fr);grid-template-rows:"
+             f"repeat({v_split},1fr);height:100vh;gap:4px}}iframe{{width:100%;height:100%;border:1px solid #ccc}}"
+             "body{margin:0}")
+    return (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>JATOS</title><style>{style}</style>"
+            f"</head><body><div id=\"grid\"></div><script>{script}</script></body></html>")
+
+
+def create_app(config: Config | None = None, store: Store | None = None) -> bottle.Bottle:
+    """The WSGI application: publix protocol, study assets, jatos.js, admin sign-in and API."""
+    config = config or Config()
+    store = store or Store(config.db_path)
+    config.studies.mkdir(parents=True, exist_ok=True)
+    config.uploads.mkdir(parents=True, exist_ok=True)
+    resources = resource_dir()
+    app = bottle.Bottle(catchall=True)
+    app.install(_catch_jatos_errors)
+    app.add_hook("after_request", _security_headers)
+    app.config["jatos_lite.store"] = store
+    app.config["jatos_lite.config"] = config
+
+    def browser() -> Browser:
+        return Browser(bottle.request.get_header("Cookie", "") or "", config.id_cookie_limit)
+
+    def send_cookies(visitor: Browser) -> None:
+        for header in visitor.outgoing.values():
+            bottle.response.add_header("Set-Cookie", header)
+
+    def admin_session(db: Db) -> AdminSession | None:
+        secret = parse_cookie_header(bottle.request.get_header("Cookie", "") or "").get(SESSION_COOKIE)
+        if not secret:
+            return None
+        row = db.one("SELECT * FROM admin_sessions WHERE token_hash = ?", hash_secret(secret))
+        return None if row is None else AdminSession(row["token_hash"], row["csrf_token"], row["jatos_run"],
+                                                     row["run_component_uuid"])
+
+    def no_store() -> None:
+        bottle.response.set_header("Cache-Control", "no-store")
+
+    # --- publix: starting runs ------------------------------------------------
+
+    @app.get("/ping")
+    def ping() -> str:
+        bottle.response.content_type = "text/plain; charset=utf-8"
+        return "pong"
+
+    @app.get("/publix/run")
+    def entry_page() -> str:
+        query = _query()
+        with store.snapshot() as db:
+            return _entry_page(db, query.get("code"), query)
+
+    @app.get("/publix/runx")
+    def multi_frame() -> str:
+        query = _query()
+        code = query.get("code", "").strip()
+        if not code:
+            raise JatosError(400, "Invalid study code")
+        if query.get("frames", "2").isdigit() and int(query.get("frames", "2")) <= 1:
+            return _redirect(f"/publix/{urllib.parse.quote(code)}")
+        return _multi_frame_page(code, query)
+
+    @app.get("/publix/<study_id>/start")
+    def legacy_run_link(study_id: str) -> str:
+        query = _query()
+        with store.tx() as db:
+            return _redirect(legacy_start(db, study_id, query).location)
+
+    @app.get("/publix/<code>")
+    def start_study_run(code: str) -> str:
+        visitor = browser()
+        with store.tx() as db:
+            target = start_run(db, code, _query(), visitor, admin_session(db))
+        send_cookies(visitor)
+        return _redirect(target.location)
+
+    # --- publix: ending runs --------------------------------------------------
+
+    @app.get("/publix/<sr>/end")
+    def end_study(sr: str) -> str:
+        query = _query()
+        successful = _flag(query, "successful", True)
+        visitor = browser()
+        with store.tx() as db:
+            run = end_run(db, sr, successful, query.get("message"), visitor, admin_session(db))
+        send_cookies(visitor)
+        no_store()
+        code = run.sr["confirmation_code"]
+        if _is_ajax():
+            bottle.response.content_type = "text/plain; charset=utf-8"
+            return code if run.worker_type in MTURK_TYPES and code else ""
+        if run.worker_type == "Jatos":
+            return _redirect(f"/jatos/{run.study['id']}")
+        if not successful:
+            bottle.response.content_type = "text/html; charset=utf-8"
+            return _error_page(query.get("message") or "The study was finished unsuccessfully.")
+        suffix = f"?confirmationCode={code}" if code else ""
+        return _redirect(f"/publix/{run.sr['uuid']}/final/endPage.html{suffix}")
+
+    @app.get("/publix/<sr>/abort")
+    def abort_study(sr: str) -> str:
+        visitor = browser()
+        with store.tx() as db:
+            run = abort_run(db, config, sr, _query().get("message"), visitor, admin_session(db))
+        send_cookies(visitor)
+        no_store()
+        if _is_ajax():
+            return ""
+        if run.worker_type == "Jatos":
+            return _redirect(f"/jatos/{run.study['id']}")
+        return html_page("JATOS", "<h1>Cancelled Study</h1><p>All submitted data were deleted.</p>")
+
+    @app.get("/publix/<sr>/final/endPage.html")
+    def final_page(sr: str) -> Any:
+        with store.snapshot() as db:
+            page = end_page(db, config.studies, sr)
+        if isinstance(page, Redirect):
+            return _redirect(page.location)
+        code = _query().get("confirmationCode")
+        if page is not None:
+            if code:
+                bottle.response.add_header("Set-Cookie", cookie_header("JATOS_CONFIRMATION_CODE",
+                                                                       urllib.parse.quote(code), 86400))
+            return send_file(page, "text/html; charset=utf-8")
+        if code:
+            text = (f"<p>Confirmation code: <b>{html.escape(code)}</b></p><p>(Copy and paste the confirmation "
+                    "code to Amazon Mechanical Turk.)</p>")
+        else:
+            text = "<p>This study is finished. Thank you for your participation.</p>"
+        return html_page("JATOS", text)
+
+    # --- publix: channels (HTTP long-polling arrives with the channels issue) ---
+
+    @app.get("/publix/<sr>/batch/open")
+    @app.get("/publix/<sr>/group/join")
+    @app.get("/publix/<sr>/group/reassign")
+    @app.get("/publix/<sr>/group/leave")
+    def channel_not_available(sr: str) -> str:
+        raise JatosError(400, "Batch and group channels are not available over WebSocket in jatos-lite.")
+
+    # --- publix: inside a run ---------------------------------------------------
+
+    @app.get("/publix/<sr>/files/<filename:path>")
+    def download_result_file(sr: str, filename: str) -> Any:
+        with store.snapshot() as db:
+            path = find_result_file(db, config, sr, filename, _query().get("componentId"), admin_session(db))
+        return send_file(path, content_type_for(path), "attachment", "no-store")
+
+    @app.post("/publix/<sr>/studySessionData")
+    def study_session(sr: str) -> str:
+        text = _text_body(config.max_result_data)
+        with store.tx() as db:
+            replay_or_apply(db, sr, bottle.request.get_header("X-Request-Id"),
+                            lambda: set_study_session(db, sr, text, admin_session(db)) or "")
+        no_store()
+        return ""
+
+    @app.post("/publix/<sr>/heartbeat")
+    def heartbeat_route(sr: str) -> str:
+        with store.tx() as db:
+            heartbeat(db, sr)
+        no_store()
+        return ""
+
+    @app.get("/publix/<sr>/<comp>/start")
+    def component_start(sr: str, comp: str) -> Any:
+        visitor = browser()
+        with store.tx() as db:
+            page = start_component(db, config.studies, sr, comp, _query().get("message"), visitor,
+                                   admin_session(db))
+        if isinstance(page, Redirect):
+            return _redirect(page.location)
+        send_cookies(visitor)
+        return send_file(page, "text/html; charset=utf-8", cache_control="no-cache, no-store")
+
+    @app.get("/publix/<sr>/<comp>/initData")
+    def init_data_route(sr: str, comp: str) -> Any:
+        with store.tx() as db:
+            data = init_data(db, sr, comp, admin_session(db))
+        if isinstance(data, Redirect):
+            return _redirect(data.location)
+        no_store()
+        bottle.response.content_type = "application/json"
+        return to_json(data)
+
+    def result_data(sr: str, comp: str, append: bool) -> str:
+        raw = _read_body(config.max_result_data)
+        with store.tx() as db:
+            replay_or_apply(db, sr, bottle.request.get_header("X-Request-Id"), lambda: write_result_data(
+                db, config.max_result_data, sr, comp, _decode_data(raw), append, admin_session(db)) or "")
+        no_store()
+        return ""
+
+    def _decode_data(raw: bytes) -> str | None:
+        if len(raw) > config.max_result_data:
+            return "x" * (config.max_result_data + 1)
+        try:
+            return raw.decode("utf-8") if raw else None
+        except UnicodeDecodeError:
+            raise JatosError(400, "Result data must be UTF-8 text")
+
+    app.route("/publix/<sr>/<comp>/resultData", "PUT", lambda sr, comp: result_data(sr, comp, False))
+    app.route("/publix/<sr>/<comp>/resultData", "POST", lambda sr, comp: result_data(sr, comp, True))
+
+    @app.post("/publix/<sr>/<comp>/log")
+    def study_log(sr: str, comp: str) -> str:
+        text = _text_body(100_000)
+        with store.tx() as db:
+            replay_or_apply(db, sr, bottle.request.get_header("X-Request-Id"),
+                            lambda: write_study_log(db, sr, comp, text, admin_session(db)) or "")
+        no_store()
+        return ""
+
+    @app.post("/publix/<sr>/<comp>/files/<filename:path>")
+    def upload_result_file(sr: str, comp: str, filename: str) -> str:
+        upload = None
+        if bottle.request.content_length > config.max_upload + 1_000_000:
+            upload = _OversizedUpload(bottle.request.content_length)
+        elif (bottle.request.content_type or "").startswith("multipart/form-data"):
+            part = bottle.request.files.get("file")
+            upload = part.file if part is not None else None
+        with store.tx() as db:
+            body = replay_or_apply(db, sr, bottle.request.get_header("X-Request-Id"), lambda: store_result_file(
+                db, config, sr, comp, filename, upload, admin_session(db)) or "File uploaded")
+        no_store()
+        bottle.response.content_type = "text/plain; charset=utf-8"
+        return body
+
+    @app.get("/publix/<sr>/<comp>/<file:path>")
+    def component_asset(sr: str, comp: str, file: str) -> Any:
+        if file in ("jatos.js", "jatos.min.js") or "jatos-publix" in file:
+            return jatos_js() if file == "jatos.js" or file.endswith("jatos-publix/javascripts/jatos.js") \
+                else _not_found(file)
+        with store.snapshot() as db:
+            sr_row = db.one("SELECT * FROM study_results WHERE uuid = ?", sr)
+            if sr_row is None:
+                raise JatosError(400, f"A study result {sr} doesn't exist.")
+            dir_name = db.value("SELECT dir_name FROM studies WHERE id = ?", sr_row["study_id"])
+        end_page_asset = comp == "final" and sr_row["state"] in SR_DONE
+        return study_asset(f"{dir_name}/{file}", check_cookie=not end_page_asset)
+
+    # --- study assets and jatos.js ---------------------------------------------
+
+    def _not_found(path: str) -> Any:
+        raise JatosError(404, f"Resource '{path}' couldn't be found.")
+
+    def study_asset(relative: str, check_cookie: bool = True) -> Any:
+        path = confined_path(config.studies, relative)
+        if path is None:
+            _not_found(relative)
+        dir_name = path.relative_to(config.studies).parts[0]
+        if check_cookie and not browser().has_study_assets(dir_name):
+            raise JatosError(403, f"You tried to access the file {relative} but it seems you have no access rights.")
+        if not path.is_file():
+            _not_found(relative)
+        return send_file(path, cache_control="private")
+
+    app.route("/study_assets_root/<file:path>", "GET", study_asset)
+    app.route("/study_assets/<file:path>", "GET", study_asset)
+
+    def jatos_js() -> Any:
+        path = resources / "jatos.js"
+        if not path.is_file():
+            _not_found("jatos.js")
+        return send_file(path, "application/javascript; charset=utf-8", cache_control="no-cache")
+
+    app.route("/assets/javascripts/jatos.js", "GET", jatos_js)
+    app.route("/assets/lib/jatos-publix/javascripts/jatos.js", "GET", jatos_js)
+
+    # --- admin sign-in and researcher test runs (Jatos worker) ------------------
+
+    @app.get("/jatos/login")
+    def login() -> str:
+        with store.tx() as db:
+            if check_api_token(db, config, _query().get("token", "")) is None:
+                raise JatosError(401, "Invalid or expired sign-in token.")
+            secret = secrets.token_urlsafe(32)
+            db.run("INSERT INTO admin_sessions(token_hash, csrf_token, created) VALUES (?, ?, ?)",
+                   hash_secret(secret), secrets.token_urlsafe(24), now_ms())
+        bottle.response.add_header("Set-Cookie", cookie_header(SESSION_COOKIE, secret, 7 * 86400, http_only=True,
+                                                               same_site="Lax"))
+        return _redirect("/jatos/")
+
+    def signed_in(db: Db) -> AdminSession:
+        session = admin_session(db)
+        if session is None:
+            raise JatosError(401, "Please sign in with the link printed when jatos-lite started.")
+        return session
+
+    @app.get("/jatos/")
+    def admin_home() -> Any:
+        page = resources / "admin.html"
+        if page.is_file():
+            return send_file(page, "text/html; charset=utf-8", cache_control="no-cache")
+        with store.snapshot() as db:
+            signed_in(db)
+        return html_page("jatos-lite", "<h1>jatos-lite</h1><p>You are signed in. Use the JATOS API "
+                                       f"under <code>{API_PREFIX}</code> or the <code>jatos-lite</code> command.</p>")
+
+    @app.get("/jatos/<study_id>")
+    def study_page(study_id: str) -> str:
+        return _redirect(f"/jatos/#/studies/{urllib.parse.quote(study_id)}")
+
+    @app.get("/jatos/<study_id>/run")
+    def researcher_run(study_id: str) -> str:
+        """A researcher's test run (Jatos worker) of the whole study or of one component."""
+        query = _query()
+        with store.tx() as db:
+            session = signed_in(db)
+            study = find_study(db, study_id)
+            batch = find_batch(db, query["batchId"], study["id"]) if query.get("batchId") \
+                else default_batch(db, study["id"])
+            component_uuid = None
+            if query.get("componentId"):
+                component = db.one("SELECT * FROM components WHERE study_id = ? AND (id = ? OR uuid = ?)",
+                                   study["id"], query["componentId"], query["componentId"])
+                if component is None:
+                    raise JatosError(404, f"Component {query['componentId']} doesn't exist.")
+                component_uuid = component["uuid"]
+            db.run("UPDATE admin_sessions SET jatos_run = ?, run_component_uuid = ? WHERE token_hash = ?",
+                   "RUN_COMPONENT_START" if component_uuid else "RUN_STUDY", component_uuid, session.token_hash)
+            code = jatos_link(db, batch)
+        return _redirect(f"/publix/{code}")
+
+    # --- JATOS API v1 -------------------------------------------------------------
+
+    def authenticate(db: Db) -> dict:
+        """Bearer token, or the admin session cookie (state changes then need the CSRF header)."""
+        header = bottle.request.get_header("Authorization", "") or ""
+        if "Bearer" in header:
+            metadata = check_api_token(db, config, header.replace("Bearer", "", 1).strip())
+            if metadata is None:
+                raise JatosError(401, "Invalid api token", "INVALID_API_TOKEN")
+            return metadata
+        session = admin_session(db)
+        if session is None:
+            raise JatosError(401, "Not signed in: send 'Authorization: Bearer <token>'", "AUTH_ERROR")
+        if bottle.request.method not in ("GET", "HEAD") and not hmac.compare_digest(
+                bottle.request.get_header("X-CSRF-Token", "") or "", session.csrf_token):
+            raise JatosError(403, "Missing or wrong X-CSRF-Token header", "FORBIDDEN")
+        return token_metadata({"id": 0, "name": "admin session", "creation_date": 0, "expires_after": None,
+                               "active": True})
+
+    def api(rule: str, methods: str | list[str] = "GET") -> Callable:
+        """Register an API route: authenticated, run in one transaction, answered in the envelope."""
+        def register(handler: Callable) -> Callable:
+            def route(**kwargs: Any) -> Any:
+                with store.tx() as db:
+                    token = authenticate(db)
+                    return handler(db, token, **kwargs)
+            app.route(API_PREFIX + rule, methods, route)
+            return handler
+        return register
+
+    @api("/admin/token")
+    def api_token(db: Db, token: dict) -> str:
+        return envelope(token)
+
+    def import_response(db: Db, study_id: int, created: bool) -> str:
+        bottle.response.status = 201 if created else 200
+        return envelope(study_object(db, _row(db, "studies", study_id)))
+
+    def import_upload() -> str:
+        query = _query()
+        flags = {name: _flag(query, name, default) for name, default in IMPORT_FLAG_DEFAULTS.items()}
+        content_type = (bottle.request.content_type or "").split(";")[0].strip().lower()
+        if content_type == "multipart/form-data":
+            part = bottle.request.files.get("study")
+            source = part.file if part is not None else None
+        elif content_type in ("", "application/zip", "application/jzip", "application/octet-stream",
+                              "application/x-zip-compressed"):
+            source = bottle.request.body if bottle.request.content_length > 0 else None
+        else:
+            raise JatosError(415, f"Wrong content type {content_type}: send a .jzip", "WRONG_CONTENT_TYPE")
+        if source is None:
+            raise JatosError(400, "Missing study archive", "MISSING_FILE")
+        if bottle.request.content_length > config.max_archive:
+            raise JatosError(413, "The study archive is too large", "TOO_LARGE")
+        study_id, created = import_study_file(store, config, source, flags)
+        with store.snapshot() as db:
+            return import_response(db, study_id, created)
+
+    def create_study_from_json() -> str:
+        body = _json_body(required=True)
+        if not isinstance(body, dict):
+            raise JatosError(400, "The study must be a JSON object", "INVALID_JSON")
+        unknown = set(body) - {"title", "description", "active", "groupStudy", "linearStudy", "allowPreview",
+                               "dirName", "comments", "studyInput", "jsonData", "endRedirectUrl", "studyEntryMsg"}
+        if unknown:
+            raise JatosError(400, f"Unknown field '{sorted(unknown)[0]}'", "INVALID_JSON")
+        with store.tx() as db:
+            study_uuid = new_uuid()
+            fields = study_fields(body)
+            dir_name = validate_dir_name(body.get("dirName") or study_uuid)
+            if _dir_taken(db, config.studies, dir_name):
+                if not _flag(_query(), "renameAssets", True):
+                    raise JatosError(403, f"A study assets folder '{dir_name}' exists already.")
+                dir_name = free_dir_name(db, config.studies, dir_name)
+            study_id = insert_study(db, fields, study_uuid, dir_name, active=body.get("active") is not False)
+            insert_batch(db, study_id, batch_fields(DEFAULT_BATCH))
+            (config.studies / dir_name).mkdir(parents=True, exist_ok=True)
+            return import_response(db, study_id, True)
+
+    def studies_post() -> str:
+        with store.tx() as db:
+            authenticate(db)
+        if (bottle.request.content_type or "").split(";")[0].strip().lower() == "application/json":
+            return create_study_from_json()
+        return import_upload()
+
+    def study_post() -> str:
+        with store.tx() as db:
+            authenticate(db)
+        return import_upload()
+
+    app.route(API_PREFIX + "/studies", "POST", studies_post)
+    app.route(API_PREFIX + "/study", "POST", study_post)
+
+    @api("/studies/properties")
+    def api_all_studies(db: Db, token: dict) -> str:
+        query = _query()
+        with_components = _flag(query, "withComponentProperties", False)
+        with_batches = _flag(query, "withBatchProperties", False)
+        return envelope([study_object(db, row, with_components, with_batches)
+                         for row in db.all("SELECT * FROM studies ORDER BY id")])
+
+    @api("/studies/<study_id>/properties")
+    def api_study(db: Db, token: dict, study_id: str) -> str:
+        query = _query()
+        return envelope(study_object(db, find_study(db, study_id), _flag(query, "withComponentProperties", False),
+                                     _flag(query, "withBatchProperties", False)))
+
+    @api("/studies/<study_id>/batches")
+    def api_batches(db: Db, token: dict, study_id: str) -> str:
+        study = find_study(db, study_id)
+        return envelope([batch_object(b) for b in db.all("SELECT * FROM batches WHERE study_id = ? "
+                                                         "ORDER BY position", study["id"])])
+
+    @api("/batches/<batch_id>")
+    def api_batch(db: Db, token: dict, batch_id: str) -> str:
+        return envelope(batch_object(find_batch(db, batch_id)))
+
+    @api("/studies/<study_id>/studyCodes", ["GET", "POST"])
+    def api_study_codes(db: Db, token: dict, study_id: str) -> str:
+        study = find_study(db, study_id)
+        body = _json_body() if bottle.request.method == "POST" else None
+        params = {**(body if isinstance(body, dict) else {}), **_query()}
+        if not params.get("type"):
+            raise JatosError(400, "Parameter 'type' is required")
+        worker_type = worker_type_from_alias(params["type"])
+        batch = find_batch(db, params["batchId"], study["id"]) if params.get("batchId") not in (None, "") \
+            else default_batch(db, study["id"])
+        try:
+            amount = int(params.get("amount") or 1)
+        except (TypeError, ValueError):
+            raise JatosError(400, "Parameter 'amount' must be a number")
+        return envelope(study_links_for(db, batch, worker_type, amount, params.get("comment")))
+
+    @api("/studyCodes/<code>")
+    def api_study_code(db: Db, token: dict, code: str) -> str:
+        link = db.one("SELECT l.*, w.comment FROM study_links l LEFT JOIN workers w ON w.id = l.worker_id "
+                      "WHERE l.code = ?", code)
+        if link is None:
+            raise JatosError(404, f"Study code {code} doesn't exist.")
+        return envelope({"studyCode": code, "batchId": link["batch_id"], "type": link["worker_type"],
+                         "comment": link["comment"], "active": bool(link["active"]),
+                         "studyLinkPath": f"/publix/{code}", "studyEntryPath": f"/publix/run?code={code}"})
+
+    # --- API: results ----------------------------------------------------------------
+
+    def selected_results() -> list[int]:
+        body = _json_body() if "json" in (bottle.request.content_type or "") else None
+        selection = parse_selection(_query_pairs(), body)
+        with store.tx() as db:
+            authenticate(db)
+            return select_component_results(db, selection)
+
+    def download(kind: str, extension: str) -> None:
+        bottle.response.set_header("Content-Disposition",
+                                   f'attachment; filename="jatos_results_{kind}{timestamp_for_filename()}.{extension}"')
+
+    def api_results() -> Any:
+        cr_ids = selected_results()
+        bottle.response.content_type = "application/zip"
+        download("", "zip")
+        return results_archive(store, config, cr_ids, _flag(_query(), "isApiCall", True))
+
+    def api_results_metadata() -> Any:
+        cr_ids = selected_results()
+        query = _query()
+        bottle.response.content_type = "application/json"
+        if _flag(query, "download", True):
+            download("metadata_", "json")
+        return results_metadata(store, config, cr_ids, _flag(query, "isApiCall", True))
+
+    def api_results_data() -> Any:
+        cr_ids = selected_results()
+        query = _query()
+        if _flag(query, "asPlainText", False):
+            bottle.response.content_type = "text/plain; charset=UTF-8"
+            if _flag(query, "download", False):
+                download("data_", "txt")
+            return results_plain_text(store, cr_ids)
+        bottle.response.content_type = "application/zip"
+        download("data_", "zip")
+        return results_zip(store, config, cr_ids, with_data=True, with_files=False)
+
+    def api_results_files() -> Any:
+        cr_ids = selected_results()
+        bottle.response.content_type = "application/zip"
+        download("files_", "zip")
+        return results_zip(store, config, cr_ids, with_data=False, with_files=True)
+
+    def api_results_delete() -> str:
+        cr_ids = selected_results()
+        with store.tx() as db:
+            return envelope(delete_results(db, config, cr_ids))
+
+    for rule, handler in (("/results", api_results), ("/results/metadata", api_results_metadata),
+                          ("/results/data", api_results_data), ("/results/files", api_results_files)):
+        app.route(API_PREFIX + rule, ["GET", "POST"], handler)
+    app.route(API_PREFIX + "/results/delete", ["POST", "PUT"], api_results_delete)
+
+    @app.get(API_PREFIX + "/results/files/<filename:path>")
+    def api_result_file(filename: str) -> Any:
+        with store.snapshot() as db:
+            authenticate(db)
+            path = result_file(db, config, filename, _query().get("componentResultId"))
+        return send_file(path, content_type_for(path), "attachment")
+
+    # --- errors bottle raises itself (unknown routes, crashes) ---------------------------
+
+    def unmatched(error: bottle.HTTPError) -> str:
+        request = bottle.request
+        return _render_error(JatosError(error.status_code if error.status_code == 405 else 404,
+                                        f"Requested page {request.method} {request.fullpath} couldn't be found."))
+
+    def crashed(error: bottle.HTTPError) -> str:
+        log.error("internal error during %s %s", bottle.request.method, bottle.request.fullpath,
+                  exc_info=error.exception)
+        return _render_error(JatosError(500, f"Internal JATOS error during {bottle.request.method} "
+                                             f"{bottle.request.fullpath}. Check logs to get more information."))
+
+    app.error_handler.update({404: unmatched, 405: unmatched, 500: crashed})
+    return app
+
+
+@dataclasses.dataclass
+class _OversizedUpload:
+    """An upload body too large to parse: only its declared size is looked at."""
+
+    size: int
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self.size
+
+
+###############################################################################
+# CLI
+###############################################################################
+
+EXAMPLE_DIR = "jatos_lite_example"
+EXAMPLE_STUDY = {
+    "uuid": "5d1b7a5e-0c4f-4a57-9d2e-6a8f2f3c9b10",
+    "title": "jatos-lite example",
+    "description": "A two-component study that shows result data, appended data, the study session and a "
+                   "result file travelling from one component to the next.",
+    "dirName": EXAMPLE_DIR,
+    "componentList": [
+        {"uuid": "0f9e3c1a-7b2d-4e8f-a1c3-5d6e7f809a1b", "title": "Reaction task", "htmlFilePath": "task.html",
+         "reloadable": True},
+        {"uuid": "3a4b5c6d-1e2f-4a3b-8c9d-0e1f2a3b4c5d", "title": "Thank you", "htmlFilePath": "goodbye.html",
+         "reloadable": True},
+    ],
+    "batchList": [{"uuid": "7c8d9e0f-2a3b-4c5d-9e6f-1a2b3c4d5e6f", "title": "Default",
+                   "allowedWorkerTypes": ["PersonalSingle", "PersonalMultiple", "GeneralSingle",
+                                          "GeneralMultiple"]}],
+}
+
+
+def install_example_study(store: Store, config: Config) -> None:
+    """On the first start, register the bundled example study (copying its assets if needed)."""
+    source = resource_dir() / "studies" / EXAMPLE_DIR
+    with store.tx() as db:
+        if db.value("SELECT value FROM settings WHERE key = 'example_installed'"):
+            return
+        db.run("INSERT INTO settings(key, value) VALUES ('example_installed', '1')")
+        target = config.studies / EXAMPLE_DIR
+        if not target.exists():
+            if not source.is_dir():
+                log.warning("the bundled example study was not found at %s", source)
+                return
+            shutil.copytree(source, target)
+        if db.value("SELECT 1 FROM studies WHERE uuid = ? OR dir_name = ?", EXAMPLE_STUDY["uuid"], EXAMPLE_DIR):
+            return
+        study_id = insert_study(db, study_fields(EXAMPLE_STUDY), EXAMPLE_STUDY["uuid"], EXAMPLE_DIR)
+        for component in EXAMPLE_STUDY["componentList"]:
+            insert_component(db, study_id, component_fields(component), component["uuid"])
+        batch = EXAMPLE_STUDY["batchList"][0]
+        insert_batch(db, study_id, batch_fields(batch), batch["uuid"])
+
+
+def lan_addresses() -> list[str]:
+    """IPv4 addresses other devices on the local network can reach this machine at."""
+    found: set[str] = set()
+    with contextlib.suppress(OSError):
+        for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET):
+            found.add(str(info[4][0]))
+    with contextlib.suppress(OSError):
+        # connect() on UDP sends nothing; it only asks the routing table which address is ours.
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(("192.0.2.1", 9))
+            found.add(probe.getsockname()[0])
+    return sorted(a for a in found if not a.startswith("127.") and a != "0.0.0.0")
+
+
+def base_urls(config: Config) -> list[str]:
+    if config.host not in ("0.0.0.0", ""):
+        return [f"http://{config.host}:{config.port}"]
+    return [f"http://{address}:{config.port}" for address in lan_addresses()] or [f"http://localhost:{config.port}"]
+
+
+def _resolve_study(store: Store, key: str) -> sqlite3.Row:
+    with store.snapshot() as db:
+        return find_study(db, key)
+
+
+def mint_sign_in_token(store: Store) -> str:
+    """A fresh token for this server start's sign-in link; earlier sign-in tokens stop working."""
+    with store.tx() as db:
+        db.run("UPDATE api_tokens SET active = 0 WHERE name = 'sign-in link'")
+        return mint_api_token(db, "sign-in link")[1]
+
+
+def serve(config: Config) -> None:
+    import waitress
+
+    store = Store(config.db_path)
+    app = create_app(config, store)
+    install_example_study(store, config)
+    token = mint_sign_in_token(store)
+    local = f"http://localhost:{config.port}"
+    print(f"jatos-lite {__version__} is running.")
+    print(f"  Admin page (sign in):  {local}/jatos/login?token={token}")
+    print(f"  API token (Bearer):    {token}")
+    print("  Participants on this network can use:")
+    for url in base_urls(config):
+        print(f"    {url}/publix/run")
+    with store.snapshot() as db:
+        example = db.one("SELECT * FROM studies WHERE uuid = ?", EXAMPLE_STUDY["uuid"])
+    if example is not None:
+        with store.tx() as db:
+            code = study_links_for(db, default_batch(db, example["id"]), "GeneralMultiple")[0]
+        print(f"  Example study link:    {local}/publix/{code}")
+    print(f"  Studies: {config.studies.resolve()}")
+    print(f"  Data:    {config.data.resolve()}  (SQLite database and result files)")
+    print("Press Ctrl+C to stop.", flush=True)
+    waitress.serve(app, host=config.host, port=config.port, threads=config.threads,
+                   connection_limit=max(100, config.threads * 4), max_request_body_size=config.max_archive,
+                   ident="jatos-lite", _quiet=True)
+
+
+def _serve_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", help="address to listen on (default 0.0.0.0: every network)")
+    parser.add_argument("--port", type=int, help="port to listen on (default 9000)")
+    parser.add_argument("--api-token", dest="api_token", help="one fixed API token, e.g. for scripts and tests")
+    parser.add_argument("--threads", type=int, help="worker threads (default 64)")
+
+
+def _folder_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--studies", type=Path, help="study assets folder (default ./studies)")
+    parser.add_argument("--data", type=Path, help="data folder: database and result files (default ./data)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jatos-lite", description="Run JATOS studies on one computer.")
+    _folder_options(parser)
+    _serve_options(parser)
+    parser.add_argument("--version", action="version", version=f"jatos-lite {__version__}")
+    commands = parser.add_subparsers(dest="command")
+    serve_parser = commands.add_parser("serve", help="run the server (the default command)")
+    _folder_options(serve_parser)
+    _serve_options(serve_parser)
+    import_parser = commands.add_parser("import", help="import a JATOS study archive (.jzip)")
+    _folder_options(import_parser)
+    import_parser.add_argument("archive", type=Path)
+    links_parser = commands.add_parser("links", help="print participant links of a study")
+    _folder_options(links_parser)
+    _serve_options(links_parser)
+    links_parser.add_argument("study", help="study ID, UUID or folder name")
+    links_parser.add_argument("--type", required=True, choices=["ps", "pm", "gs", "gm"],
+                              help="Personal Single/Multiple, General Single/Multiple")
+    links_parser.add_argument("--count", type=int, default=1, help="how many personal links (default 1)")
+    links_parser.add_argument("--batch", help="batch ID (default: the study's first batch)")
+    links_parser.add_argument("--comment", help="comment stored with personal links' workers")
+    token_parser = commands.add_parser("token", help="mint an API token and print it")
+    _folder_options(token_parser)
+    token_parser.add_argument("--name", default="command line", help="a name to recognise the token by")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The `jatos-lite` command."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    options = {name: getattr(args, name, None) for name in ("host", "port", "api_token", "threads", "studies",
+                                                             "data")}
+    config = config_from_env(**options)
+    try:
+        if args.command in (None, "serve"):
+            serve(config)
+        elif args.command == "import":
+            store = Store(config.db_path)
+            with open(args.archive, "rb") as source:
+                study_id, created = import_study_file(store, config, source)
+            with store.snapshot() as db:
+                study = _row(db, "studies", study_id)
+            verb = "Imported" if created else "Updated"
+            print(f"{verb} study '{study['title']}' (ID {study_id}) in {config.studies / study['dir_name']}")
+        elif args.command == "links":
+            store = Store(config.db_path)
+            study = _resolve_study(store, args.study)
+            with store.tx() as db:
+                batch = find_batch(db, args.batch, study["id"]) if args.batch else default_batch(db, study["id"])
+                codes = study_links_for(db, batch, worker_type_from_alias(args.type), args.count, args.comment)
+            base = base_urls(config)[0]
+            for code in codes:
+                print(f"{base}/publix/{code}")
+        elif args.command == "token":
+            with Store(config.db_path).tx() as db:
+                print(mint_api_token(db, args.name)[1])
+    except JatosError as exc:
+        print(f"jatos-lite: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
