@@ -3070,7 +3070,7 @@ def serve(config: Config) -> None:
     print("Press Ctrl+C to stop.", flush=True)
     waitress.serve(app, host=config.host, port=config.port, threads=config.threads,
                    connection_limit=max(100, config.threads * 4), max_request_body_size=config.max_archive,
-                   ident="jatos-lite", _quiet=True)
+                   ident="jatos-lite")
 
 
 def _serve_options(parser: argparse.ArgumentParser) -> None:

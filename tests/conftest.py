@@ -1,0 +1,145 @@
+"""Shared fixtures: a fresh jatos-lite per test, in-process (WebTest) or on a real waitress."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import threading
+import time
+import urllib.request
+import uuid
+import zipfile
+from pathlib import Path
+
+import pytest
+import webtest
+
+import jatos_lite
+
+API_TOKEN = "test-token-0123456789"
+AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
+
+
+def make_jzip(title: str = "Test study", dir_name: str = "test_study", components: list[dict] | None = None,
+              files: dict[str, bytes | str] | None = None, batches: list[dict] | None = None,
+              study_uuid: str | None = None, version: object = "3", **study_keys: object) -> bytes:
+    """A study archive as JATOS 3.10 writes it. `components` are JATOS component objects (a title
+    and htmlFilePath suffice); `files` maps asset paths (inside the study folder) to contents;
+    missing component HTML files are created with a tiny page."""
+    components = components if components is not None else [
+        {"title": f"Component {i}", "htmlFilePath": f"c{i}.html"} for i in (1, 2, 3)]
+    components = [{"uuid": str(uuid.uuid4()), "reloadable": False, "active": True, "comments": None,
+                   "componentInput": None, **c} for c in components]
+    files = dict(files or {})
+    for component in components:
+        path = component.get("htmlFilePath")
+        if path and path not in files:
+            files[path] = f"<!DOCTYPE html><title>{component['title']}</title><p>{component['title']}</p>"
+    data = {"uuid": study_uuid or str(uuid.uuid4()), "title": title, "description": None, "groupStudy": False,
+            "linearStudy": False, "allowPreview": False, "dirName": dir_name, "comments": None,
+            "studyInput": None, "endRedirectUrl": None, "studyEntryMsg": None, "componentList": components,
+            "batchList": batches if batches is not None else [
+                {"uuid": str(uuid.uuid4()), "title": "Default", "active": True, "maxActiveMembers": None,
+                 "maxTotalMembers": None, "maxTotalWorkers": None,
+                 "allowedWorkerTypes": ["PersonalSingle", "PersonalMultiple", "GeneralSingle",
+                                        "GeneralMultiple", "MT"],
+                 "comments": None, "batchInput": None}]}
+    data.update(study_keys)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("study.jas", json.dumps({"version": version, "data": data}))
+        for path, content in files.items():
+            archive.writestr(f"{dir_name}/{path}", content)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> jatos_lite.Config:
+    return jatos_lite.Config(studies=tmp_path / "studies", data=tmp_path / "data", api_token=API_TOKEN)
+
+
+@pytest.fixture
+def store(config: jatos_lite.Config) -> jatos_lite.Store:
+    return jatos_lite.Store(config.db_path)
+
+
+@pytest.fixture
+def app(config: jatos_lite.Config, store: jatos_lite.Store):
+    return jatos_lite.create_app(config, store)
+
+
+@pytest.fixture
+def client(app) -> webtest.TestApp:
+    """An in-process browser with a cookie jar."""
+    return webtest.TestApp(app)
+
+
+class Lab:
+    """Researcher-side shortcuts over the API of an in-process app."""
+
+    def __init__(self, client: webtest.TestApp):
+        self.client = client
+
+    def import_study(self, archive: bytes, status: int | str = "2*", **flags: object) -> dict:
+        query = "&".join(f"{k}={str(v).lower()}" for k, v in flags.items())
+        response = self.client.post(f"/jatos/api/v1/studies?{query}", archive, status=status,
+                                    headers={**AUTH, "Content-Type": "application/zip"})
+        return response.json
+
+    def study(self, **kwargs: object) -> dict:
+        """Import a fresh study (make_jzip arguments) and return its API object with components and batches."""
+        study_id = self.import_study(make_jzip(**kwargs))["data"]["id"]
+        return self.client.get(f"/jatos/api/v1/studies/{study_id}/properties?withComponentProperties=true"
+                               "&withBatchProperties=true", headers=AUTH).json["data"]
+
+    def code(self, study_id: int, worker_type: str, batch_id: int | None = None, **params: object) -> str:
+        body = {"type": worker_type, **({"batchId": batch_id} if batch_id else {}), **params}
+        return self.client.post_json(f"/jatos/api/v1/studies/{study_id}/studyCodes", body,
+                                     headers=AUTH).json["data"][0]
+
+    def sign_in(self, browser: webtest.TestApp | None = None) -> None:
+        """Sign `browser` (default: this client) in as the researcher."""
+        (browser or self.client).get(f"/jatos/login?token={API_TOKEN}", status=303)
+
+
+@pytest.fixture
+def lab(client: webtest.TestApp) -> Lab:
+    return Lab(client)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class LiveServer:
+    """jatos-lite on a real waitress server on a free loopback port, in a background thread."""
+
+    def __init__(self, config: jatos_lite.Config):
+        import waitress.server
+
+        self.config = config
+        self.app = jatos_lite.create_app(config)
+        self.server = waitress.server.create_server(self.app, host="127.0.0.1", port=free_port(), threads=16)
+        self.url = f"http://127.0.0.1:{self.server.effective_port}"
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(self.url + "/ping", timeout=1).read()
+                return
+            except OSError:
+                time.sleep(0.05)
+
+    def close(self) -> None:
+        self.server.close()
+        self.thread.join(timeout=5)
+
+
+@pytest.fixture
+def live_server(config: jatos_lite.Config):
+    server = LiveServer(config)
+    yield server
+    server.close()
