@@ -1476,7 +1476,7 @@ def _flag_quota(db: Db, sr_id: int, cr_id: int | None) -> None:
         db.run("UPDATE component_results SET quota_reached = 1 WHERE id = ?", cr_id)
 
 
-def write_result_data(db: Db, max_size: int, sr_uuid: str, comp_uuid: str, text: str | None, append: bool,
+def write_result_data(db: Db, max_size: int, sr_uuid: str, comp_uuid: str, body: bytes, append: bool,
                       session: AdminSession | None) -> None:
     """PUT (replace) or POST (append) result data of the run's current component result.
     Appending is done in SQL: the stored data is never read back into Python."""
@@ -1485,13 +1485,17 @@ def write_result_data(db: Db, max_size: int, sr_uuid: str, comp_uuid: str, text:
     cr = current_cr(db, run.sr["id"])
     if cr is None:
         raise JatosError(403, "Impossible to put result data to component result")
-    if not text:
+    if not body:
         raise JatosError(400, "Result data empty")
-    size = len(text.encode("utf-8"))
+    size = len(body)
     if size + (cr["data_size"] if append else 0) > max_size:
         _flag_quota(db, run.sr["id"], cr["id"])
         raise CommittedError(413, f"Result data size exceeds allowed {human_bytes(max_size)}. "
                                   "Consider using result files instead.")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise JatosError(400, "Result data must be UTF-8 text")
     if append:
         db.run("UPDATE component_results SET data = COALESCE(data, '') || ?, data_size = data_size + ? "
                "WHERE id = ?", text, size, cr["id"])
@@ -1518,8 +1522,16 @@ def _uploads_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
 
 
+@dataclasses.dataclass
+class Upload:
+    """An uploaded result file: its size, and its content unless it was too large to read."""
+
+    size: int
+    file: Any
+
+
 def store_result_file(db: Db, config: Config, sr_uuid: str, comp_uuid: str, filename: str,
-                      fileobj: Any, session: AdminSession | None) -> None:
+                      upload: Upload | None, session: AdminSession | None) -> None:
     """POST /publix/{sr}/{comp}/files/{filename}: checks in JATOS's order (§8.5), then a durable write."""
     run, _ = _checked_run(db, sr_uuid, comp_uuid)
     if not config.uploads_enabled:
@@ -1528,10 +1540,9 @@ def store_result_file(db: Db, config: Config, sr_uuid: str, comp_uuid: str, file
     cr = current_cr(db, run.sr["id"])
     if cr is None:
         raise JatosError(403, "Impossible to upload result file to component result")
-    if fileobj is None:
+    if upload is None:
         raise JatosError(400, "Missing file")
-    size = fileobj.seek(0, io.SEEK_END)
-    fileobj.seek(0)
+    size = upload.size
     if size > config.max_upload:
         _flag_quota(db, run.sr["id"], cr["id"])
         raise CommittedError(413, "File size too large")
@@ -1541,7 +1552,7 @@ def store_result_file(db: Db, config: Config, sr_uuid: str, comp_uuid: str, file
     if not is_portable_name(filename):
         raise JatosError(400, "Bad filename")
     try:
-        write_file_durably(run_uploads(config, run.sr["id"]) / str(cr["id"]) / filename, read_chunks(fileobj))
+        write_file_durably(run_uploads(config, run.sr["id"]) / str(cr["id"]) / filename, read_chunks(upload.file))
     except OSError as exc:
         log.error("upload of %s for study result %s failed: %s", filename, run.sr["id"], exc)
         raise JatosError(400, "File upload failed")
@@ -2600,17 +2611,9 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
         raw = _read_body(config.max_result_data)
         with store.tx() as db:
             replay_or_apply(db, sr, bottle.request.get_header("X-Request-Id"), lambda: write_result_data(
-                db, config.max_result_data, sr, comp, _decode_data(raw), append, admin_session(db)) or "")
+                db, config.max_result_data, sr, comp, raw, append, admin_session(db)) or "")
         no_store()
         return ""
-
-    def _decode_data(raw: bytes) -> str | None:
-        if len(raw) > config.max_result_data:
-            return "x" * (config.max_result_data + 1)
-        try:
-            return raw.decode("utf-8") if raw else None
-        except UnicodeDecodeError:
-            raise JatosError(400, "Result data must be UTF-8 text")
 
     app.route("/publix/<sr>/<comp>/resultData", "PUT", lambda sr, comp: result_data(sr, comp, False))
     app.route("/publix/<sr>/<comp>/resultData", "POST", lambda sr, comp: result_data(sr, comp, True))
@@ -2628,10 +2631,12 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
     def upload_result_file(sr: str, comp: str, filename: str) -> str:
         upload = None
         if bottle.request.content_length > config.max_upload + 1_000_000:
-            upload = _OversizedUpload(bottle.request.content_length)
+            upload = Upload(bottle.request.content_length, None)  # too large to be worth parsing
         elif (bottle.request.content_type or "").startswith("multipart/form-data"):
             part = bottle.request.files.get("file")
-            upload = part.file if part is not None else None
+            if part is not None:
+                upload = Upload(part.file.seek(0, io.SEEK_END), part.file)
+                part.file.seek(0)
         with store.tx() as db:
             body = replay_or_apply(db, sr, bottle.request.get_header("X-Request-Id"), lambda: store_result_file(
                 db, config, sr, comp, filename, upload, admin_session(db)) or "File uploaded")
@@ -2958,14 +2963,6 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
     return app
 
 
-@dataclasses.dataclass
-class _OversizedUpload:
-    """An upload body too large to parse: only its declared size is looked at."""
-
-    size: int
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        return self.size
 
 
 ###############################################################################
