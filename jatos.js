@@ -41,6 +41,7 @@
   jatos.groupResultId = null;
   jatos.groupMembers = [];
   jatos.groupChannels = [];
+  jatos.jQuery = {};
 
   // ---------------------------------------------------------------------------
   // Promises as study code expects them: native, plus jQuery's done/fail/always.
@@ -332,6 +333,8 @@
   }
 
   function fireOnLoad() {
+    // JATOS ships jQuery as jatos.jQuery; we ship none, so studies get the page's own, if any.
+    jatos.jQuery = window.jQuery || {};
     initialized = true;
     onLoadCallbacks.splice(0).forEach(function (callback) { call(callback); });
   }

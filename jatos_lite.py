@@ -2673,8 +2673,8 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
             _not_found(relative)
         return send_file(path, cache_control="private")
 
-    app.route("/study_assets_root/<file:path>", "GET", study_asset)
-    app.route("/study_assets/<file:path>", "GET", study_asset)
+    app.route("/study_assets_root/<relative:path>", "GET", study_asset)
+    app.route("/study_assets/<relative:path>", "GET", study_asset)
 
     def jatos_js() -> Any:
         path = resources / "jatos.js"
