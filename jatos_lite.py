@@ -53,6 +53,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterable, Iterator
 
 import bottle
+import jsonpatch
+import jsonpointer
 
 __version__ = "0.1.0"
 JATOS_VERSION = "3.10.5"
@@ -485,6 +487,54 @@ MIGRATIONS: list[str] = [
         run_component_uuid TEXT
     ) WITHOUT ROWID;
     """,
+    """
+    CREATE TABLE group_results (
+        id INTEGER PRIMARY KEY,
+        batch_id INTEGER NOT NULL REFERENCES batches(id),
+        state TEXT NOT NULL,
+        start_date INTEGER NOT NULL,
+        end_date INTEGER,
+        session_data TEXT DEFAULT '{}',
+        session_version INTEGER NOT NULL DEFAULT 1,
+        active_member_count INTEGER NOT NULL DEFAULT 0,
+        history_member_count INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX group_results_by_batch ON group_results(batch_id, state);
+    ALTER TABLE study_results ADD COLUMN history_group_result_id INTEGER;
+    CREATE INDEX study_results_by_history_group ON study_results(history_group_result_id);
+    CREATE TABLE channel_conns (
+        id TEXT PRIMARY KEY,
+        open_id TEXT UNIQUE,
+        study_result_id INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        state TEXT NOT NULL,
+        close_reason TEXT,
+        last_seen REAL NOT NULL,
+        last_cseq INTEGER NOT NULL DEFAULT 0,
+        opened_at REAL NOT NULL,
+        closed_at REAL
+    ) WITHOUT ROWID;
+    CREATE INDEX channel_conns_by_run ON channel_conns(study_result_id, kind, state);
+    CREATE INDEX channel_conns_by_state ON channel_conns(state, last_seen);
+    CREATE TABLE channel_conn_scopes (
+        conn TEXT NOT NULL,
+        scope TEXT NOT NULL,
+        from_id INTEGER NOT NULL,
+        to_id INTEGER
+    );
+    CREATE INDEX channel_conn_scopes_by_conn ON channel_conn_scopes(conn);
+    CREATE INDEX channel_conn_scopes_by_scope ON channel_conn_scopes(scope, to_id);
+    CREATE TABLE channel_events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        scope TEXT NOT NULL,
+        recipient TEXT,
+        exclude TEXT,
+        payload TEXT NOT NULL,
+        created REAL NOT NULL
+    );
+    CREATE INDEX channel_events_by_scope ON channel_events(scope, id);
+    CREATE INDEX channel_events_by_created ON channel_events(created);
+    """,
 ]
 
 
@@ -523,6 +573,7 @@ class Store:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
+        self.on_commit: list[Callable[[], None]] = []
         self._migrate()
 
     def connect(self) -> sqlite3.Connection:
@@ -553,6 +604,8 @@ class Store:
             conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
+        for hook in self.on_commit:
+            hook()
 
     @contextlib.contextmanager
     def snapshot(self) -> Iterator[Db]:
@@ -887,6 +940,166 @@ def study_object(db: Db, row: sqlite3.Row, with_components: bool = False, with_b
 
 
 ###############################################################################
+# Groups and the channel event log
+###############################################################################
+# Every change a channel must hear about is appended to channel_events inside the
+# transaction that made it; the global event id is the cursor pages poll with
+# (channels.md §7). A "conn" is one page's batch or group channel.
+
+GROUP_CLEANER_MESSAGE = "Inactive group member was forced to leave its group."
+
+
+def batch_scope(batch_id: int) -> str:
+    return f"b:{batch_id}"
+
+
+def group_scope(group_id: int) -> str:
+    return f"g:{group_id}"
+
+
+def last_event_id(db: Db) -> int:
+    """The highest event id ever handed out (ids are never reused, even after pruning)."""
+    return db.value("SELECT seq FROM sqlite_sequence WHERE name = 'channel_events'") or 0
+
+
+def append_event(db: Db, scope: str, message: dict, recipient: str | None = None,
+                 exclude: str | None = None) -> int:
+    return db.insert("INSERT INTO channel_events(scope, recipient, exclude, payload, created) VALUES (?, ?, ?, ?, ?)",
+                     scope, recipient, exclude, to_json(message), time.time())
+
+
+def open_conn(db: Db, sr_id: int, kind: str) -> sqlite3.Row | None:
+    return db.one("SELECT * FROM channel_conns WHERE study_result_id = ? AND kind = ? AND state = 'open'", sr_id, kind)
+
+
+def conn_scope(db: Db, conn_id: str) -> str | None:
+    return db.value("SELECT scope FROM channel_conn_scopes WHERE conn = ? AND to_id IS NULL", conn_id)
+
+
+def _end_conn_scope(db: Db, conn_id: str) -> None:
+    db.run("UPDATE channel_conn_scopes SET to_id = ? WHERE conn = ? AND to_id IS NULL", last_event_id(db), conn_id)
+
+
+def listen(db: Db, conn_id: str, scope: str) -> None:
+    """From now on the conn receives the events of `scope` (and none before)."""
+    db.run("INSERT INTO channel_conn_scopes(conn, scope, from_id) VALUES (?, ?, ?)", conn_id, scope,
+           last_event_id(db))
+
+
+def group_row(db: Db, group_id: int) -> sqlite3.Row:
+    return db.one("SELECT * FROM group_results WHERE id = ?", group_id)
+
+
+def group_message(db: Db, group: sqlite3.Row, action: str | None, member_id: int | None = None,
+                  with_session: bool = False) -> dict:
+    """A group action message (channels.md §2.3) with members and channels as they are now."""
+    members = [str(r[0]) for r in db.all("SELECT id FROM study_results WHERE group_result_id = ? ORDER BY id",
+                                         group["id"])]
+    channels = [str(r[0]) for r in db.all(
+        "SELECT c.study_result_id FROM channel_conns c JOIN channel_conn_scopes s ON s.conn = c.id "
+        "WHERE s.scope = ? AND s.to_id IS NULL AND c.state = 'open' ORDER BY c.study_result_id",
+        group_scope(group["id"]))]
+    message: dict[str, Any] = {} if action is None else {"action": action}
+    if member_id is not None:
+        message["memberId"] = str(member_id)
+    message.update({"groupResultId": str(group["id"]), "groupState": group["state"], "members": members,
+                    "channels": channels, "sessionVersion": group["session_version"]})
+    if with_session:
+        message["sessionData"] = json.loads(group["session_data"] or "{}")
+    return message
+
+
+def close_conn(db: Db, conn: sqlite3.Row, reason: str, terminate: bool) -> None:
+    """Close a conn in the one safe order: termination message to it (when the server closes
+    it), mark it closed, stop its scope, then tell the other group members."""
+    scope = conn_scope(db, conn["id"])
+    if terminate and scope is not None:
+        append_event(db, scope, {"action": "CLOSED"}, recipient=conn["id"])
+    db.run("UPDATE channel_conns SET state = 'closed', close_reason = ?, closed_at = ? WHERE id = ?",
+           reason, time.time(), conn["id"])
+    _end_conn_scope(db, conn["id"])
+    if conn["kind"] == "group" and scope is not None:
+        group = group_row(db, int(scope[2:]))
+        append_event(db, scope, group_message(db, group, "CLOSED", conn["study_result_id"]))
+
+
+def group_candidate(db: Db, batch: sqlite3.Row, except_group: int | None = None) -> sqlite3.Row | None:
+    """The open group a newcomer joins: the fullest STARTED group with room, oldest first."""
+    return db.one(
+        "SELECT * FROM group_results WHERE batch_id = ? AND state = 'STARTED' AND id IS NOT ? "
+        "AND (? IS NULL OR active_member_count < ?) "
+        "AND (? IS NULL OR active_member_count + history_member_count < ?) "
+        "ORDER BY active_member_count DESC, history_member_count DESC, id LIMIT 1",
+        batch["id"], except_group, batch["max_active_members"], batch["max_active_members"],
+        batch["max_total_members"], batch["max_total_members"])
+
+
+def _finish_group_if_done(db: Db, group_id: int, batch: sqlite3.Row) -> None:
+    group = group_row(db, group_id)
+    if (group["active_member_count"] == 0 and batch["max_total_members"] is not None
+            and group["history_member_count"] >= batch["max_total_members"]):
+        db.run("UPDATE group_results SET state = 'FINISHED', end_date = ?, session_data = NULL WHERE id = ?",
+               now_ms(), group_id)
+
+
+def join_group(db: Db, sr: sqlite3.Row, batch: sqlite3.Row) -> sqlite3.Row:
+    """Make the run an active member of a group (choosing or creating it) and tell the group."""
+    group = group_candidate(db, batch)
+    if group is None:
+        group_id = db.insert("INSERT INTO group_results(batch_id, state, start_date) VALUES (?, 'STARTED', ?)",
+                             batch["id"], now_ms())
+    else:
+        group_id = group["id"]
+    db.run("UPDATE group_results SET active_member_count = active_member_count + 1 WHERE id = ?", group_id)
+    db.run("UPDATE study_results SET group_result_id = ? WHERE id = ?", group_id, sr["id"])
+    group = group_row(db, group_id)
+    append_event(db, group_scope(group_id), group_message(db, group, "JOINED", sr["id"]))
+    return group
+
+
+def leave_group(db: Db, sr: sqlite3.Row) -> None:
+    """The run leaves its group for good (leave, end, abort, eviction, cleaner)."""
+    group_id = db.value("SELECT group_result_id FROM study_results WHERE id = ?", sr["id"])
+    if group_id is None:
+        return
+    batch = db.one("SELECT * FROM batches WHERE id = ?", sr["batch_id"])
+    db.run("UPDATE study_results SET group_result_id = NULL, history_group_result_id = ? WHERE id = ?",
+           group_id, sr["id"])
+    db.run("UPDATE group_results SET active_member_count = active_member_count - 1, "
+           "history_member_count = history_member_count + 1 WHERE id = ?", group_id)
+    _finish_group_if_done(db, group_id, batch)
+    conn = open_conn(db, sr["id"], "group")
+    if conn is not None:
+        close_conn(db, conn, "left", terminate=True)
+    append_event(db, group_scope(group_id), group_message(db, group_row(db, group_id), "LEFT", sr["id"]))
+
+
+def move_to_group(db: Db, sr: sqlite3.Row, batch: sqlite3.Row, target: sqlite3.Row) -> None:
+    """Reassign: the run leaves its group's active members (not counted in its history) and
+    joins `target`; its open conn, if any, follows it without being closed."""
+    old_id = sr["group_result_id"]
+    db.run("UPDATE group_results SET active_member_count = active_member_count - 1 WHERE id = ?", old_id)
+    db.run("UPDATE group_results SET active_member_count = active_member_count + 1 WHERE id = ?", target["id"])
+    db.run("UPDATE study_results SET group_result_id = ? WHERE id = ?", target["id"], sr["id"])
+    _finish_group_if_done(db, old_id, batch)
+    conn = open_conn(db, sr["id"], "group")
+    exclude = conn["id"] if conn is not None else None
+    old_group = group_row(db, old_id)
+    if conn is not None:
+        _end_conn_scope(db, conn["id"])
+        append_event(db, group_scope(old_id), group_message(db, old_group, "CLOSED", sr["id"]), exclude=exclude)
+    append_event(db, group_scope(old_id), group_message(db, old_group, "LEFT", sr["id"]), exclude=exclude)
+    new_scope = group_scope(target["id"])
+    target = group_row(db, target["id"])
+    if conn is not None:
+        listen(db, conn["id"], new_scope)
+        append_event(db, new_scope, group_message(db, target, "OPENED", sr["id"], with_session=True),
+                     recipient=conn["id"])
+        append_event(db, new_scope, group_message(db, target, "OPENED", sr["id"]), exclude=exclude)
+    append_event(db, new_scope, group_message(db, target, "JOINED", sr["id"]), exclude=exclude)
+
+
+###############################################################################
 # Study flow: who may start, component order, result data, files, end and abort
 ###############################################################################
 
@@ -1139,6 +1352,7 @@ def _finish_run(db: Db, run: Run, successful: bool, message: str | None) -> None
     db.run("UPDATE study_results SET state = ?, confirmation_code = ?, message = ?, end_date = ?, "
            "last_seen_date = ?, study_session_data = NULL WHERE id = ?",
            "FINISHED" if successful else "FAIL", code, truncate_message(message), now, now, run.sr["id"])
+    leave_group(db, run.sr)
 
 
 def _make_room(db: Db, browser: Browser) -> None:
@@ -1618,6 +1832,7 @@ def abort_run(db: Db, config: Config, sr_uuid: str, message: str | None, browser
         db.run("UPDATE study_results SET state = 'ABORTED', message = ?, end_date = ?, last_seen_date = ?, "
                "study_session_data = NULL WHERE id = ?", truncate_message(message), now, now, sr_id)
         db.run("DELETE FROM applied_requests WHERE study_result_id = ?", sr_id)
+        leave_group(db, run.sr)
         shutil.rmtree(run_uploads(config, sr_id), ignore_errors=True)
     browser.delete_id_cookie(sr_id)
     return _run_of(db, _row(db, "study_results", sr_id))
@@ -1667,6 +1882,419 @@ def replay_or_apply(db: Db, sr_uuid: str, request_id: str | None, apply: Callabl
     db.run("INSERT INTO applied_requests(study_result_id, request_id, status, body) VALUES (?, ?, 200, ?)",
            sr_id, request_id, body)
     return body
+
+
+###############################################################################
+# Channels: batch and group channels over HTTP long-polling
+###############################################################################
+# The semantics are JATOS's WebSocket channels (channels.md §1-§6); the transport is a
+# conn per page and channel, sends with a client sequence number, and one multiplexed
+# long-poll per page that returns the conn's events after its cursor (§7).
+
+CHANNEL_HOLD_SECONDS = 20.0
+CONN_STALE_SECONDS = 30.0
+LAST_SEEN_REFRESH_SECONDS = 5.0
+MAINTENANCE_INTERVAL_SECONDS = 5.0
+GROUP_CLEANER_INTERVAL_SECONDS = 60.0
+GROUP_MEMBER_IDLE_MS = 90_000
+EVENT_RETENTION_SECONDS = 600.0
+MAX_EVENTS_PER_POLL = 500
+HELD_POLLS_PER_BROWSER = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionWords:
+    """The batch and group channels name the same things differently (channels.md §2.1)."""
+
+    table: str
+    action_id: str
+    patches: str
+    version: str
+    versioning: str
+
+
+BATCH_SESSION = SessionWords("batches", "id", "patches", "version", "versioning")
+GROUP_SESSION = SessionWords("group_results", "sessionActionId", "sessionPatches", "sessionVersion",
+                             "sessionVersioning")
+
+
+def _channel_run(db: Db, sr_uuid: str, session: AdminSession | None) -> Run:
+    """Checks shared by the channel endpoints (§1.1), refusing runs that are already done."""
+    run = load_run(db, sr_uuid)
+    authorise_do(db, run, session)
+    if run.done:
+        raise JatosError(403, f"Study run is already finished (study result {run.sr['id']})")
+    return run
+
+
+def _group_run(db: Db, sr_uuid: str, session: AdminSession | None, first_group_only: bool) -> Run:
+    run = _channel_run(db, sr_uuid, session)
+    if not run.study["group_study"]:
+        raise JatosError(403, f"Study {run.study['id']} is not a group study.")
+    if first_group_only and run.sr["history_group_result_id"] is not None:
+        raise JatosError(403, "This study run left its group already; it cannot join another one.")
+    return run
+
+
+def _batch_snapshot(db: Db, batch_id: int) -> dict:
+    batch = db.one("SELECT session_data, session_version FROM batches WHERE id = ?", batch_id)
+    return {"action": "OPENED", "data": json.loads(batch["session_data"] or "{}"), "version": batch["session_version"]}
+
+
+def _reopened(db: Db, run: Run, kind: str, open_id: str | None) -> dict | None:
+    """A repeated open request (lost response): the same conn, a fresh snapshot, no side effects."""
+    if not open_id:
+        return None
+    conn = db.one("SELECT * FROM channel_conns WHERE open_id = ? AND study_result_id = ? AND kind = ? "
+                  "AND state = 'open'", open_id, run.sr["id"], kind)
+    if conn is None:
+        return None
+    if kind == "batch":
+        snapshot = _batch_snapshot(db, run.batch["id"])
+    else:
+        group = group_row(db, int(conn_scope(db, conn["id"])[2:]))
+        snapshot = group_message(db, group, "OPENED", run.sr["id"], with_session=True)
+    cursor = last_event_id(db)
+    return {"conn": conn["id"], "cursor": cursor, "events": [{"id": cursor, "msg": snapshot}]}
+
+
+def _new_conn(db: Db, run: Run, kind: str, open_id: str | None) -> str:
+    old = open_conn(db, run.sr["id"], kind)
+    if old is not None:
+        close_conn(db, old, "superseded", terminate=True)
+    if open_id and db.value("SELECT 1 FROM channel_conns WHERE open_id = ?", open_id):
+        open_id = None
+    conn_id = secrets.token_hex(16)
+    now = time.time()
+    db.run("INSERT INTO channel_conns(id, open_id, study_result_id, kind, state, last_seen, opened_at) "
+           "VALUES (?, ?, ?, ?, 'open', ?, ?)", conn_id, open_id, run.sr["id"], kind, now, now)
+    return conn_id
+
+
+def _opened(conn_id: str, event_id: int, message: dict) -> dict:
+    return {"conn": conn_id, "cursor": event_id, "events": [{"id": event_id, "msg": message}]}
+
+
+def open_batch_channel(db: Db, sr_uuid: str, open_id: str | None, session: AdminSession | None) -> dict:
+    """POST /publix/{sr}/batch/open: a new batch conn whose first event is OPENED with the session."""
+    run = _channel_run(db, sr_uuid, session)
+    again = _reopened(db, run, "batch", open_id)
+    if again is not None:
+        return again
+    conn_id = _new_conn(db, run, "batch", open_id)
+    scope = batch_scope(run.batch["id"])
+    listen(db, conn_id, scope)
+    opened = _batch_snapshot(db, run.batch["id"])
+    return _opened(conn_id, append_event(db, scope, opened, recipient=conn_id), opened)
+
+
+def join_group_channel(db: Db, sr_uuid: str, open_id: str | None, session: AdminSession | None) -> dict:
+    """POST /publix/{sr}/group/join: join a group if not a member yet, then open a group conn."""
+    run = _group_run(db, sr_uuid, session, first_group_only=True)
+    again = _reopened(db, run, "group", open_id)
+    if again is not None:
+        return again
+    group_id = run.sr["group_result_id"] or join_group(db, run.sr, run.batch)["id"]
+    conn_id = _new_conn(db, run, "group", open_id)
+    scope = group_scope(group_id)
+    listen(db, conn_id, scope)
+    group = group_row(db, group_id)
+    opened = group_message(db, group, "OPENED", run.sr["id"], with_session=True)
+    event_id = append_event(db, scope, opened, recipient=conn_id)
+    append_event(db, scope, group_message(db, group, "OPENED", run.sr["id"]), exclude=conn_id)
+    return _opened(conn_id, event_id, opened)
+
+
+def reassign_group(db: Db, sr_uuid: str, session: AdminSession | None) -> bool:
+    """GET /publix/{sr}/group/reassign: True if moved to another group, False if there is none."""
+    run = _group_run(db, sr_uuid, session, first_group_only=True)
+    if run.sr["group_result_id"] is None:
+        return False
+    target = group_candidate(db, run.batch, except_group=run.sr["group_result_id"])
+    if target is None:
+        return False
+    move_to_group(db, run.sr, run.batch, target)
+    return True
+
+
+def leave_group_of(db: Db, sr_uuid: str, session: AdminSession | None) -> None:
+    """GET /publix/{sr}/group/leave (a no-op for a run that is not in a group)."""
+    leave_group(db, _group_run(db, sr_uuid, session, first_group_only=False).sr)
+
+
+def own_conn(db: Db, sr_uuid: str, conn_id: str) -> sqlite3.Row:
+    conn = db.one("SELECT c.* FROM channel_conns c JOIN study_results s ON s.id = c.study_result_id "
+                  "WHERE c.id = ? AND s.uuid = ?", conn_id, sr_uuid)
+    if conn is None:
+        raise JatosError(404, f"Channel {conn_id} doesn't exist for study result {sr_uuid}.")
+    return conn
+
+
+def _open_own_conn(db: Db, sr_uuid: str, conn_id: str) -> sqlite3.Row:
+    conn = own_conn(db, sr_uuid, conn_id)
+    if conn["state"] != "open":
+        raise JatosError(410, f"Channel {conn_id} is closed ({conn['close_reason']}).")
+    return conn
+
+
+def _apply_patches(data: Any, patches: list) -> Any:
+    """RFC 6902, all or nothing, with JATOS's rule that a first 'remove /' clears the session."""
+    first = patches[0]
+    if first.get("op") == "remove" and first.get("path") == "/":
+        return {}
+    return jsonpatch.apply_patch(data, patches)
+
+
+def _session_patch(db: Db, words: SessionWords, row_id: int, scope: str, conn_id: str, frame: dict,
+                   context: dict) -> None:
+    """One session patch, serialised with every other write of the scope (§3.3)."""
+    row = db.one(f"SELECT session_data, session_version FROM {words.table} WHERE id = ?", row_id)
+    version = row["session_version"]
+    action_id = frame.get(words.action_id)
+    patches = frame.get(words.patches)
+
+    def answer(action: str, answered_version: int) -> None:
+        append_event(db, scope, {"action": action, **context, words.version: answered_version,
+                                 words.action_id: action_id}, recipient=conn_id)
+
+    if not isinstance(action_id, int) or isinstance(action_id, bool):
+        append_event(db, scope, {"action": "ERROR", "errorMsg": f"Session patch without a numeric "
+                                 f"'{words.action_id}'", **context}, recipient=conn_id)
+        return
+    if not isinstance(patches, list) or not patches or not all(isinstance(p, dict) for p in patches):
+        return answer("SESSION_FAIL", version)
+    if frame.get(words.versioning, True) is not False and frame.get(words.version) != version:
+        return answer("SESSION_FAIL", version)
+    try:
+        data = _apply_patches(json.loads(row["session_data"] or "{}"), patches)
+    except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException, KeyError, IndexError, TypeError,
+            ValueError, AttributeError):
+        return answer("SESSION_FAIL", version)
+    db.run(f"UPDATE {words.table} SET session_data = ?, session_version = ? WHERE id = ?",
+           to_json(data), version + 1, row_id)
+    append_event(db, scope, {"action": "SESSION", words.patches: patches, words.version: version + 1})
+    answer("SESSION_ACK", version + 1)
+
+
+def _batch_frame(db: Db, conn: sqlite3.Row, scope: str, frame: Any) -> None:
+    def reply(message: dict) -> None:
+        append_event(db, scope, message, recipient=conn["id"])
+
+    if not isinstance(frame, dict):
+        return reply({"action": "ERROR", "errorMsg": "Malformed message"})
+    if "heartbeat" in frame:
+        return reply({"heartbeat": "pong"})
+    if frame.get("action") != "SESSION":
+        return reply({"action": "ERROR", "errorMsg": f"Unknown action {frame.get('action')}"})
+    _session_patch(db, BATCH_SESSION, int(scope[2:]), scope, conn["id"], frame, {})
+
+
+def _group_conn_of_member(db: Db, scope: str, member: str) -> str | None:
+    if not member.isdigit():
+        return None
+    return db.value("SELECT c.id FROM channel_conns c JOIN channel_conn_scopes s ON s.conn = c.id "
+                    "WHERE c.study_result_id = ? AND c.kind = 'group' AND c.state = 'open' AND s.scope = ? "
+                    "AND s.to_id IS NULL", int(member), scope)
+
+
+def _group_frame(db: Db, conn: sqlite3.Row, scope: str, frame: Any) -> None:
+    group = group_row(db, int(scope[2:]))
+    context = {"groupResultId": str(group["id"]), "groupState": group["state"]}
+
+    def reply(message: dict) -> None:
+        append_event(db, scope, message, recipient=conn["id"])
+
+    if not isinstance(frame, dict):
+        return reply({"action": "ERROR", "errorMsg": "Malformed message", "groupResultId": str(group["id"])})
+    if "heartbeat" in frame:
+        return reply({"heartbeat": "pong"})
+    action = frame.get("action")
+    if action == "SESSION":
+        return _session_patch(db, GROUP_SESSION, group["id"], scope, conn["id"], frame, context)
+    if action == "FIXED":
+        db.run("UPDATE group_results SET state = 'FIXED' WHERE id = ?", group["id"])
+        return reply({"action": "FIXED", "groupResultId": str(group["id"]), "groupState": "FIXED",
+                      "sessionVersion": group["session_version"]})
+    if action is not None:
+        return reply({"action": "ERROR", "errorMsg": f"Unknown action {action}", "groupResultId": str(group["id"])})
+    forwarded = {"msg": frame["msg"]} if "msg" in frame else {}
+    if "recipient" not in frame:
+        append_event(db, scope, forwarded, exclude=conn["id"])
+        return
+    recipient = str(frame["recipient"])
+    target = _group_conn_of_member(db, scope, recipient)
+    if target is None:
+        return reply({"action": "ERROR", "errorMsg": f"Recipient {recipient} isn't member of this group.",
+                      "groupResultId": str(group["id"])})
+    append_event(db, scope, {"recipient": recipient, **forwarded}, recipient=target)
+
+
+def channel_send(db: Db, sr_uuid: str, conn_id: str, cseq: Any, frames: Any) -> None:
+    """POST .../channels/{conn}/send: apply frames in order, exactly once per sequence number."""
+    conn = _open_own_conn(db, sr_uuid, conn_id)
+    if not isinstance(cseq, int) or isinstance(cseq, bool) or not isinstance(frames, list):
+        raise JatosError(400, "A send needs a numeric 'cseq' and a list of 'frames'")
+    if cseq <= conn["last_cseq"]:
+        return
+    if cseq != conn["last_cseq"] + 1:
+        raise JatosError(409, f"Frames must be sent in order: expected cseq {conn['last_cseq'] + 1}")
+    scope = conn_scope(db, conn_id)
+    handle = _batch_frame if conn["kind"] == "batch" else _group_frame
+    for frame in frames:
+        handle(db, conn, scope, frame)
+    db.run("UPDATE channel_conns SET last_cseq = ?, last_seen = ? WHERE id = ?", cseq, time.time(), conn_id)
+
+
+def channel_ping(db: Db, sr_uuid: str, conn_id: str) -> None:
+    _open_own_conn(db, sr_uuid, conn_id)
+    db.run("UPDATE channel_conns SET last_seen = ? WHERE id = ?", time.time(), conn_id)
+
+
+def channel_close(db: Db, sr_uuid: str, conn_id: str) -> None:
+    conn = own_conn(db, sr_uuid, conn_id)
+    if conn["state"] == "open":
+        close_conn(db, conn, "client", terminate=False)
+
+
+def _resync(db: Db, conn: sqlite3.Row) -> dict:
+    """A conn whose cursor fell behind pruning gets the whole state at once (no callbacks fire)."""
+    scope = conn_scope(db, conn["id"])
+    if conn["kind"] == "batch":
+        snapshot = _batch_snapshot(db, int(scope[2:]))
+        message = {"data": snapshot["data"], "version": snapshot["version"]}
+    else:
+        message = group_message(db, group_row(db, int(scope[2:])), None, with_session=True)
+    cursor = last_event_id(db)
+    return {"cursor": cursor, "events": [{"id": cursor, "msg": message}]}
+
+
+_CONN_EVENTS = f"""
+    SELECT e.id, e.payload FROM channel_conn_scopes s JOIN channel_events e ON e.scope = s.scope
+    WHERE s.conn = ? AND e.id > ? AND e.id > s.from_id AND (s.to_id IS NULL OR e.id <= s.to_id)
+      AND (e.recipient IS NULL OR e.recipient = ?) AND (e.exclude IS NULL OR e.exclude <> ?)
+    ORDER BY e.id LIMIT {MAX_EVENTS_PER_POLL}
+"""
+
+
+def conn_events(db: Db, sr_uuid: str, conn_id: str, cursor: int) -> dict:
+    """What a poll answers for one conn: events after `cursor`, or that it is closed."""
+    conn = own_conn(db, sr_uuid, conn_id)
+    pruned = int(db.value("SELECT value FROM settings WHERE key = 'events_pruned_upto'") or 0)
+    if cursor < pruned and conn["state"] == "open":
+        return _resync(db, conn)
+    rows = db.all(_CONN_EVENTS, conn_id, cursor, conn_id, conn_id)
+    if rows:
+        return {"cursor": rows[-1]["id"], "events": [{"id": r["id"], "msg": json.loads(r["payload"])} for r in rows]}
+    if conn["state"] != "open":
+        return {"closed": conn["close_reason"]}
+    return {"cursor": cursor, "events": []}
+
+
+def refresh_conns(db: Db, conn_ids: list[str]) -> None:
+    now = time.time()
+    db.run("UPDATE channel_conns SET last_seen = ? WHERE state = 'open' AND last_seen < ? "
+           "AND id IN (SELECT value FROM json_each(?))", now, now - LAST_SEEN_REFRESH_SECONDS, to_json(conn_ids))
+
+
+def sweep_channels(db: Db, now: float) -> None:
+    """Close conns whose page stopped polling, and prune old events."""
+    for conn in db.all("SELECT * FROM channel_conns WHERE state = 'open' AND last_seen < ?", now - CONN_STALE_SECONDS):
+        close_conn(db, conn, "stale", terminate=False)
+    pruned = db.value("SELECT MAX(id) FROM channel_events WHERE created < ?", now - EVENT_RETENTION_SECONDS)
+    if pruned:
+        db.run("DELETE FROM channel_events WHERE id <= ?", pruned)
+        db.run("INSERT OR REPLACE INTO settings(key, value) VALUES ('events_pruned_upto', ?)", str(pruned))
+
+
+def clean_idle_group_members(db: Db) -> None:
+    """JATOS's group cleaner: members not seen for 90 s and without an open group conn leave
+    their group, and their run ends as FAIL."""
+    idle = db.all("SELECT * FROM study_results sr WHERE group_result_id IS NOT NULL AND last_seen_date < ? "
+                  "AND state NOT IN (?, ?, ?) AND NOT EXISTS (SELECT 1 FROM channel_conns c "
+                  "WHERE c.study_result_id = sr.id AND c.kind = 'group' AND c.state = 'open')",
+                  now_ms() - GROUP_MEMBER_IDLE_MS, *SR_DONE)
+    for sr in idle:
+        _finish_run(db, _run_of(db, sr), False, GROUP_CLEANER_MESSAGE)
+
+
+class ChannelHub:
+    """Wakes held polls when the database changed, in this process (commit hook) or another one
+    (PRAGMA data_version, checked every 25 ms); limits how many polls are held; runs the
+    periodic channel maintenance."""
+
+    def __init__(self, store: Store, max_held: int):
+        self.store = store
+        self.max_held = max_held
+        self.generation = 0
+        self._changed = threading.Condition()
+        self._held: dict[int, tuple[str, str]] = {}
+        self._released: set[int] = set()
+        self._tickets = itertools.count()
+        self._watcher: threading.Thread | None = None
+        self._maintenance_due = 0.0
+        self._cleaning_due = time.time() + GROUP_CLEANER_INTERVAL_SECONDS
+        store.on_commit.append(self.notify)
+
+    def notify(self) -> None:
+        with self._changed:
+            self.generation += 1
+            self._changed.notify_all()
+
+    def _watch(self) -> None:
+        conn = self.store.connect()
+        version = conn.execute("PRAGMA data_version").fetchone()[0]
+        while True:
+            time.sleep(0.025)
+            current = conn.execute("PRAGMA data_version").fetchone()[0]
+            if current != version:
+                version = current
+                self.notify()
+
+    def start_watching(self) -> None:
+        with self._changed:
+            if self._watcher is None:
+                self._watcher = threading.Thread(target=self._watch, name="jatos-lite-channel-watcher", daemon=True)
+                self._watcher.start()
+
+    @contextlib.contextmanager
+    def hold(self, browser: str, page: str) -> Iterator[int | None]:
+        """A ticket to hold a poll, or None when too many are held (answer at once instead).
+        A newer poll of the same page, or a fifth one of the same browser, releases the oldest."""
+        with self._changed:
+            if len(self._held) >= self.max_held:
+                ticket = None
+            else:
+                ticket = next(self._tickets)
+                same_browser = sorted(t for t, (b, p) in self._held.items() if b == browser and t not in self._released)
+                self._released.update(t for t, (b, p) in self._held.items() if p == page)
+                if len(same_browser) >= HELD_POLLS_PER_BROWSER:
+                    self._released.add(same_browser[0])
+                self._held[ticket] = (browser, page)
+                self._changed.notify_all()
+        try:
+            yield ticket
+        finally:
+            with self._changed:
+                self._held.pop(ticket, None)
+                self._released.discard(ticket)
+
+    def wait(self, ticket: int, generation: int, timeout: float) -> None:
+        with self._changed:
+            self._changed.wait_for(lambda: self.generation != generation or ticket in self._released, timeout)
+
+    def released(self, ticket: int) -> bool:
+        return ticket in self._released
+
+    def maintain(self) -> None:
+        now = time.time()
+        if now < self._maintenance_due:
+            return
+        self._maintenance_due = now + MAINTENANCE_INTERVAL_SECONDS
+        with self.store.tx() as db:
+            sweep_channels(db, now)
+            if now >= self._cleaning_due:
+                self._cleaning_due = now + GROUP_CLEANER_INTERVAL_SECONDS
+                clean_idle_group_members(db)
 
 
 ###############################################################################
@@ -1859,7 +2487,7 @@ SELECTORS = {  # query parameter -> (JSON body key, SQL condition on the joined 
     "studyId": ("studyIds", "sr.study_id"), "studyUuid": ("studyUuids", "s.uuid"),
     "componentId": ("componentIds", "cr.component_id"), "componentUuid": ("componentUuids", "c.uuid"),
     "studyResultId": ("studyResultIds", "sr.id"), "componentResultId": ("componentResultIds", "cr.id"),
-    "batchId": ("batchIds", "sr.batch_id"), "groupId": ("groupIds", "sr.group_result_id"),
+    "batchId": ("batchIds", "sr.batch_id"), "groupId": ("groupIds", "COALESCE(sr.group_result_id, sr.history_group_result_id)"),
 }
 _RESULT_JOIN = ("FROM component_results cr JOIN study_results sr ON sr.id = cr.study_result_id "
                 "JOIN components c ON c.id = cr.component_id JOIN studies s ON s.id = sr.study_id")
@@ -1943,7 +2571,8 @@ _EXPORT_SQL = f"""
            sr.id AS sr_id, sr.uuid AS sr_uuid, sr.study_code, w.comment AS worker_comment,
            sr.start_date AS sr_start, sr.end_date AS sr_end, sr.last_seen_date, sr.state AS sr_state,
            sr.message AS sr_message, sr.url_query_parameters, sr.worker_id, w.type AS worker_type,
-           sr.batch_id, b.uuid AS batch_uuid, b.title AS batch_title, sr.group_result_id,
+           sr.batch_id, b.uuid AS batch_uuid, b.title AS batch_title,
+           COALESCE(sr.group_result_id, sr.history_group_result_id) AS group_id,
            sr.confirmation_code, sr.quota_reached AS sr_quota,
            cr.id AS cr_id, cr.component_id, c.uuid AS component_uuid, cr.start_date AS cr_start,
            cr.end_date AS cr_end, cr.state AS cr_state, cr.data_size, cr.quota_reached AS cr_quota
@@ -1993,7 +2622,7 @@ def _study_result_metadata(row: sqlite3.Row, component_results: list[dict]) -> d
         meta["urlQueryParameters"] = query
     meta.update({"workerId": row["worker_id"], "workerType": row["worker_type"], "batchId": row["batch_id"],
                  "batchUuid": row["batch_uuid"], "batchTitle": row["batch_title"],
-                 "groupId": row["group_result_id"]})
+                 "groupId": row["group_id"]})
     if row["confirmation_code"] is not None:
         meta["confirmationCode"] = row["confirmation_code"]
     meta.update({"isQuotaReached": bool(row["sr_quota"]), "componentResults": component_results})
@@ -2164,6 +2793,7 @@ def delete_results(db: Db, config: Config, cr_ids: list[int]) -> list[int]:
 ###############################################################################
 
 SESSION_COOKIE = "JATOS_LITE_SESSION"
+BROWSER_COOKIE = "JATOS_LITE_BROWSER"
 API_PREFIX = "/jatos/api/v1"
 _PAGE = """<!DOCTYPE html>
 <html><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
@@ -2442,6 +3072,8 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
     app.add_hook("after_request", _security_headers)
     app.config["jatos_lite.store"] = store
     app.config["jatos_lite.config"] = config
+    hub = ChannelHub(store, max_held=max(4, config.threads - 16))
+    app.config["jatos_lite.hub"] = hub
 
     def browser() -> Browser:
         return Browser(bottle.request.get_header("Cookie", "") or "", config.id_cookie_limit)
@@ -2553,14 +3185,111 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
             text = "<p>This study is finished. Thank you for your participation.</p>"
         return html_page("JATOS", text)
 
-    # --- publix: channels (HTTP long-polling arrives with the channels issue) ---
+    # --- publix: batch and group channels over HTTP long-polling ----------------
 
     @app.get("/publix/<sr>/batch/open")
     @app.get("/publix/<sr>/group/join")
+    def websocket_refused(sr: str) -> str:
+        raise JatosError(400, "jatos-lite carries batch and group channels over HTTP: open them with POST.")
+
+    def json_answer(value: Any) -> str:
+        no_store()
+        bottle.response.content_type = "application/json"
+        return to_json(value)
+
+    def open_channel(sr: str, opener: Callable[..., dict]) -> str:
+        body = _json_body(10_000)
+        open_id = body.get("openId") if isinstance(body, dict) else None
+        with store.tx() as db:
+            opened = opener(db, sr, str(open_id) if open_id else None, admin_session(db))
+        return json_answer(opened)
+
+    app.route("/publix/<sr>/batch/open", "POST", lambda sr: open_channel(sr, open_batch_channel))
+    app.route("/publix/<sr>/group/join", "POST", lambda sr: open_channel(sr, join_group_channel))
+
     @app.get("/publix/<sr>/group/reassign")
+    def group_reassign(sr: str) -> str:
+        with store.tx() as db:
+            moved = reassign_group(db, sr, admin_session(db))
+        no_store()
+        bottle.response.status = 200 if moved else 204
+        return ""
+
     @app.get("/publix/<sr>/group/leave")
-    def channel_not_available(sr: str) -> str:
-        raise JatosError(400, "Batch and group channels are not available over WebSocket in jatos-lite.")
+    def group_leave(sr: str) -> str:
+        with store.tx() as db:
+            leave_group_of(db, sr, admin_session(db))
+        no_store()
+        return ""
+
+    def poll_request() -> list[tuple[str, int]]:
+        wanted = []
+        for key, value in _query_pairs():
+            if key == "c":
+                conn_id, _, cursor = value.partition(":")
+                if not conn_id or not cursor.isdigit():
+                    raise JatosError(400, f"Malformed poll parameter c={value} (expected conn:cursor)")
+                wanted.append((conn_id, int(cursor)))
+        if not wanted or len(wanted) > 4:
+            raise JatosError(400, "A poll names one to four channels: c=conn:cursor")
+        return wanted
+
+    def browser_key() -> str:
+        key = parse_cookie_header(bottle.request.get_header("Cookie", "") or "").get(BROWSER_COOKIE, "")
+        if not re.fullmatch(r"[0-9a-f]{32}", key):
+            key = secrets.token_hex(16)
+            bottle.response.add_header("Set-Cookie", cookie_header(BROWSER_COOKIE, key, COOKIE_MAX_AGE,
+                                                                   http_only=True, same_site="Lax"))
+        return key
+
+    def poll_all(sr: str, wanted: list[tuple[str, int]]) -> dict:
+        with store.snapshot() as db:
+            return {conn_id: conn_events(db, sr, conn_id, cursor) for conn_id, cursor in wanted}
+
+    @app.get("/publix/<sr>/channels/poll")
+    def channel_poll(sr: str) -> str:
+        wanted = poll_request()
+        wait_text = _query().get("wait", "")
+        hold = min(float(wait_text), CHANNEL_HOLD_SECONDS) if re.fullmatch(r"\d+(\.\d+)?", wait_text) \
+            else CHANNEL_HOLD_SECONDS
+        hub.start_watching()
+        hub.maintain()
+        deadline = time.monotonic() + hold
+        with hub.hold(browser_key(), " ".join(sorted(c for c, _ in wanted))) as ticket:
+            while True:
+                generation = hub.generation
+                answer = poll_all(sr, wanted)
+                news = any("closed" in a or a["events"] for a in answer.values())
+                remaining = deadline - time.monotonic()
+                if news or ticket is None or hub.released(ticket) or remaining <= 0:
+                    break
+                hub.wait(ticket, generation, remaining)
+        with store.tx() as db:
+            refresh_conns(db, [c for c, _ in wanted])
+        return json_answer(answer)
+
+    @app.post("/publix/<sr>/channels/<conn>/send")
+    def channel_send_route(sr: str, conn: str) -> str:
+        body = _json_body(config.max_result_data, required=True)
+        if not isinstance(body, dict):
+            raise JatosError(400, "A send is a JSON object with 'cseq' and 'frames'")
+        with store.tx() as db:
+            channel_send(db, sr, conn, body.get("cseq"), body.get("frames"))
+        return json_answer({"cseq": body.get("cseq")})
+
+    @app.post("/publix/<sr>/channels/<conn>/ping")
+    def channel_ping_route(sr: str, conn: str) -> str:
+        with store.tx() as db:
+            channel_ping(db, sr, conn)
+        hub.maintain()
+        return json_answer({"heartbeat": "pong"})
+
+    @app.post("/publix/<sr>/channels/<conn>/close")
+    def channel_close_route(sr: str, conn: str) -> str:
+        with store.tx() as db:
+            channel_close(db, sr, conn)
+        bottle.response.status = 204
+        return ""
 
     # --- publix: inside a run ---------------------------------------------------
 
