@@ -59,7 +59,8 @@
     return withDeferredMethods(new Promise(executor));
   }
 
-  function rejected(message, onError) {
+  function rejected(message, onError, logger) {
+    if (logger) logger.call(console, message);
     call(onError, message);
     return settled(function (resolve, reject) { reject(message); });
   }
@@ -91,6 +92,7 @@
   // The request queue: ordered, exactly-once, retried, kept across reloads.
   // ---------------------------------------------------------------------------
 
+  var studyRunInvalid = false;  // the server replaced this run's batch channel: refuse everything
   var queue = [];
   var sending = false;
   var requestCounter = 0;
@@ -127,6 +129,7 @@
   }
 
   function enqueue(request, onSuccess, onError) {
+    if (studyRunInvalid) return rejected("This study run is invalid.", onError);
     request.id = request.id || randomId();
     requestCounter++;
     if (request.persist) remember(request);
@@ -330,6 +333,7 @@
 
   function stopBackgroundWork() {
     if (heartbeat) heartbeat.terminate();
+    closeChannels();
   }
 
   function fireOnLoad() {
@@ -344,7 +348,10 @@
     readIdCookie();
     startHeartbeat();
     resendStoredRequests();
-    fetchInitData().then(showIdOverlay).then(fireOnLoad, fireOnLoad);
+    fetchInitData()
+      .then(function () { return openBatchChannelWithRetry().catch(function () {}); })
+      .then(showIdOverlay)
+      .then(fireOnLoad, fireOnLoad);
   }
 
   jatos.onLoad = function (callback) {
@@ -490,6 +497,739 @@
     obj.groupResultId = jatos.groupResultId;
     obj.groupMemberId = jatos.groupMemberId;
     return obj;
+  };
+
+  // ---------------------------------------------------------------------------
+  // Channel transport: the WebSocket surface (readyState, send, close, on*) over HTTP.
+  // One long-poll per page carries the events of all its channels.
+  // ---------------------------------------------------------------------------
+
+  var CONNECTING = 0, OPEN = 1, CLOSED = 3;
+  var pageId = randomId();
+  var pollSockets = {};
+  var pollAbort = null;
+  var polling = false;
+
+  function postJson(target, body) {
+    return fetch(target, {
+      method: "POST", credentials: "same-origin", cache: "no-store",
+      headers: { "Content-Type": "application/json" }, body: JSON.stringify(body || {})
+    });
+  }
+
+  function PollingSocket(openPath) {
+    var socket = this;
+    socket.readyState = CONNECTING;
+    socket.pending = [];
+    socket.sequence = 0;
+    socket.sending = false;
+    postJson(url(openPath), { openId: randomId() }).then(function (response) {
+      if (response.status !== 200) throw new Error(response.status + " " + response.statusText);
+      return response.json();
+    }).then(function (opened) {
+      if (socket.readyState === CLOSED) return;
+      socket.conn = opened.conn;
+      socket.cursor = opened.cursor;
+      socket.readyState = OPEN;
+      pollSockets[socket.conn] = socket;
+      call(socket.onopen);
+      opened.events.forEach(function (event) { socket.deliver(event.msg); });
+      restartPolling();
+    }).catch(function () {
+      if (socket.readyState === CLOSED) return;
+      socket.readyState = CLOSED;
+      call(socket.onerror);
+      call(socket.onclose);
+    });
+  }
+
+  PollingSocket.prototype.base = function () {
+    return url("../channels/" + this.conn + "/");
+  };
+
+  PollingSocket.prototype.deliver = function (message) {
+    if (this.readyState === OPEN) call(this.onmessage, { data: JSON.stringify(message) });
+  };
+
+  PollingSocket.prototype.send = function (text) {
+    if (this.readyState !== OPEN) throw new Error("Channel is not open");
+    var frame = JSON.parse(text);
+    if (frame && frame.heartbeat !== undefined) return this.ping();
+    this.pending.push(frame);
+    this.flush();
+  };
+
+  PollingSocket.prototype.ping = function () {
+    var socket = this;
+    fetch(socket.base() + "ping", { method: "POST", credentials: "same-origin", cache: "no-store" })
+      .then(function (response) {
+        if (response.status === 200) socket.deliver({ heartbeat: "pong" });
+        else if (response.status === 410 || response.status === 404) socket.lost();
+      }, function () { /* no pong: the heartbeat timeout notices */ });
+  };
+
+  // Frames leave in order, batched, each batch with the next sequence number; a retry
+  // repeats the same number, which the server applies once.
+  PollingSocket.prototype.flush = function () {
+    var socket = this;
+    if (socket.sending || socket.pending.length === 0 || socket.readyState !== OPEN) return;
+    socket.sending = true;
+    var frames = socket.pending.splice(0);
+    var body = { cseq: ++socket.sequence, frames: frames };
+    var failures = 0;
+    function attemptSend() {
+      if (socket.readyState !== OPEN) return;
+      postJson(socket.base() + "send", body).then(function (response) {
+        if (response.status === 410 || response.status === 404) return socket.lost();
+        if (response.status !== 200) throw new Error(String(response.status));
+        socket.sending = false;
+        socket.flush();
+      }).catch(function () {
+        failures++;
+        setTimeout(attemptSend, Math.min(250 * Math.pow(2, failures), 5000));
+      });
+    }
+    attemptSend();
+  };
+
+  PollingSocket.prototype.lost = function () {
+    if (this.readyState === CLOSED) return;
+    this.readyState = CLOSED;
+    delete pollSockets[this.conn];
+    call(this.onclose);
+  };
+
+  PollingSocket.prototype.close = function () {
+    if (this.readyState === CLOSED) return;
+    var conn = this.conn;
+    this.readyState = CLOSED;
+    if (conn) {
+      delete pollSockets[conn];
+      fetch(this.base() + "close", { method: "POST", credentials: "same-origin", keepalive: true })
+        .catch(function () {});
+      restartPolling();
+    }
+    call(this.onclose);
+  };
+
+  function restartPolling() {
+    if (pollAbort) pollAbort.abort();
+    if (!polling) pollLoop();
+  }
+
+  function pollLoop() {
+    var conns = Object.keys(pollSockets);
+    if (conns.length === 0) {
+      polling = false;
+      return;
+    }
+    polling = true;
+    var controller = new AbortController();
+    pollAbort = controller;
+    var query = conns.map(function (conn) { return "c=" + conn + ":" + pollSockets[conn].cursor; }).join("&");
+    fetch(url("../channels/poll?" + query + "&page=" + pageId), {
+      credentials: "same-origin", cache: "no-store", signal: controller.signal
+    }).then(function (response) {
+      if (response.status !== 200) throw new Error(String(response.status));
+      return response.json();
+    }).then(function (answer) {
+      pollFailures = 0;
+      Object.keys(answer).forEach(function (conn) { handlePollAnswer(conn, answer[conn]); });
+      pollLoop();
+    }).catch(function () {
+      if (controller.signal.aborted) return pollLoop();
+      pollFailures++;
+      setTimeout(pollLoop, Math.min(500 * Math.pow(2, pollFailures - 1), 5000));
+    });
+  }
+  var pollFailures = 0;
+
+  function handlePollAnswer(conn, answer) {
+    var socket = pollSockets[conn];
+    if (!socket) return;
+    if (answer.closed) return socket.lost();
+    answer.events.forEach(function (event) {
+      if (event.id <= socket.cursor) return;
+      socket.cursor = event.id;
+      socket.deliver(event.msg);
+    });
+    socket.cursor = Math.max(socket.cursor, answer.cursor);
+  }
+
+  // A closed tab tells the server at once instead of waiting to be found stale.
+  window.addEventListener("pagehide", function () {
+    Object.keys(pollSockets).forEach(function (conn) {
+      if (navigator.sendBeacon) navigator.sendBeacon(url("../channels/" + conn + "/close"));
+    });
+  });
+
+  // ---------------------------------------------------------------------------
+  // JSON Pointer (RFC 6901) and JSON Patch (RFC 6902) for the local session copies.
+  // ---------------------------------------------------------------------------
+
+  function pointerTokens(pointer) {
+    if (pointer === "") return [];
+    if (pointer.charAt(0) !== "/") throw new Error("Invalid JSON pointer: " + pointer);
+    return pointer.substring(1).split("/").map(function (token) {
+      return token.replace(/~1/g, "/").replace(/~0/g, "~");
+    });
+  }
+
+  function getByPointer(document, pointer) {
+    var value = document;
+    var tokens = pointerTokens(pointer);
+    for (var i = 0; i < tokens.length; i++) {
+      if (value === null || typeof value !== "object" || !Object.prototype.hasOwnProperty.call(value, tokens[i])) {
+        return undefined;
+      }
+      value = value[tokens[i]];
+    }
+    return value;
+  }
+
+  function clone(value) {
+    return value === undefined ? undefined : JSON.parse(JSON.stringify(value));
+  }
+
+  function arrayIndex(array, token, forAdd) {
+    if (forAdd && token === "-") return array.length;
+    if (!/^(0|[1-9][0-9]*)$/.test(token)) throw new Error("Invalid array index " + token);
+    var index = parseInt(token, 10);
+    if (index > array.length || (!forAdd && index === array.length)) throw new Error("Array index out of range");
+    return index;
+  }
+
+  // Applies one operation to `document` and returns the new document (the root may change).
+  function applyOperation(document, operation) {
+    var tokens = pointerTokens(operation.path);
+    if (operation.op === "test") {
+      if (JSON.stringify(getByPointer(document, operation.path)) !== JSON.stringify(operation.value)) {
+        throw new Error("Test failed at " + operation.path);
+      }
+      return document;
+    }
+    if (operation.op === "move" || operation.op === "copy") {
+      var moved = getByPointer(document, operation.from);
+      if (moved === undefined) throw new Error("Missing " + operation.from);
+      if (operation.op === "move") document = applyOperation(document, { op: "remove", path: operation.from });
+      return applyOperation(document, { op: "add", path: operation.path, value: clone(moved) });
+    }
+    if (tokens.length === 0) {
+      if (operation.op === "remove") return {};
+      return clone(operation.value);
+    }
+    var parent = document;
+    tokens.slice(0, -1).forEach(function (token) {
+      if (parent === null || typeof parent !== "object" || !Object.prototype.hasOwnProperty.call(parent, token)) {
+        throw new Error("Missing parent of " + operation.path);
+      }
+      parent = parent[token];
+    });
+    var key = tokens[tokens.length - 1];
+    if (parent === null || typeof parent !== "object") throw new Error("Missing parent of " + operation.path);
+    if (Array.isArray(parent)) {
+      var index = arrayIndex(parent, key, operation.op === "add");
+      if (operation.op === "add") parent.splice(index, 0, clone(operation.value));
+      else if (operation.op === "remove") parent.splice(index, 1);
+      else if (operation.op === "replace") parent[index] = clone(operation.value);
+      else throw new Error("Unknown op " + operation.op);
+      return document;
+    }
+    var exists = Object.prototype.hasOwnProperty.call(parent, key);
+    if (operation.op === "add") parent[key] = clone(operation.value);
+    else if (operation.op === "replace" && exists) parent[key] = clone(operation.value);
+    else if (operation.op === "remove" && exists) delete parent[key];
+    else throw new Error("Cannot " + operation.op + " " + operation.path);
+    return document;
+  }
+
+  // JATOS's rule: a patch list starting with "remove /" clears the whole session.
+  function applyPatches(document, patches) {
+    if (patches.length && patches[0].op === "remove" && patches[0].path === "/") return {};
+    return patches.reduce(applyOperation, clone(document) || {});
+  }
+
+  // ---------------------------------------------------------------------------
+  // Batch and group sessions: the same API over two channels with different key names.
+  // ---------------------------------------------------------------------------
+
+  function SharedSession(channelName, words) {
+    this.channelName = channelName;
+    this.words = words;
+    this.data = {};
+    this.version = null;
+    this.counter = 0;
+    this.waiting = {};
+    this.sending = null;
+    this.socket = null;
+    this.context = {};
+  }
+
+  SharedSession.prototype.reset = function () {
+    this.data = {};
+    this.version = null;
+  };
+
+  SharedSession.prototype.absorb = function (message) {
+    if (message[this.words.patches] !== undefined) this.data = applyPatchesSafely(this.data, message[this.words.patches]);
+    if (message[this.words.data] !== undefined) this.data = message[this.words.data] === null ? {} : message[this.words.data];
+    if (message[this.words.version] !== undefined) this.version = message[this.words.version];
+  };
+
+  function applyPatchesSafely(document, patches) {
+    try {
+      return applyPatches(document, patches);
+    } catch (error) {
+      console.error("jatos.js: couldn't apply session patch", error);
+      return document;
+    }
+  }
+
+  SharedSession.prototype.settle = function (message) {
+    var waiter = this.waiting[message[this.words.id]];
+    if (!waiter) return;
+    if (message.action === "SESSION_ACK") waiter.succeed("success");
+    else waiter.fail(this.channelName + " session update failed");
+  };
+
+  SharedSession.prototype.versioning = function () {
+    return this.channelName === "Batch" ? jatos.batchSessionVersioning : jatos.groupSessionVersioning;
+  };
+
+  SharedSession.prototype.send = function (patches, onSuccess, onFail) {
+    var session = this, words = this.words;
+    var description = this.channelName + " session patch";
+    // Refusals are logged like JATOS does (studies with catchAndLogErrors send them to the server log).
+    if (!session.socket || session.socket.readyState !== OPEN) {
+      return rejected("Can't send " + description.toLowerCase() + ". No open " + this.channelName.toLowerCase() +
+        " channel.", onFail, console.error);
+    }
+    if (session.versioning() && session.sending) {
+      return rejected("Can send only one " + description.toLowerCase() + " at a time.", onFail, console.error);
+    }
+    if (studyRunInvalid) {
+      return rejected("Can't send " + description.toLowerCase() + ". This study run is invalid.", onFail, console.warn);
+    }
+    var actionId = session.counter++;
+    var message = { action: "SESSION" };
+    message[words.id] = actionId;
+    message[words.patches] = Array.isArray(patches) ? patches : [patches];
+    message[words.version] = session.version;
+    message[words.versioning] = !!session.versioning();
+    var promise = settled(function (resolve, reject) {
+      var timer = setTimeout(function () { finish(reject, onFail, "Timeout sending session patch"); },
+        jatos.channelSendingTimeoutTime);
+      function finish(settle, callback, result) {
+        clearTimeout(timer);
+        delete session.waiting[actionId];
+        if (session.sending === promise) session.sending = null;
+        call(callback, result);
+        settle(result);
+      }
+      session.waiting[actionId] = {
+        succeed: function (result) { finish(resolve, onSuccess, result); },
+        fail: function (result) { finish(reject, onFail, result); }
+      };
+    });
+    if (session.versioning()) session.sending = promise;
+    session.socket.send(JSON.stringify(message));
+    return promise;
+  };
+
+  function patch(op, path, value, from) {
+    var operation = { op: op, path: path };
+    if (value !== undefined) operation.value = value;
+    if (from !== undefined) operation.from = from;
+    return operation;
+  }
+
+  function sessionApi(session) {
+    var api = {};
+    api.get = function (name) { return clone(getByPointer(session.data, "/" + name)); };
+    api.getAll = function () { return clone(session.data); };
+    api.find = function (path) { return clone(getByPointer(session.data, path)); };
+    api.test = function (path, value) { return getByPointer(session.data, path) === value; };
+    api.defined = function (path) { return getByPointer(session.data, path) !== undefined; };
+    api.add = function (path, value, onSuccess, onFail) { return session.send(patch("add", path, value), onSuccess, onFail); };
+    api.set = function (name, value, onSuccess, onFail) { return api.add("/" + name, value, onSuccess, onFail); };
+    api.setAll = function (value, onSuccess, onFail) { return api.replace("", value, onSuccess, onFail); };
+    api.remove = function (path, onSuccess, onFail) { return session.send(patch("remove", path), onSuccess, onFail); };
+    api.clear = function (onSuccess, onFail) { return session.send(patch("replace", "", {}), onSuccess, onFail); };
+    api.replace = function (path, value, onSuccess, onFail) { return session.send(patch("replace", path, value), onSuccess, onFail); };
+    api.copy = function (from, path, onSuccess, onFail) { return session.send(patch("copy", path, undefined, from), onSuccess, onFail); };
+    api.move = function (from, path, onSuccess, onFail) { return session.send(patch("move", path, undefined, from), onSuccess, onFail); };
+    return api;
+  }
+
+  var batchSession = new SharedSession("Batch", { id: "id", patches: "patches", data: "data", version: "version",
+                                                  versioning: "versioning" });
+  var groupSession = new SharedSession("Group", { id: "sessionActionId", patches: "sessionPatches", data: "sessionData",
+                                                  version: "sessionVersion", versioning: "sessionVersioning" });
+  jatos.batchSession = sessionApi(batchSession);
+  jatos.groupSession = sessionApi(groupSession);
+  jatos.batchSessionVersioning = true;
+  jatos.groupSessionVersioning = true;
+
+  // ---------------------------------------------------------------------------
+  // Channel life: heartbeat, watchdog, reopening with backoff (channels.md §5).
+  // ---------------------------------------------------------------------------
+
+  function ChannelKeeper(name, onDead, onClosed) {
+    this.name = name;
+    this.onDead = onDead;
+    this.onClosed = onClosed;
+    this.heartbeatTimer = null;
+    this.heartbeatTimeouts = [];
+    this.watchdog = null;
+  }
+
+  ChannelKeeper.prototype.start = function (socket) {
+    var keeper = this;
+    keeper.stopHeartbeat();
+    keeper.heartbeatTimer = setInterval(function () {
+      if (socket.readyState !== OPEN) return;
+      socket.send('{"heartbeat":"ping"}');
+      keeper.heartbeatTimeouts.push(setTimeout(function () { keeper.onDead(); }, jatos.channelHeartbeatTimeoutTime));
+    }, jatos.channelHeartbeatInterval);
+    clearInterval(keeper.watchdog);
+    keeper.watchdog = setInterval(function () {
+      if (socket.readyState === CLOSED) {
+        clearInterval(keeper.watchdog);
+        keeper.onClosed();
+      }
+    }, jatos.channelClosedCheckInterval);
+  };
+
+  ChannelKeeper.prototype.pong = function () {
+    this.heartbeatTimeouts.splice(0).forEach(clearTimeout);
+  };
+
+  ChannelKeeper.prototype.stopHeartbeat = function () {
+    clearInterval(this.heartbeatTimer);
+    this.pong();
+  };
+
+  ChannelKeeper.prototype.stop = function () {
+    this.stopHeartbeat();
+    clearInterval(this.watchdog);
+  };
+
+  function channelsMayOpen() {
+    if (endingStudy || startingComponent) return "study is about to move to the next component or finish";
+    if (studyRunInvalid) return "this study run is invalid";
+    return null;
+  }
+
+  function closeChannels() {
+    batchKeeper.stop();
+    groupKeeper.stop();
+    [batchSession.socket, groupSession.socket].forEach(function (socket) { if (socket) socket.close(); });
+  }
+
+  // --- batch channel ---
+
+  var batchAlive = false;
+  var batchOpening = null;
+  var onBatchSessionCallback = null;
+  var batchKeeper = new ChannelKeeper("batch", function () {
+    if (batchAlive) {
+      batchAlive = false;
+      window.dispatchEvent(new Event("batchChannelDead"));
+    }
+    reopenBatchChannel();
+  }, reopenBatchChannel);
+
+  function openBatchChannel() {
+    var refusal = channelsMayOpen();
+    if (refusal) return Promise.reject(refusal);
+    if (batchOpening) return Promise.reject("Can open only one batch channel.");
+    batchOpening = new Promise(function (resolve, reject) {
+      var socket = new PollingSocket("../batch/open");
+      batchSession.socket = socket;
+      socket.onopen = function () { batchKeeper.start(socket); };
+      socket.onmessage = function (event) { handleBatchMessage(JSON.parse(event.data), resolve); };
+      socket.onerror = function () { reject("Batch channel error"); };
+      socket.onclose = function () {
+        batchSession.reset();
+        batchKeeper.stopHeartbeat();
+        reject("Batch channel closed");
+      };
+    });
+    var opening = batchOpening;
+    opening.then(function () { batchOpening = null; }, function () { batchOpening = null; });
+    return opening;
+  }
+
+  function openBatchChannelWithRetry(backoff) {
+    if (typeof backoff !== "number") backoff = jatos.channelOpeningBackoffTimeMin;
+    return openBatchChannel().catch(function (reason) {
+      if (backoff < jatos.channelOpeningBackoffTimeMax) backoff *= 2;
+      if (!channelsMayOpen()) setTimeout(function () { openBatchChannelWithRetry(backoff); }, backoff);
+      throw reason;
+    });
+  }
+
+  function reopenBatchChannel() {
+    if (batchOpening) return;
+    if (batchSession.socket) batchSession.socket.close();
+    batchSession.reset();
+    openBatchChannelWithRetry().catch(function () {});
+  }
+
+  function handleBatchMessage(message, opened) {
+    if (message.heartbeat === "pong") {
+      batchKeeper.pong();
+      if (!batchAlive) {
+        batchAlive = true;
+        window.dispatchEvent(new Event("batchChannelAlive"));
+      }
+      return;
+    }
+    batchSession.absorb(message);
+    if (message.version !== undefined) opened();
+    if (message.action === "SESSION") {
+      (message.patches || []).forEach(function (operation) { call(onBatchSessionCallback, operation.path, operation.op); });
+    } else if (message.action === "SESSION_ACK" || message.action === "SESSION_FAIL") {
+      batchSession.settle(message);
+    } else if (message.action === "CLOSED") {
+      batchKeeper.stop();
+      studyRunInvalid = true;
+      jatos.showOverlay({ text: "This study run is invalid.", showImg: false });
+    } else if (message.action === "ERROR") {
+      console.error(message.errorMsg);
+    }
+  }
+
+  jatos.onBatchSession = function (callback) { onBatchSessionCallback = callback; };
+  jatos.onConnected = function (callback) { window.addEventListener("batchChannelAlive", callback); };
+  jatos.onDisconnected = function (callback) { window.addEventListener("batchChannelDead", callback); };
+  jatos.isConnected = function () { return batchAlive; };
+
+  // --- group channel ---
+
+  var groupCallbacks = {};
+  var groupJoining = null, groupLeaving = false, groupReassigning = false, groupFixing = null;
+  var groupKeeper = new ChannelKeeper("group", function () {
+    call(groupCallbacks.onError, "Group channel heartbeat fail");
+    reopenGroupChannel();
+  }, function () {
+    call(groupCallbacks.onError, "Group channel closed");
+    reopenGroupChannel();
+  });
+
+  function clearGroupVariables() {
+    jatos.groupMemberId = null;
+    jatos.groupResultId = null;
+    jatos.groupMembers = [];
+    jatos.groupChannels = [];
+    groupSession.reset();
+  }
+
+  function openGroupChannel() {
+    var refusal = channelsMayOpen();
+    if (refusal) return Promise.reject("Can't join group: " + refusal);
+    if (groupSession.socket && groupSession.socket.readyState !== CLOSED) {
+      return Promise.reject("Can't join group: a group channel is already open");
+    }
+    if (groupJoining) return Promise.reject("Can't join group: joining already");
+    groupJoining = new Promise(function (resolve, reject) {
+      var socket = new PollingSocket("../group/join");
+      groupSession.socket = socket;
+      socket.onopen = function () { groupKeeper.start(socket); };
+      socket.onmessage = function (event) { handleGroupMessage(JSON.parse(event.data), resolve); };
+      socket.onerror = function () { reject("Couldn't join group"); };
+      socket.onclose = function () {
+        groupKeeper.stopHeartbeat();
+        clearGroupVariables();
+        call(groupCallbacks.onClose);
+        reject("Group channel closed");
+      };
+    });
+    var joining = groupJoining;
+    joining.then(function () { groupJoining = null; }, function () { groupJoining = null; });
+    return joining;
+  }
+
+  function reopenGroupChannel(backoff) {
+    if (groupJoining || groupLeaving || groupReassigning || channelsMayOpen()) return;
+    if (typeof backoff !== "number") backoff = jatos.channelOpeningBackoffTimeMin;
+    if (groupSession.socket) groupSession.socket.close();
+    openGroupChannel().catch(function () {
+      if (backoff < jatos.channelOpeningBackoffTimeMax) backoff *= 2;
+      setTimeout(function () { reopenGroupChannel(backoff); }, backoff);
+    });
+  }
+
+  function handleGroupMessage(message, opened) {
+    if (message.heartbeat !== undefined) return groupKeeper.pong();
+    if (message.groupResultId !== undefined) {
+      jatos.groupResultId = message.groupResultId;
+      jatos.groupMemberId = jatos.studyResultId;
+    }
+    if (message.members !== undefined) jatos.groupMembers = message.members;
+    if (message.channels !== undefined) jatos.groupChannels = message.channels;
+    groupSession.absorb(message);
+    if (message.sessionVersion !== undefined) opened();
+    var self = message.memberId === jatos.groupMemberId;
+    switch (message.action) {
+      case "OPENED":
+        if (self) call(groupCallbacks.onOpen, message.memberId);
+        else memberEvent(groupCallbacks.onMemberOpen, message.memberId);
+        break;
+      case "CLOSED":
+        if (message.memberId !== undefined && !self) memberEvent(groupCallbacks.onMemberClose, message.memberId);
+        else if (message.memberId === undefined) groupKeeper.stop();
+        break;
+      case "JOINED":
+        if (!self) memberEvent(groupCallbacks.onMemberJoin, message.memberId);
+        break;
+      case "LEFT":
+        if (!self) memberEvent(groupCallbacks.onMemberLeave, message.memberId);
+        break;
+      case "SESSION":
+        (message.sessionPatches || []).forEach(function (operation) {
+          call(groupCallbacks.onGroupSession, operation.path, operation.op);
+        });
+        call(groupCallbacks.onUpdate);
+        break;
+      case "FIXED":
+        if (groupFixing) groupFixing("success");
+        call(groupCallbacks.onUpdate);
+        break;
+      case "SESSION_ACK":
+      case "SESSION_FAIL":
+        groupSession.settle(message);
+        break;
+      case "ERROR":
+        call(groupCallbacks.onError, message.errorMsg);
+        break;
+    }
+    if (message.msg) call(groupCallbacks.onMessage, message.msg);
+  }
+
+  function memberEvent(callback, memberId) {
+    call(callback, memberId);
+    call(groupCallbacks.onUpdate);
+  }
+
+  jatos.joinGroup = function (callbacks) {
+    groupCallbacks = callbacks || {};
+    return withDeferredMethods(openGroupChannel().catch(function (reason) {
+      call(groupCallbacks.onError, reason);
+      throw reason;
+    }));
+  };
+
+  function groupChannelOpen() {
+    return !!groupSession.socket && groupSession.socket.readyState === OPEN;
+  }
+
+  jatos.sendGroupMsg = function (msg) {
+    if (groupChannelOpen()) groupSession.socket.send(JSON.stringify({ msg: msg }));
+  };
+
+  jatos.sendGroupMsgTo = function (recipient, msg) {
+    if (groupChannelOpen()) groupSession.socket.send(JSON.stringify({ recipient: recipient, msg: msg }));
+  };
+
+  jatos.setGroupFixed = function (onSuccess, onFail) {
+    if (!groupChannelOpen()) return rejected("Can't fix group. No open group channel.", onFail);
+    if (groupFixing) return rejected("Can fix group only once.", onFail);
+    if (studyRunInvalid) return rejected("Can't fix group. This study run is invalid.", onFail);
+    var promise = settled(function (resolve, reject) {
+      var timer = setTimeout(function () {
+        groupFixing = null;
+        call(onFail, "Timeout sending message");
+        reject("Timeout sending message");
+      }, jatos.channelSendingTimeoutTime);
+      groupFixing = function (result) {
+        clearTimeout(timer);
+        groupFixing = null;
+        call(onSuccess, result);
+        resolve(result);
+      };
+    });
+    groupSession.socket.send(JSON.stringify({ action: "FIXED" }));
+    return promise;
+  };
+
+  function groupRequest(path, retries) {
+    var failures = 0;
+    function tryOnce() {
+      var controller = new AbortController();
+      var timer = setTimeout(function () { controller.abort(); }, jatos.httpTimeout);
+      return fetch(url(path), { credentials: "same-origin", cache: "no-store", signal: controller.signal })
+        .then(function (response) {
+          clearTimeout(timer);
+          return response;
+        }, function (error) {
+          clearTimeout(timer);
+          if (failures++ < retries) return sleep(jatos.httpRetryWait).then(tryOnce);
+          throw error;
+        });
+    }
+    return tryOnce();
+  }
+
+  jatos.reassignGroup = function (onSuccess, onFail) {
+    if (groupJoining) return rejected("Can't reassign a group if not joined yet.", onFail);
+    if (groupLeaving) return rejected("Can't reassign a group during leaving.", onFail);
+    if (groupReassigning) return rejected("Can't reassign a group twice at the same time.", onFail);
+    if (!groupChannelOpen()) return rejected("Can't reassign group. Group channel not open.", onFail);
+    if (studyRunInvalid) return rejected("Can't reassign group. This study run is invalid.", onFail);
+    groupReassigning = true;
+    return settled(function (resolve, reject) {
+      groupRequest("../group/reassign", 0).then(function (response) {
+        groupReassigning = false;
+        if (response.status === 200) {
+          call(onSuccess);
+          resolve();
+        } else {
+          var reason = response.status === 204 ? undefined : "Reassign answered " + response.status;
+          call(onFail, reason);
+          reject(reason);
+        }
+      }, function (error) {
+        groupReassigning = false;
+        call(onFail, String(error));
+        reject(String(error));
+      });
+    });
+  };
+
+  jatos.leaveGroup = function (onSuccess, onError) {
+    if (groupJoining) return rejected("Can't leave group if not joined yet.", onError);
+    if (groupReassigning) return rejected("Can't leave group during reassigning.", onError);
+    if (groupLeaving) return rejected("Can leave only once.", onError);
+    if (studyRunInvalid) return rejected("Can't leave group. This study run is invalid.", onError);
+    groupLeaving = true;
+    return settled(function (resolve, reject) {
+      groupRequest("../group/leave", jatos.httpRetry).then(function (response) {
+        groupLeaving = false;
+        if (response.status !== 200) throw new Error("Leave answered " + response.status);
+        groupKeeper.stop();
+        call(onSuccess);
+        resolve();
+      }).catch(function (error) {
+        groupLeaving = false;
+        call(onError, String(error));
+        reject(String(error));
+      });
+    });
+  };
+
+  jatos.hasJoinedGroup = function () { return jatos.groupResultId !== null; };
+  jatos.hasOpenGroupChannel = function () { return groupChannelOpen(); };
+  jatos.isMaxActiveMemberReached = function () {
+    var max = jatos.batchProperties && jatos.batchProperties.maxActiveMembers;
+    return max !== null && max !== undefined && jatos.groupMembers.length >= max;
+  };
+  jatos.isMaxActiveMemberOpen = function () {
+    var max = jatos.batchProperties && jatos.batchProperties.maxActiveMembers;
+    return max !== null && max !== undefined && jatos.groupChannels.length >= max;
+  };
+  jatos.isGroupOpen = function () {
+    return groupChannelOpen() && jatos.groupMembers.length === jatos.groupChannels.length;
   };
 
   // ---------------------------------------------------------------------------

@@ -3255,7 +3255,8 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
         hub.start_watching()
         hub.maintain()
         deadline = time.monotonic() + hold
-        with hub.hold(browser_key(), " ".join(sorted(c for c, _ in wanted))) as ticket:
+        page = _query().get("page") or " ".join(sorted(c for c, _ in wanted))
+        with hub.hold(browser_key(), page) as ticket:
             while True:
                 generation = hub.generation
                 answer = poll_all(sr, wanted)
