@@ -2156,16 +2156,53 @@ def channel_close(db: Db, sr_uuid: str, conn_id: str) -> None:
         close_conn(db, conn, "client", terminate=False)
 
 
+def _state_of_scope(db: Db, scope: str) -> dict:
+    """The whole state of a batch or group channel as one message without an action: pages
+    take it over silently (a resync)."""
+    if scope.startswith("b:"):
+        snapshot = _batch_snapshot(db, int(scope[2:]))
+        return {"data": snapshot["data"], "version": snapshot["version"]}
+    return group_message(db, group_row(db, int(scope[2:])), None, with_session=True)
+
+
 def _resync(db: Db, conn: sqlite3.Row) -> dict:
     """A conn whose cursor fell behind pruning gets the whole state at once (no callbacks fire)."""
-    scope = conn_scope(db, conn["id"])
-    if conn["kind"] == "batch":
-        snapshot = _batch_snapshot(db, int(scope[2:]))
-        message = {"data": snapshot["data"], "version": snapshot["version"]}
-    else:
-        message = group_message(db, group_row(db, int(scope[2:])), None, with_session=True)
+    message = _state_of_scope(db, conn_scope(db, conn["id"]))
     cursor = last_event_id(db)
     return {"cursor": cursor, "events": [{"id": cursor, "msg": message}]}
+
+
+def session_object(db: Db, words: SessionWords, row_id: int, as_text: bool) -> dict:
+    """GET /batches/{id}/session and /groups/{id}/session (formats-and-api.md §3.4.8)."""
+    row = db.one(f"SELECT session_data, session_version FROM {words.table} WHERE id = ?", row_id)
+    text = row["session_data"] or "{}"
+    return {"version": row["session_version"], "sessionData": text if as_text else json.loads(text)}
+
+
+def replace_session(db: Db, words: SessionWords, row_id: int, data: Any, expected_version: int | None) -> int:
+    """A researcher's edit of a whole session: applied only on the version it was made from
+    (default: the current one); open channels take the new state over as a resync."""
+    version = db.value(f"SELECT session_version FROM {words.table} WHERE id = ?", row_id)
+    if expected_version is not None and expected_version != version:
+        kind = "Batch" if words is BATCH_SESSION else "Group"
+        raise JatosError(403, f"{kind} session version conflict", "FORBIDDEN")
+    db.run(f"UPDATE {words.table} SET session_data = ?, session_version = ? WHERE id = ?",
+           to_json(data), version + 1, row_id)
+    scope = batch_scope(row_id) if words is BATCH_SESSION else group_scope(row_id)
+    append_event(db, scope, _state_of_scope(db, scope))
+    return version + 1
+
+
+def group_object(db: Db, group: sqlite3.Row) -> dict:
+    """A group as GET /batches/{id}/groups shows it."""
+    def members(column: str) -> list[int]:
+        return [r[0] for r in db.all(f"SELECT id FROM study_results WHERE {column} = ? ORDER BY id", group["id"])]
+
+    return {"id": group["id"], "groupState": group["state"], "groupSessionVersion": group["session_version"],
+            "activeMemberCount": group["active_member_count"], "historyMemberCount": group["history_member_count"],
+            "startDate": group["start_date"], "endDate": group["end_date"],
+            "activeMemberList": members("group_result_id"), "historyMemberList": members("history_group_result_id"),
+            "resultCount": group["active_member_count"] + group["history_member_count"]}
 
 
 _CONN_EVENTS = f"""
@@ -3613,6 +3650,45 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
         return envelope({"studyCode": code, "batchId": link["batch_id"], "type": link["worker_type"],
                          "comment": link["comment"], "active": bool(link["active"]),
                          "studyLinkPath": f"/publix/{code}", "studyEntryPath": f"/publix/run?code={code}"})
+
+    # --- API: batch and group sessions -------------------------------------------------
+
+    def expected_version() -> int | None:
+        text = _query().get("version")
+        if text in (None, ""):
+            return None
+        if not text.isdigit():
+            raise JatosError(400, "Parameter 'version' must be a number")
+        return int(text)
+
+    def session_body() -> Any:
+        body = _json_body()
+        return {} if body is None else body
+
+    def find_group(db: Db, group_id: str) -> sqlite3.Row:
+        group = db.one("SELECT * FROM group_results WHERE id = ?", int(group_id)) if group_id.isdigit() else None
+        if group is None:
+            raise JatosError(404, f"Group {group_id} doesn't exist.")
+        return group
+
+    def session_routes(rule: str, words: SessionWords, find: Callable[[Db, str], sqlite3.Row], noun: str) -> None:
+        @api(rule)
+        def read(db: Db, token: dict, key: str) -> str:
+            return envelope(session_object(db, words, find(db, key)["id"], _flag(_query(), "asText", False)))
+
+        @api(rule, "PATCH")
+        def replace(db: Db, token: dict, key: str) -> str:
+            version = replace_session(db, words, find(db, key)["id"], session_body(), expected_version())
+            return envelope({"version": version}, f"{noun} session updated successfully")
+
+    session_routes("/batches/<key>/session", BATCH_SESSION, find_batch, "Batch")
+    session_routes("/groups/<key>/session", GROUP_SESSION, find_group, "Group")
+
+    @api("/batches/<batch_id>/groups")
+    def api_batch_groups(db: Db, token: dict, batch_id: str) -> str:
+        batch = find_batch(db, batch_id)
+        return envelope([group_object(db, g) for g in
+                         db.all("SELECT * FROM group_results WHERE batch_id = ? ORDER BY id", batch["id"])])
 
     # --- API: results ----------------------------------------------------------------
 
