@@ -635,7 +635,9 @@
     }).then(function (answer) {
       pollFailures = 0;
       Object.keys(answer).forEach(function (conn) { handlePollAnswer(conn, answer[conn]); });
-      pollLoop();
+      // The server could not hold this poll (too many held): ask again a little later.
+      if (answer.retryAfter) setTimeout(pollLoop, answer.retryAfter);
+      else pollLoop();
     }).catch(function () {
       if (controller.signal.aborted) return pollLoop();
       pollFailures++;

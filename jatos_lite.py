@@ -78,7 +78,7 @@ class Config:
     studies: Path = Path("studies")
     data: Path = Path("data")
     api_token: str | None = None
-    threads: int = 64
+    threads: int = 320  # every page of a channel study holds one long-poll, and a held poll takes a thread
     max_result_data: int = 5_000_000
     max_upload: int = 30_000_000
     max_uploads_per_run: int = 50_000_000
@@ -543,6 +543,7 @@ class Db:
 
     def __init__(self, conn: sqlite3.Connection):
         self.conn = conn
+        self.changed_scopes: set[str] = set()
 
     def one(self, sql: str, *args: Any) -> sqlite3.Row | None:
         return self.conn.execute(sql, args).fetchone()
@@ -573,7 +574,7 @@ class Store:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        self.on_commit: list[Callable[[], None]] = []
+        self.on_commit: list[Callable[[set[str]], None]] = []
         self._migrate()
 
     def connect(self) -> sqlite3.Connection:
@@ -595,8 +596,9 @@ class Store:
         """A write transaction: committed when the block ends, rolled back on any exception."""
         conn = self._conn()
         conn.execute("BEGIN IMMEDIATE")
+        db = Db(conn)
         try:
-            yield Db(conn)
+            yield db
         except CommittedError:
             conn.execute("COMMIT")
             raise
@@ -605,7 +607,7 @@ class Store:
             raise
         conn.execute("COMMIT")
         for hook in self.on_commit:
-            hook()
+            hook(db.changed_scopes)
 
     @contextlib.contextmanager
     def snapshot(self) -> Iterator[Db]:
@@ -964,6 +966,7 @@ def last_event_id(db: Db) -> int:
 
 def append_event(db: Db, scope: str, message: dict, recipient: str | None = None,
                  exclude: str | None = None) -> int:
+    db.changed_scopes.add(scope)
     return db.insert("INSERT INTO channel_events(scope, recipient, exclude, payload, created) VALUES (?, ?, ?, ?, ?)",
                      scope, recipient, exclude, to_json(message), time.time())
 
@@ -1900,6 +1903,7 @@ GROUP_MEMBER_IDLE_MS = 90_000
 EVENT_RETENTION_SECONDS = 600.0
 MAX_EVENTS_PER_POLL = 500
 HELD_POLLS_PER_BROWSER = 4
+POLL_RETRY_AFTER_MS = 1000  # a poll the server could not hold asks the page to wait before the next
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2255,14 +2259,15 @@ def clean_idle_group_members(db: Db) -> None:
 
 
 class ChannelHub:
-    """Wakes held polls when the database changed, in this process (commit hook) or another one
-    (PRAGMA data_version, checked every 25 ms); limits how many polls are held; runs the
-    periodic channel maintenance."""
+    """Wakes the held polls of a channel scope when events were appended to it, in this process
+    (commit hook) or another one (PRAGMA data_version, checked every 25 ms); limits how many
+    polls are held; runs the periodic channel maintenance."""
 
     def __init__(self, store: Store, max_held: int):
         self.store = store
         self.max_held = max_held
         self.generation = 0
+        self._scope_generation: dict[str, int] = {}
         self._changed = threading.Condition()
         self._held: dict[int, tuple[str, str]] = {}
         self._released: set[int] = set()
@@ -2272,20 +2277,28 @@ class ChannelHub:
         self._cleaning_due = time.time() + GROUP_CLEANER_INTERVAL_SECONDS
         store.on_commit.append(self.notify)
 
-    def notify(self) -> None:
+    def notify(self, scopes: set[str]) -> None:
+        if not scopes:
+            return
         with self._changed:
             self.generation += 1
+            self._scope_generation.update(dict.fromkeys(scopes, self.generation))
             self._changed.notify_all()
 
     def _watch(self) -> None:
+        """Any commit changes data_version, ours too; the events it added tell which scopes to wake."""
         conn = self.store.connect()
         version = conn.execute("PRAGMA data_version").fetchone()[0]
+        seen = last_event_id(Db(conn))
         while True:
             time.sleep(0.025)
             current = conn.execute("PRAGMA data_version").fetchone()[0]
             if current != version:
                 version = current
-                self.notify()
+                rows = conn.execute("SELECT id, scope FROM channel_events WHERE id > ? ORDER BY id", (seen,)).fetchall()
+                if rows:
+                    seen = rows[-1]["id"]
+                    self.notify({row["scope"] for row in rows})
 
     def start_watching(self) -> None:
         with self._changed:
@@ -2315,9 +2328,13 @@ class ChannelHub:
                 self._held.pop(ticket, None)
                 self._released.discard(ticket)
 
-    def wait(self, ticket: int, generation: int, timeout: float) -> None:
+    def wait(self, ticket: int, generation: int, scopes: set[str], timeout: float) -> None:
+        """Until one of `scopes` got events after `generation`, the ticket is released, or timeout."""
+        def woken() -> bool:
+            return ticket in self._released or any(self._scope_generation.get(s, 0) > generation for s in scopes)
+
         with self._changed:
-            self._changed.wait_for(lambda: self.generation != generation or ticket in self._released, timeout)
+            self._changed.wait_for(woken, timeout)
 
     def released(self, ticket: int) -> bool:
         return ticket in self._released
@@ -3109,7 +3126,7 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
     app.add_hook("after_request", _security_headers)
     app.config["jatos_lite.store"] = store
     app.config["jatos_lite.config"] = config
-    hub = ChannelHub(store, max_held=max(4, config.threads - 16))
+    hub = ChannelHub(store, max_held=max(4, config.threads * 4 // 5))
     app.config["jatos_lite.hub"] = hub
 
     def browser() -> Browser:
@@ -3279,9 +3296,11 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
                                                                    http_only=True, same_site="Lax"))
         return key
 
-    def poll_all(sr: str, wanted: list[tuple[str, int]]) -> dict:
+    def poll_all(sr: str, wanted: list[tuple[str, int]]) -> tuple[dict, set[str]]:
+        """Each conn's answer, and the scopes whose events would change it."""
         with store.snapshot() as db:
-            return {conn_id: conn_events(db, sr, conn_id, cursor) for conn_id, cursor in wanted}
+            answer = {conn_id: conn_events(db, sr, conn_id, cursor) for conn_id, cursor in wanted}
+            return answer, {conn_scope(db, conn_id) or "" for conn_id, _ in wanted}
 
     @app.get("/publix/<sr>/channels/poll")
     def channel_poll(sr: str) -> str:
@@ -3296,12 +3315,14 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
         with hub.hold(browser_key(), page) as ticket:
             while True:
                 generation = hub.generation
-                answer = poll_all(sr, wanted)
+                answer, scopes = poll_all(sr, wanted)
                 news = any("closed" in a or a["events"] for a in answer.values())
                 remaining = deadline - time.monotonic()
-                if news or ticket is None or hub.released(ticket) or remaining <= 0:
+                if not news and (ticket is None or hub.released(ticket)):
+                    answer["retryAfter"] = POLL_RETRY_AFTER_MS
+                if news or "retryAfter" in answer or remaining <= 0:
                     break
-                hub.wait(ticket, generation, remaining)
+                hub.wait(ticket, generation, scopes, remaining)
         with store.tx() as db:
             refresh_conns(db, [c for c, _ in wanted])
         return json_answer(answer)
@@ -3880,7 +3901,7 @@ def _serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", help="address to listen on (default 0.0.0.0: every network)")
     parser.add_argument("--port", type=int, help="port to listen on (default 9000)")
     parser.add_argument("--api-token", dest="api_token", help="one fixed API token, e.g. for scripts and tests")
-    parser.add_argument("--threads", type=int, help="worker threads (default 64)")
+    parser.add_argument("--threads", type=int, help="worker threads (default 320; a held channel poll takes one)")
 
 
 def _folder_options(parser: argparse.ArgumentParser) -> None:
