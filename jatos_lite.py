@@ -2286,19 +2286,30 @@ class ChannelHub:
             self._changed.notify_all()
 
     def _watch(self) -> None:
-        """Any commit changes data_version, ours too; the events it added tell which scopes to wake."""
+        """Wakes polls for events other processes appended, and runs the maintenance even
+        when no page polls (the group cleaner must still remove members of closed tabs)."""
         conn = self.store.connect()
         version = conn.execute("PRAGMA data_version").fetchone()[0]
         seen = last_event_id(Db(conn))
         while True:
             time.sleep(0.025)
-            current = conn.execute("PRAGMA data_version").fetchone()[0]
-            if current != version:
-                version = current
-                rows = conn.execute("SELECT id, scope FROM channel_events WHERE id > ? ORDER BY id", (seen,)).fetchall()
-                if rows:
-                    seen = rows[-1]["id"]
-                    self.notify({row["scope"] for row in rows})
+            try:
+                version, seen = self._wake_for_new_events(conn, version, seen)
+                self.maintain()
+            except sqlite3.Error:
+                log.exception("channel watcher: database error (retrying)")
+                time.sleep(1)
+
+    def _wake_for_new_events(self, conn: sqlite3.Connection, version: int, seen: int) -> tuple[int, int]:
+        """Any commit changes data_version, ours too; the events it added tell which scopes to wake."""
+        current = conn.execute("PRAGMA data_version").fetchone()[0]
+        if current == version:
+            return version, seen
+        rows = conn.execute("SELECT id, scope FROM channel_events WHERE id > ? ORDER BY id", (seen,)).fetchall()
+        if rows:
+            self.notify({row["scope"] for row in rows})
+            seen = rows[-1]["id"]
+        return current, seen
 
     def start_watching(self) -> None:
         with self._changed:
@@ -3309,7 +3320,6 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
         hold = min(float(wait_text), CHANNEL_HOLD_SECONDS) if re.fullmatch(r"\d+(\.\d+)?", wait_text) \
             else CHANNEL_HOLD_SECONDS
         hub.start_watching()
-        hub.maintain()
         deadline = time.monotonic() + hold
         page = _query().get("page") or " ".join(sorted(c for c, _ in wanted))
         with hub.hold(browser_key(), page) as ticket:
@@ -3340,7 +3350,6 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
     def channel_ping_route(sr: str, conn: str) -> str:
         with store.tx() as db:
             channel_ping(db, sr, conn)
-        hub.maintain()
         return json_answer({"heartbeat": "pong"})
 
     @app.post("/publix/<sr>/channels/<conn>/close")
@@ -3874,6 +3883,7 @@ def serve(config: Config) -> None:
 
     store = Store(config.db_path)
     app = create_app(config, store)
+    app.config["jatos_lite.hub"].start_watching()
     install_example_study(store, config)
     token = mint_sign_in_token(store)
     local = f"http://localhost:{config.port}"
