@@ -2546,6 +2546,51 @@ def import_study_file(store: Store, config: Config, source: Any, flags: dict[str
             return import_study(db, config, archive, flags, trash)
 
 
+# --- study archive export -------------------------------------------------------
+# formats-and-api.md §1.8: what real JATOS imports. Every batch is written (JATOS writes only
+# the first, but imports several), so an export re-imports into the same study.
+
+def study_jas(db: Db, study: sqlite3.Row) -> dict:
+    """The .jas document of a study, keys in JATOS 3.10's order, inputs under both names."""
+    components = [{"uuid": c["uuid"], "title": c["title"], "htmlFilePath": c["html_file_path"],
+                   "reloadable": bool(c["reloadable"]), "active": bool(c["active"]), "comments": c["comments"],
+                   "componentInput": c["component_input"], "jsonData": c["component_input"]}
+                  for c in components_of(db, study["id"])]
+    batches = [{key: value for key, value in batch_object(b).items() if key != "id"}
+               | {"batchInput": b["batch_input"], "jsonData": b["batch_input"]}
+               for b in db.all("SELECT * FROM batches WHERE study_id = ? ORDER BY position", study["id"])]
+    return {"version": "3", "data": {
+        "uuid": study["uuid"], "title": study["title"], "description": study["description"],
+        "groupStudy": bool(study["group_study"]), "linearStudy": bool(study["linear_study"]),
+        "allowPreview": bool(study["allow_preview"]), "dirName": study["dir_name"], "comments": study["comments"],
+        "studyInput": study["study_input"], "jsonData": study["study_input"],
+        "endRedirectUrl": study["end_redirect_url"], "studyEntryMsg": study["study_entry_msg"],
+        "componentList": components, "batchList": batches}}
+
+
+def _asset_entries(root: Path, dir_name: str) -> Iterator[tuple[str, Iterable[bytes]]]:
+    """Every folder (so empty ones survive) and file of a study's assets, as archive entries."""
+    yield f"{dir_name}/", []
+    if not root.is_dir():
+        return
+    for path in sorted(root.rglob("*")):
+        relative = path.relative_to(root).as_posix()
+        if confined_path(root, relative) is None:
+            continue
+        if path.is_dir():
+            yield f"{dir_name}/{relative}/", []
+        elif path.is_file():
+            yield f"{dir_name}/{relative}", _file_chunks(path)
+
+
+def study_archive(config: Config, jas: dict) -> Iterator[bytes]:
+    """A .jzip of a study (its .jas document and its assets), produced while it is sent."""
+    dir_name = jas["data"]["dirName"]
+    entries = itertools.chain([(f"{dir_name}.jas", [to_json(jas).encode("utf-8")])],
+                              _asset_entries(config.studies / dir_name, dir_name))
+    return zip_stream(entries)
+
+
 # --- result selection ---------------------------------------------------------
 
 SELECTORS = {  # query parameter -> (JSON body key, SQL condition on the joined result row)
@@ -3644,6 +3689,16 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
         query = _query()
         return envelope(study_object(db, find_study(db, study_id), _flag(query, "withComponentProperties", False),
                                      _flag(query, "withBatchProperties", False)))
+
+    @app.get(API_PREFIX + "/studies/<study_id>")
+    def api_export_study(study_id: str) -> Any:
+        with store.snapshot() as db:
+            authenticate(db)
+            study = find_study(db, study_id)
+            jas = study_jas(db, study)
+        bottle.response.content_type = "application/zip"
+        bottle.response.set_header("Content-Disposition", f'attachment; filename="jatos_study_{study["uuid"]}.jzip"')
+        return study_archive(config, jas)
 
     @api("/studies/<study_id>/batches")
     def api_batches(db: Db, token: dict, study_id: str) -> str:
