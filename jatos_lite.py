@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import dataclasses
 import datetime
 import decimal
@@ -821,6 +822,96 @@ def insert_batch(db: Db, study_id: int, fields: dict, uuid_: str | None = None) 
 
 DEFAULT_BATCH = {"title": "Default", "allowedWorkerTypes": ["PersonalSingle", "PersonalMultiple"]}
 
+# The keys the API accepts in study, component and batch bodies (strict: others are refused).
+STUDY_KEYS = {"title", "description", "active", "groupStudy", "linearStudy", "allowPreview", "dirName", "comments",
+              "studyInput", "jsonData", "endRedirectUrl", "studyEntryMsg"}
+COMPONENT_KEYS = {"title", "htmlFilePath", "reloadable", "active", "comments", "componentInput", "jsonData"}
+BATCH_KEYS = {"title", "active", "maxActiveMembers", "maxTotalMembers", "maxTotalWorkers", "allowedWorkerTypes",
+              "comments", "batchInput", "jsonData"}
+
+
+def strict_body(body: Any, keys: set[str], what: str) -> dict:
+    """A request body that must be a JSON object with only the given keys."""
+    if not isinstance(body, dict):
+        raise JatosError(400, f"The {what} must be a JSON object", "INVALID_JSON")
+    unknown = set(body) - keys
+    if unknown:
+        raise JatosError(400, f"Unknown field '{sorted(unknown)[0]}'", "INVALID_JSON")
+    return body
+
+
+def _merged(current: dict, changes: dict, input_key: str) -> dict:
+    """A stored object with a partial update applied; the legacy `jsonData` name counts as the input."""
+    merged = {**current, **changes}
+    if "jsonData" in changes and input_key not in changes:
+        merged[input_key] = changes["jsonData"]
+    merged.pop("jsonData", None)
+    return merged
+
+
+def update_study(db: Db, studies_root: Path, study: sqlite3.Row, changes: dict) -> None:
+    """PATCH /studies/{id}/properties: validated like a new study; a new dirName renames the folder."""
+    current = {**study_object(db, study), "studyInput": study["study_input"]}
+    merged = _merged(current, changes, "studyInput")
+    fields = {**study_fields(merged), "active": merged["active"] is not False}
+    dir_name = validate_dir_name(merged["dirName"])
+    if dir_name != study["dir_name"]:
+        if _dir_taken(db, studies_root, dir_name, except_study=study["id"]) or (studies_root / dir_name).exists():
+            raise JatosError(403, f"A study assets folder '{dir_name}' exists already.")
+        try:
+            (studies_root / study["dir_name"]).rename(studies_root / dir_name)
+        except FileNotFoundError:
+            (studies_root / dir_name).mkdir(parents=True)
+        except OSError as exc:
+            raise JatosError(409, f"Couldn't rename the study assets folder: {exc.strerror}")
+        fields["dir_name"] = dir_name
+    _update_row(db, "studies", study["id"], fields)
+
+
+def update_component(db: Db, studies_root: Path, component: sqlite3.Row, changes: dict, rename_file: bool) -> None:
+    """PATCH /components/{id}; `htmlFileRename` moves the HTML file along with the new path."""
+    current = {**component_object(component), "componentInput": component["component_input"]}
+    fields = component_fields(_merged(current, changes, "componentInput"))
+    old, new = component["html_file_path"], fields["html_file_path"]
+    if rename_file and old and new and old != new:
+        folder = studies_root / db.value("SELECT dir_name FROM studies WHERE id = ?", component["study_id"])
+        source, target = confined_path(folder, old), confined_path(folder, new)
+        if source is None or target is None or not source.is_file() or target.exists():
+            raise JatosError(400, f"Couldn't rename {old} to {new}: no such file, or the new name is taken.")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        source.rename(target)
+    _update_row(db, "components", component["id"], fields)
+
+
+def patch_component(db: Db, studies_root: Path, component: sqlite3.Row, body: Any) -> None:
+    """PATCH /components/{id}: the component keys, plus `htmlFileRename` and (jatos-lite) `position`."""
+    body = strict_body(body, COMPONENT_KEYS | {"htmlFileRename", "position"}, "component")
+    changes = {key: value for key, value in body.items() if key not in ("htmlFileRename", "position")}
+    update_component(db, studies_root, component, changes, body.get("htmlFileRename") is True)
+    if "position" in body:
+        move_to_position(db, "components", component, body["position"])
+
+
+def move_to_position(db: Db, table: str, row: sqlite3.Row, position: Any) -> None:
+    """Put a component or batch at `position` (1-based) among its study's, shifting the others."""
+    siblings = [r["id"] for r in db.all(f"SELECT id FROM {table} WHERE study_id = ? ORDER BY position",
+                                         row["study_id"])]
+    if isinstance(position, bool) or not isinstance(position, int) or not 1 <= position <= len(siblings):
+        raise JatosError(400, f"Position must be a number from 1 to {len(siblings)}")
+    siblings.remove(row["id"])
+    siblings.insert(position - 1, row["id"])
+    renumber(db, table, siblings)
+
+
+def renumber(db: Db, table: str, ids: list[int]) -> None:
+    for position, row_id in enumerate(ids, start=1):
+        db.run(f"UPDATE {table} SET position = ? WHERE id = ?", position, row_id)
+
+
+def update_batch(db: Db, batch: sqlite3.Row, changes: dict) -> None:
+    current = {**batch_object(batch), "batchInput": batch["batch_input"]}
+    _update_row(db, "batches", batch["id"], batch_fields(_merged(current, changes, "batchInput")))
+
 
 def find_study(db: Db, key: Any) -> sqlite3.Row:
     """A study by numeric ID or UUID (as the API accepts either), else 404."""
@@ -838,6 +929,15 @@ def find_batch(db: Db, key: Any, study_id: int | None = None) -> sqlite3.Row:
            else db.one("SELECT * FROM batches WHERE uuid = ?", text))
     if row is None or (study_id is not None and row["study_id"] != study_id):
         raise JatosError(404, f"Batch {text} doesn't exist" + (" in this study." if study_id else "."))
+    return row
+
+
+def find_component(db: Db, key: Any) -> sqlite3.Row:
+    text = str(key).strip()
+    row = (db.one("SELECT * FROM components WHERE id = ?", int(text)) if text.isdigit()
+           else db.one("SELECT * FROM components WHERE uuid = ?", text))
+    if row is None:
+        raise JatosError(404, f"Component {text} doesn't exist.")
     return row
 
 
@@ -2683,7 +2783,7 @@ _EXPORT_SQL = f"""
            sr.message AS sr_message, sr.url_query_parameters, sr.worker_id, w.type AS worker_type,
            sr.batch_id, b.uuid AS batch_uuid, b.title AS batch_title,
            COALESCE(sr.group_result_id, sr.history_group_result_id) AS group_id,
-           sr.confirmation_code, sr.quota_reached AS sr_quota,
+           sr.confirmation_code, sr.quota_reached AS sr_quota, w.mturk_worker_id,
            cr.id AS cr_id, cr.component_id, c.uuid AS component_uuid, cr.start_date AS cr_start,
            cr.end_date AS cr_end, cr.state AS cr_state, cr.data_size, cr.quota_reached AS cr_quota
            {{data}}
@@ -2860,6 +2960,44 @@ def results_metadata(store: Store, config: Config, cr_ids: list[int], api_call: 
         conn.close()
 
 
+METADATA_CSV_COLUMNS = ["Quota reached", "Result ID", "UUID", "Study code", "Start time", "End time", "Last seen",
+                        "Duration", "Batch", "Batch ID", "Worker ID", "Type", "MTurk worker ID",
+                        "MTurk confirmation code", "Group ID", "Files", "State", "Message"]
+
+
+def _csv_time(ms: int | None, empty: str) -> str:
+    return empty if ms is None else datetime.datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _metadata_csv_row(config: Config, rows: list[sqlite3.Row]) -> list[Any]:
+    """One study result as the JATOS results table shows it (§2.8), times in the server's local time."""
+    head = rows[0]
+    files = [path.name for row in rows for path in _result_files(config, row["sr_id"], row["cr_id"])]
+    return [str(bool(head["sr_quota"])).lower(), head["sr_id"], head["sr_uuid"], head["study_code"] or "none",
+            _csv_time(head["sr_start"], "never"), _csv_time(head["sr_end"], "not yet"),
+            _csv_time(head["last_seen_date"], "never"), duration_text(head["sr_start"], head["sr_end"]) or "not yet",
+            head["batch_title"], head["batch_id"], head["worker_id"], head["worker_type"],
+            head["mturk_worker_id"] or "none", head["confirmation_code"] or "none", head["group_id"] or "none",
+            " ".join(files) or "none", head["sr_state"], head["sr_message"] or "none"]
+
+
+def results_metadata_csv(store: Store, config: Config, cr_ids: list[int]) -> Iterator[bytes]:
+    """jatos-lite: the results metadata as CSV, one row per study result, streamed."""
+    conn = store.connect()
+    try:
+        line = io.StringIO()
+        writer = csv.writer(line)
+        writer.writerow(METADATA_CSV_COLUMNS)
+        for sr_rows in _grouped(conn.execute(_EXPORT_SQL.format(data=""), (to_json(cr_ids),)), "sr_id"):
+            writer.writerow(_metadata_csv_row(config, sr_rows))
+            yield line.getvalue().encode("utf-8")
+            line.seek(0)
+            line.truncate()
+        yield line.getvalue().encode("utf-8")
+    finally:
+        conn.close()
+
+
 def results_plain_text(store: Store, cr_ids: list[int]) -> Iterator[bytes]:
     """All selected data, one component result after another, each followed by a newline (§2.3)."""
     conn = store.connect()
@@ -2896,6 +3034,61 @@ def delete_results(db: Db, config: Config, cr_ids: list[int]) -> list[int]:
             db.run("DELETE FROM study_results WHERE id = ?", sr_id)
             shutil.rmtree(run_uploads(config, sr_id), ignore_errors=True)
     return [cr_id for cr_id, _ in pairs]
+
+
+def delete_runs(db: Db, config: Config, where: str, *args: Any) -> None:
+    """Delete the study results matching `where` (SQL over study_results) with everything they hold."""
+    sr_ids = [r[0] for r in db.all(f"SELECT id FROM study_results WHERE {where}", *args)]
+    ids = to_json(sr_ids)
+    delete_results(db, config, [r[0] for r in db.all(
+        "SELECT id FROM component_results WHERE study_result_id IN (SELECT value FROM json_each(?))", ids)])
+    conns = "SELECT id FROM channel_conns WHERE study_result_id IN (SELECT value FROM json_each(?))"
+    db.run(f"DELETE FROM channel_conn_scopes WHERE conn IN ({conns})", ids)
+    db.run("DELETE FROM channel_conns WHERE study_result_id IN (SELECT value FROM json_each(?))", ids)
+    db.run("DELETE FROM applied_requests WHERE study_result_id IN (SELECT value FROM json_each(?))", ids)
+    db.run("DELETE FROM study_results WHERE id IN (SELECT value FROM json_each(?))", ids)
+    for sr_id in sr_ids:
+        shutil.rmtree(run_uploads(config, sr_id), ignore_errors=True)
+
+
+def delete_batch_rows(db: Db, config: Config, batch_id: int) -> None:
+    """A batch with its results, groups, study links and personal workers."""
+    delete_runs(db, config, "batch_id = ?", batch_id)
+    workers = [r[0] for r in db.all("SELECT worker_id FROM study_links WHERE batch_id = ? AND worker_id IS NOT NULL "
+                                    "AND worker_id <> ?", batch_id, JATOS_WORKER_ID)]
+    db.run("DELETE FROM study_links WHERE batch_id = ?", batch_id)
+    db.run("DELETE FROM batch_workers WHERE batch_id = ?", batch_id)
+    db.run("DELETE FROM workers WHERE id IN (SELECT value FROM json_each(?)) "
+           "AND id NOT IN (SELECT worker_id FROM study_results)", to_json(workers))
+    db.run("DELETE FROM group_results WHERE batch_id = ?", batch_id)
+    db.run("DELETE FROM batches WHERE id = ?", batch_id)
+
+
+def delete_batch(db: Db, config: Config, batch: sqlite3.Row) -> None:
+    """DELETE /batches/{id}: any batch but the study's first (its default batch)."""
+    if batch["id"] == default_batch(db, batch["study_id"])["id"]:
+        raise JatosError(403, "The default batch of a study can't be deleted.")
+    delete_batch_rows(db, config, batch["id"])
+    renumber(db, "batches", [r[0] for r in db.all("SELECT id FROM batches WHERE study_id = ? ORDER BY position",
+                                                   batch["study_id"])])
+
+
+def delete_component(db: Db, config: Config, component: sqlite3.Row) -> None:
+    """DELETE /components/{id}: the component and its results (runs left empty go too)."""
+    delete_results(db, config, [r[0] for r in db.all("SELECT id FROM component_results WHERE component_id = ?",
+                                                      component["id"])])
+    db.run("DELETE FROM components WHERE id = ?", component["id"])
+    renumber(db, "components", [r["id"] for r in components_of(db, component["study_id"])])
+
+
+def delete_study_rows(db: Db, config: Config, study: sqlite3.Row) -> None:
+    """DELETE /studies/{id}, the database part: batches, results, components, the study.
+    The caller removes the assets folder after the commit."""
+    for batch in db.all("SELECT id FROM batches WHERE study_id = ?", study["id"]):
+        delete_batch_rows(db, config, batch["id"])
+    delete_runs(db, config, "study_id = ?", study["id"])
+    db.run("DELETE FROM components WHERE study_id = ?", study["id"])
+    db.run("DELETE FROM studies WHERE id = ?", study["id"])
 
 
 ###############################################################################
@@ -3616,6 +3809,12 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
     def api_token(db: Db, token: dict) -> str:
         return envelope(token)
 
+    @app.get(API_PREFIX + "/admin/session")
+    def api_admin_session() -> str:
+        """jatos-lite: the signed-in admin page learns its CSRF token here."""
+        with store.snapshot() as db:
+            return envelope({"signedIn": True, "csrfToken": signed_in(db).csrf_token})
+
     def import_response(db: Db, study_id: int, created: bool) -> str:
         bottle.response.status = 201 if created else 200
         return envelope(study_object(db, _row(db, "studies", study_id)))
@@ -3641,18 +3840,13 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
             return import_response(db, study_id, created)
 
     def create_study_from_json() -> str:
-        body = _json_body(required=True)
-        if not isinstance(body, dict):
-            raise JatosError(400, "The study must be a JSON object", "INVALID_JSON")
-        unknown = set(body) - {"title", "description", "active", "groupStudy", "linearStudy", "allowPreview",
-                               "dirName", "comments", "studyInput", "jsonData", "endRedirectUrl", "studyEntryMsg"}
-        if unknown:
-            raise JatosError(400, f"Unknown field '{sorted(unknown)[0]}'", "INVALID_JSON")
+        body = strict_body(_json_body(required=True), STUDY_KEYS, "study")
         with store.tx() as db:
             study_uuid = new_uuid()
             fields = study_fields(body)
             dir_name = validate_dir_name(body.get("dirName") or study_uuid)
-            if _dir_taken(db, config.studies, dir_name):
+            # jatos-lite: a folder in studies/ that no study uses yet becomes the new study's assets
+            if db.value("SELECT 1 FROM studies WHERE dir_name = ?", dir_name):
                 if not _flag(_query(), "renameAssets", True):
                     raise JatosError(403, f"A study assets folder '{dir_name}' exists already.")
                 dir_name = free_dir_name(db, config.studies, dir_name)
@@ -3690,6 +3884,21 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
         return envelope(study_object(db, find_study(db, study_id), _flag(query, "withComponentProperties", False),
                                      _flag(query, "withBatchProperties", False)))
 
+    @api("/studies/<study_id>/properties", "PATCH")
+    def api_study_update(db: Db, token: dict, study_id: str) -> str:
+        study = find_study(db, study_id)
+        update_study(db, config.studies, study, strict_body(_json_body(required=True), STUDY_KEYS, "study"))
+        return envelope(study_object(db, _row(db, "studies", study["id"])))
+
+    @app.delete(API_PREFIX + "/studies/<study_id>")
+    def api_study_delete(study_id: str) -> str:
+        with store.tx() as db:
+            authenticate(db)
+            study = find_study(db, study_id)
+            delete_study_rows(db, config, study)
+        shutil.rmtree(config.studies / study["dir_name"], ignore_errors=True)
+        return envelope(message="Study deleted successfully")
+
     @app.get(API_PREFIX + "/studies/<study_id>")
     def api_export_study(study_id: str) -> Any:
         with store.snapshot() as db:
@@ -3700,15 +3909,41 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
         bottle.response.set_header("Content-Disposition", f'attachment; filename="jatos_study_{study["uuid"]}.jzip"')
         return study_archive(config, jas)
 
-    @api("/studies/<study_id>/batches")
-    def api_batches(db: Db, token: dict, study_id: str) -> str:
-        study = find_study(db, study_id)
-        return envelope([batch_object(b) for b in db.all("SELECT * FROM batches WHERE study_id = ? "
-                                                         "ORDER BY position", study["id"])])
+    def study_part_routes(table: str, noun: str, keys: set[str], fields: Callable[[dict], dict],
+                          to_object: Callable[[sqlite3.Row], dict], find: Callable[[Db, str], sqlite3.Row],
+                          insert: Callable[[Db, int, dict], int], update: Callable[[Db, sqlite3.Row, Any], None],
+                          delete: Callable[[Db, Config, sqlite3.Row], None]) -> None:
+        """A study's components or batches: list and create under the study, read, update, delete."""
+        @api(f"/studies/<study_id>/{table}")
+        def listing(db: Db, token: dict, study_id: str) -> str:
+            rows = db.all(f"SELECT * FROM {table} WHERE study_id = ? ORDER BY position", find_study(db, study_id)["id"])
+            return envelope([to_object(row) for row in rows])
 
-    @api("/batches/<batch_id>")
-    def api_batch(db: Db, token: dict, batch_id: str) -> str:
-        return envelope(batch_object(find_batch(db, batch_id)))
+        @api(f"/studies/<study_id>/{table}", "POST")
+        def create(db: Db, token: dict, study_id: str) -> str:
+            study = find_study(db, study_id)
+            row_id = insert(db, study["id"], fields(strict_body(_json_body(required=True), keys, noun)))
+            return envelope(to_object(_row(db, table, row_id)))
+
+        @api(f"/{table}/<key>")
+        def read(db: Db, token: dict, key: str) -> str:
+            return envelope(to_object(find(db, key)))
+
+        @api(f"/{table}/<key>", "PATCH")
+        def change(db: Db, token: dict, key: str) -> str:
+            row = find(db, key)
+            update(db, row, _json_body(required=True))
+            return envelope(to_object(_row(db, table, row["id"])))
+
+        @api(f"/{table}/<key>", "DELETE")
+        def remove(db: Db, token: dict, key: str) -> str:
+            delete(db, config, find(db, key))
+            return envelope(message=f"{noun.capitalize()} deleted successfully")
+
+    study_part_routes("components", "component", COMPONENT_KEYS, component_fields, component_object, find_component,
+                      insert_component, lambda db, row, body: patch_component(db, config.studies, row, body), delete_component)
+    study_part_routes("batches", "batch", BATCH_KEYS, batch_fields, batch_object, find_batch, insert_batch,
+                      lambda db, row, body: update_batch(db, row, strict_body(body, BATCH_KEYS, "batch")), delete_batch)
 
     @api("/studies/<study_id>/studyCodes", ["GET", "POST"])
     def api_study_codes(db: Db, token: dict, study_id: str) -> str:
@@ -3775,6 +4010,25 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
         return envelope([group_object(db, g) for g in
                          db.all("SELECT * FROM group_results WHERE batch_id = ? ORDER BY id", batch["id"])])
 
+    @api("/studyCodes/<code>", "PATCH")
+    def api_study_code_update(db: Db, token: dict, code: str) -> str:
+        body = _json_body(required=True)
+        if not isinstance(body, dict) or not isinstance(body.get("active"), bool):
+            raise JatosError(400, 'Send {"active": true} or {"active": false}', "INVALID_REQUEST")
+        if not db.run("UPDATE study_links SET active = ? WHERE code = ?", body["active"], code):
+            raise JatosError(404, f"Study code {code} doesn't exist.")
+        return api_study_code(db, token, code)
+
+    @api("/studies/<study_id>/studyLinks")
+    def api_study_links(db: Db, token: dict, study_id: str) -> str:
+        """jatos-lite: every study link of a study (the JATOS GUI's study links page)."""
+        rows = db.all("SELECT l.*, w.comment FROM study_links l JOIN batches b ON b.id = l.batch_id "
+                      "LEFT JOIN workers w ON w.id = l.worker_id WHERE b.study_id = ? "
+                      "ORDER BY b.position, l.created, l.code", find_study(db, study_id)["id"])
+        return envelope([{"code": r["code"], "type": r["worker_type"], "batchId": r["batch_id"],
+                          "comment": r["comment"], "active": bool(r["active"]), "workerId": r["worker_id"]}
+                         for r in rows])
+
     # --- API: results ----------------------------------------------------------------
 
     def selected_results() -> list[int]:
@@ -3797,6 +4051,10 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
     def api_results_metadata() -> Any:
         cr_ids = selected_results()
         query = _query()
+        if query.get("format") == "csv":
+            bottle.response.content_type = "text/csv; charset=utf-8"
+            download("metadata_", "csv")
+            return results_metadata_csv(store, config, cr_ids)
         bottle.response.content_type = "application/json"
         if _flag(query, "download", True):
             download("metadata_", "json")
