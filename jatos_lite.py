@@ -2697,7 +2697,8 @@ SELECTORS = {  # query parameter -> (JSON body key, SQL condition on the joined 
     "studyId": ("studyIds", "sr.study_id"), "studyUuid": ("studyUuids", "s.uuid"),
     "componentId": ("componentIds", "cr.component_id"), "componentUuid": ("componentUuids", "c.uuid"),
     "studyResultId": ("studyResultIds", "sr.id"), "componentResultId": ("componentResultIds", "cr.id"),
-    "batchId": ("batchIds", "sr.batch_id"), "groupId": ("groupIds", "COALESCE(sr.group_result_id, sr.history_group_result_id)"),
+    "batchId": ("batchIds", "sr.batch_id"),
+    "groupId": ("groupIds", "COALESCE(sr.group_result_id, sr.history_group_result_id)"),
 }
 _RESULT_JOIN = ("FROM component_results cr JOIN study_results sr ON sr.id = cr.study_result_id "
                 "JOIN components c ON c.id = cr.component_id JOIN studies s ON s.id = sr.study_id")
@@ -3940,10 +3941,12 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
             delete(db, config, find(db, key))
             return envelope(message=f"{noun.capitalize()} deleted successfully")
 
-    study_part_routes("components", "component", COMPONENT_KEYS, component_fields, component_object, find_component,
-                      insert_component, lambda db, row, body: patch_component(db, config.studies, row, body), delete_component)
+    study_part_routes("components", "component", COMPONENT_KEYS, component_fields, component_object,
+                      find_component, insert_component,
+                      lambda db, row, body: patch_component(db, config.studies, row, body), delete_component)
     study_part_routes("batches", "batch", BATCH_KEYS, batch_fields, batch_object, find_batch, insert_batch,
-                      lambda db, row, body: update_batch(db, row, strict_body(body, BATCH_KEYS, "batch")), delete_batch)
+                      lambda db, row, body: update_batch(db, row, strict_body(body, BATCH_KEYS, "batch")),
+                      delete_batch)
 
     @api("/studies/<study_id>/studyCodes", ["GET", "POST"])
     def api_study_codes(db: Db, token: dict, study_id: str) -> str:
