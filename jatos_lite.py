@@ -4176,6 +4176,64 @@ def lan_addresses() -> list[str]:
     return sorted(a for a in found if not a.startswith("127.") and a != "0.0.0.0")
 
 
+# Folders of file-sync clients: they copy SQLite's files one by one and can tear a database apart.
+SYNCED_FOLDER_NAMES = {"dropbox", "onedrive", "icloud drive", "iclouddrive", "mobile documents", "cloudstorage",
+                       "google drive", "googledrive", "my drive", "box", "box sync", "nextcloud", "owncloud",
+                       "pcloud drive", "seafile"}
+NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph", "glusterfs", "fuse.sshfs",
+                       "fuse.davfs", "davfs", "fuse.rclone", "fuse.s3fs", "webdav"}
+
+
+def synced_folder(path: Path) -> str | None:
+    """The name of a sync client's folder that `path` lies in, if any."""
+    for part in Path(path).resolve().parts:
+        name = part.lower()
+        if name in SYNCED_FOLDER_NAMES or name.startswith("onedrive -") or name.startswith("dropbox ("):
+            return part
+    return None
+
+
+def network_filesystem(path: Path, mounts: str | None = None) -> str | None:
+    """The network file system type `path` is on, if it is on one: /proc/mounts on Linux, the
+    drive type on Windows (a UNC path or a mapped network drive); None where it can't be told."""
+    resolved = Path(path).resolve()
+    if sys.platform == "win32":
+        import ctypes
+
+        root = resolved.anchor
+        remote = root.startswith("\\\\") or ctypes.windll.kernel32.GetDriveTypeW(root) == 4  # DRIVE_REMOTE
+        return "network drive" if remote else None
+    if mounts is None:
+        try:
+            mounts = Path("/proc/mounts").read_text()
+        except OSError:
+            return None
+    best, kind = "", None
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = resolved == Path(point) or Path(point) in resolved.parents
+        if inside and len(point) >= len(best):
+            best, kind = point, fields[2]
+    return kind if kind in NETWORK_FILESYSTEMS else None
+
+
+def storage_warnings(data: Path, mounts: str | None = None) -> list[str]:
+    """Why the data folder is not a safe place for a SQLite database, if it is not."""
+    warnings = []
+    synced = synced_folder(data)
+    if synced:
+        warnings.append(f"The data folder is inside '{synced}', a folder a sync client copies. SQLite databases "
+                        "can be corrupted there: use a plain local folder (--data) and back it up instead.")
+    network = network_filesystem(data, mounts)
+    if network:
+        warnings.append(f"The data folder is on a network file system ({network}). SQLite is not safe there: "
+                        "use a folder on this computer's own disk (--data).")
+    return warnings
+
+
 def base_urls(config: Config) -> list[str]:
     if config.host not in ("0.0.0.0", ""):
         return [f"http://{config.host}:{config.port}"]
@@ -4217,6 +4275,8 @@ def serve(config: Config) -> None:
         print(f"  Example study link:    {local}/publix/{code}")
     print(f"  Studies: {config.studies.resolve()}")
     print(f"  Data:    {config.data.resolve()}  (SQLite database and result files)")
+    for warning in storage_warnings(config.data):
+        print(f"  WARNING: {warning}")
     print("Press Ctrl+C to stop.", flush=True)
     waitress.serve(app, host=config.host, port=config.port, threads=config.threads,
                    connection_limit=max(100, config.threads * 4), max_request_body_size=config.max_archive,
