@@ -2003,7 +2003,7 @@ GROUP_MEMBER_IDLE_MS = 90_000
 EVENT_RETENTION_SECONDS = 600.0
 MAX_EVENTS_PER_POLL = 500
 HELD_POLLS_PER_BROWSER = 4
-POLL_RETRY_AFTER_MS = 1000  # a poll the server could not hold asks the page to wait before the next
+POLL_RETRY_AFTER_MS = 1000  # a poll released to make room asks its page to wait before the next
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2418,20 +2418,21 @@ class ChannelHub:
                 self._watcher.start()
 
     @contextlib.contextmanager
-    def hold(self, browser: str, page: str) -> Iterator[int | None]:
-        """A ticket to hold a poll, or None when too many are held (answer at once instead).
-        A newer poll of the same page, or a fifth one of the same browser, releases the oldest."""
+    def hold(self, browser: str, page: str) -> Iterator[int]:
+        """A ticket to hold a poll. Taking it releases (answers at once) the page's previous poll,
+        the browser's oldest beyond four (browsers open about six connections per server, and
+        the page's data requests need some), and the server's oldest when it holds its maximum."""
         with self._changed:
-            if len(self._held) >= self.max_held:
-                ticket = None
-            else:
-                ticket = next(self._tickets)
-                same_browser = sorted(t for t, (b, p) in self._held.items() if b == browser and t not in self._released)
-                self._released.update(t for t, (b, p) in self._held.items() if p == page)
-                if len(same_browser) >= HELD_POLLS_PER_BROWSER:
-                    self._released.add(same_browser[0])
-                self._held[ticket] = (browser, page)
-                self._changed.notify_all()
+            ticket = next(self._tickets)
+            self._released.update(t for t, (b, p) in self._held.items() if p == page)
+            holding = sorted(t for t in self._held if t not in self._released)
+            same_browser = [t for t in holding if self._held[t][0] == browser]
+            if len(same_browser) >= HELD_POLLS_PER_BROWSER:
+                self._released.add(same_browser[0])
+            if len(holding) >= self.max_held:
+                self._released.add(holding[0])
+            self._held[ticket] = (browser, page)
+            self._changed.notify_all()
         try:
             yield ticket
         finally:
@@ -3567,7 +3568,7 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
                 answer, scopes = poll_all(sr, wanted)
                 news = any("closed" in a or a["events"] for a in answer.values())
                 remaining = deadline - time.monotonic()
-                if not news and (ticket is None or hub.released(ticket)):
+                if not news and hub.released(ticket):
                     answer["retryAfter"] = POLL_RETRY_AFTER_MS
                 if news or "retryAfter" in answer or remaining <= 0:
                     break
