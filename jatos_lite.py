@@ -2880,29 +2880,33 @@ class _Drain:
     """A write-only sink that zipfile streams into; the bytes are taken out as they come."""
 
     def __init__(self) -> None:
-        self.parts: list[bytes] = []
-        self.size = 0
+        self.buffer = bytearray()
+
+    @property
+    def size(self) -> int:
+        return len(self.buffer)
 
     def write(self, data: bytes) -> int:
-        self.parts.append(bytes(data))
-        self.size += len(data)
+        self.buffer += data
         return len(data)
 
     def flush(self) -> None:
         pass
 
     def take(self) -> bytes:
-        out = b"".join(self.parts)
-        self.parts, self.size = [], 0
+        out = bytes(self.buffer)
+        self.buffer = bytearray()
         return out
 
 
 def zip_stream(entries: Iterable[tuple[str, Iterable[bytes]]]) -> Iterator[bytes]:
-    """A ZIP file produced while it is sent: memory holds about one chunk, whatever the size."""
+    """A ZIP file produced while it is sent: memory holds about one chunk, whatever the size,
+    plus the central directory zipfile keeps (a few hundred bytes per entry)."""
     drain = _Drain()
+    date_time = time.localtime()[:6]
     with zipfile.ZipFile(drain, "w", zipfile.ZIP_DEFLATED) as archive:  # type: ignore[arg-type]
         for name, chunks in entries:
-            info = zipfile.ZipInfo(name, date_time=time.localtime()[:6])
+            info = zipfile.ZipInfo(name, date_time=date_time)
             info.compress_type = zipfile.ZIP_DEFLATED
             with archive.open(info, "w") as out:
                 for chunk in chunks:
