@@ -3695,6 +3695,8 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
             if sr_row is None:
                 raise JatosError(400, f"A study result {sr} doesn't exist.")
             dir_name = db.value("SELECT dir_name FROM studies WHERE id = ?", sr_row["study_id"])
+        if confined_path(config.studies / dir_name, file) is None:  # not even into another study's folder
+            _not_found(file)
         end_page_asset = comp == "final" and sr_row["state"] in SR_DONE
         return study_asset(f"{dir_name}/{file}", check_cookie=not end_page_asset)
 

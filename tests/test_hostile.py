@@ -1,0 +1,275 @@
+"""Hostile input (issue "Measured" §3-§4): malformed bodies, escaping paths, unknown runs,
+wrong states, bad tokens. Every such request gets a 4xx with a message, never a 5xx, and
+nothing stored changes (but JATOS's quota flag); the server keeps serving.
+
+As in JATOS, a study result's UUID (122 random bits) is the participant's key to the run:
+whoever knows it may write to it (publix-http.md §4.6), so the attacks use UUIDs that
+were never handed out."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import zipfile
+from dataclasses import dataclass
+
+import pytest
+import webtest
+
+from conftest import API_TOKEN, AUTH, Lab, make_jzip
+
+VOLATILE = ("last_seen_date", "last_seen", "quota_reached")  # JATOS flags a refused oversized write
+TABLES = ("studies", "components", "batches", "workers", "study_links", "study_results", "component_results",
+          "api_tokens", "group_results", "channel_conns")
+
+
+@dataclass
+class Scene:
+    """Two studies; a participant in the middle of a run of the first."""
+
+    lab: Lab
+    client: webtest.TestApp
+    browser: webtest.TestApp
+    sr: str
+    comp: str
+    study_dir: str
+
+    def fingerprint(self) -> str:
+        """A digest of every stored row and result file (last-seen times aside)."""
+        config = self.client.app.config["jatos_lite.config"]
+        digest = hashlib.sha256()
+        with self.client.app.config["jatos_lite.store"].snapshot() as db:
+            for table in TABLES:
+                for row in db.all(f"SELECT * FROM {table} ORDER BY 1"):
+                    digest.update(repr({k: row[k] for k in row.keys() if k not in VOLATILE}).encode())
+        for path in sorted(config.uploads.rglob("*")):
+            digest.update(str(path.relative_to(config.uploads)).encode())
+            if path.is_file():
+                digest.update(path.read_bytes())
+        return digest.hexdigest()
+
+
+def start(lab: Lab, study_id: int) -> tuple[webtest.TestApp, str, str]:
+    browser = webtest.TestApp(lab.client.app)
+    page = browser.get(f"/publix/{lab.code(study_id, 'gm')}", status=303).follow()
+    _, _, sr, comp, _ = page.request.path.split("/")
+    return browser, sr, comp
+
+
+@pytest.fixture
+def scene(lab: Lab, client: webtest.TestApp) -> Scene:
+    study = lab.study(dir_name="mine", files={"c1.html": "<p>1</p>"})
+    lab.study(dir_name="theirs", files={"secret.txt": SECRET})
+    browser, sr, comp = start(lab, study["id"])
+    browser.put(f"/publix/{sr}/{comp}/resultData", "kept", headers={"Content-Type": "text/plain"})
+    browser.post(f"/publix/{sr}/{comp}/files/kept.txt", upload_files=[("file", "kept.txt", b"kept")])
+    return Scene(lab, client, browser, sr, comp, "mine")
+
+
+SECRET = "TOP-SECRET-OF-ANOTHER-STUDY"
+NEVER_HANDED_OUT = "3f0c1d2e-4b5a-4c6d-8e7f-9a0b1c2d3e4f"
+
+
+def zip_with(entries: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, content in entries.items():
+            archive.writestr(name, content)
+    return buffer.getvalue()
+
+
+def valid_jas() -> bytes:
+    return zipfile.ZipFile(io.BytesIO(make_jzip(dir_name="evil"))).read("study.jas")
+
+
+# (name, method, path template, body, content type, extra headers). {sr}, {comp}, {unknown} are filled in.
+PARTICIPANT_ATTACKS = [
+    ("invalid UTF-8 result data", "PUT", "/publix/{sr}/{comp}/resultData", b"\xff\xfe\xfa", "text/plain", {}),
+    ("oversized result data", "PUT", "/publix/{sr}/{comp}/resultData", b"x" * 5_000_001, "text/plain", {}),
+    ("oversized append", "POST", "/publix/{sr}/{comp}/resultData", b"x" * 5_000_001, "text/plain", {}),
+    ("an unknown run's data", "PUT", "/publix/{unknown}/{comp}/resultData", b"stolen", "text/plain", {}),
+    ("malformed run UUID", "PUT", "/publix/not-a-uuid/{comp}/resultData", b"x", "text/plain", {}),
+    ("unknown component", "PUT", "/publix/{sr}/00000000-0000-0000-0000-000000000000/resultData", b"x",
+     "text/plain", {}),
+    ("malformed request id", "POST", "/publix/{sr}/{comp}/resultData", b"x", "text/plain",
+     {"X-Request-Id": "x" * 300}),
+    ("an unknown run's session", "POST", "/publix/{unknown}/studySessionData", b"{}", "text/plain", {}),
+    ("an unknown run's heartbeat", "POST", "/publix/{unknown}/heartbeat", b"", "text/plain", {}),
+    ("an unknown run's log", "POST", "/publix/{unknown}/{comp}/log", b"x", "text/plain", {}),
+    ("upload without a file", "POST", "/publix/{sr}/{comp}/files/a.txt", b"nothing", "text/plain", {}),
+    ("channel poll of an unknown run", "GET", "/publix/{unknown}/channels/poll?c=abc:0", None, None, {}),
+    ("malformed poll", "GET", "/publix/{sr}/channels/poll?c=%00:x", None, None, {}),
+    ("send to an unknown channel", "POST", "/publix/{sr}/channels/nope/send", b'{"cseq":1,"frames":[]}',
+     "application/json", {}),
+    ("malformed send", "POST", "/publix/{sr}/channels/nope/send", b"{", "application/json", {}),
+    ("batch channel of an unknown run", "POST", "/publix/{unknown}/batch/open", b"{}", "application/json", {}),
+    ("group join of a non-group study", "POST", "/publix/{sr}/group/join", b"{}", "application/json", {}),
+    ("an unknown run's end", "GET", "/publix/{unknown}/end", None, None, {}),
+    ("an unknown run's abort", "GET", "/publix/{unknown}/abort", None, None, {}),
+]
+
+ESCAPING_NAMES = ["../x.txt", "..%2Fx.txt", "%2e%2e/x.txt", "a/../../x.txt", "/etc/passwd", "..\\x.txt",
+                  "x\x00.txt", "con.txt", "a:b.txt", "*.txt", "x" * 300 + ".txt"]
+
+ESCAPING_READS = ["/publix/{sr}/{comp}/../../../data/jatos.sqlite", "/publix/{sr}/{comp}/..%2F..%2Ftheirs%2Fsecret.txt",
+                  "/publix/{sr}/final/..%2Ftheirs%2Fsecret.txt", "/study_assets/theirs/secret.txt",
+                  "/study_assets/mine/..%2Ftheirs%2Fsecret.txt", "/study_assets/..%2Fdata%2Fjatos.sqlite",
+                  "/study_assets_root/%2e%2e/data/jatos.sqlite", "/publix/{sr}/files/..%2F..%2Fjatos.sqlite",
+                  "/publix/{unknown}/files/kept.txt", "/jatos/api/v1/results/files/..%2Fjatos.sqlite"]
+
+
+def fill(scene: Scene, template: str) -> str:
+    return template.format(sr=scene.sr, comp=scene.comp, unknown=NEVER_HANDED_OUT)
+
+
+def assert_refused(response: webtest.TestResponse) -> None:
+    assert 400 <= response.status_int < 500, response.status
+    assert response.body.strip(), "a refusal says why"
+
+
+@pytest.mark.parametrize("name, method, path, body, content_type, headers", PARTICIPANT_ATTACKS,
+                         ids=[a[0] for a in PARTICIPANT_ATTACKS])
+def test_participant_attacks_are_refused_and_change_nothing(scene: Scene, name, method, path, body, content_type,
+                                                           headers) -> None:
+    before = scene.fingerprint()
+    extra = {**headers, **({"Content-Type": content_type} if content_type else {})}
+    response = scene.browser.request(fill(scene, path), method=method, body=body or b"", headers=extra,
+                                     expect_errors=True)
+    assert_refused(response)
+    assert scene.fingerprint() == before
+
+
+@pytest.mark.parametrize("filename", ESCAPING_NAMES)
+def test_upload_names_that_escape_or_are_not_portable_are_refused(scene: Scene, filename: str) -> None:
+    before = scene.fingerprint()
+    response = scene.browser.post(f"/publix/{scene.sr}/{scene.comp}/files/{filename}",
+                                  upload_files=[("file", "x.txt", b"evil")], expect_errors=True)
+    assert_refused(response)
+    assert scene.fingerprint() == before
+
+
+@pytest.mark.parametrize("path", ESCAPING_READS)
+def test_reads_outside_ones_own_folder_are_refused(scene: Scene, path: str) -> None:
+    response = scene.browser.get(fill(scene, path), expect_errors=True)
+    assert_refused(response)
+    assert SECRET.encode() not in response.body and b"SQLite format" not in response.body
+
+
+def test_end_page_assets_stay_in_the_study_folder(scene: Scene) -> None:
+    """After the end, /final/ serves the study's end page without the ID cookie, but nothing beside it."""
+    scene.browser.get(f"/publix/{scene.sr}/end", status=303)
+    for path in ("..%2Ftheirs%2Fsecret.txt", "..%2F..%2Fdata%2Fjatos.sqlite"):
+        response = scene.browser.get(f"/publix/{scene.sr}/final/{path}", expect_errors=True)
+        assert_refused(response)
+        assert SECRET.encode() not in response.body
+
+
+def test_a_finished_run_cannot_write(scene: Scene) -> None:
+    """Result data, logs and uploads after the end are refused (wrong state) and store nothing
+    (JATOS still takes a General Multiple run's study session then: §9.4)."""
+    scene.browser.get(f"/publix/{scene.sr}/end", status=303)
+    before = scene.fingerprint()
+    for method, path in (("PUT", "/{comp}/resultData"), ("POST", "/{comp}/resultData"), ("POST", "/{comp}/log"),
+                         ("POST", "/{comp}/files/late.txt")):
+        assert_refused(scene.browser.request(f"/publix/{scene.sr}" + fill(scene, path), method=method, body=b"late",
+                                             headers={"Content-Type": "text/plain"}, expect_errors=True))
+    assert scene.fingerprint() == before
+
+
+ARCHIVES = {
+    "not a zip": b"PK\x03\x04 this is not a zip",
+    "zip slip": zip_with({"study.jas": valid_jas(), "evil/../../escaped.txt": b"x"}),
+    "two folders": zip_with({"study.jas": valid_jas(), "evil/a.txt": b"x", "other/b.txt": b"x"}),
+    "no description": zip_with({"evil/a.txt": b"x"}),
+    "bad JSON": zip_with({"study.jas": b"{nope", "evil/a.txt": b"x"}),
+    "reserved folder name": zip_with({"study.jas": valid_jas().replace(b'"evil"', b'"publix"'), "publix/a": b"x"}),
+}
+
+
+@pytest.mark.parametrize("name", ARCHIVES)
+def test_malformed_archives_are_refused_and_change_nothing(scene: Scene, name: str) -> None:
+    before = scene.fingerprint()
+    studies = scene.client.app.config["jatos_lite.config"].studies
+    folders = sorted(p.name for p in studies.iterdir())
+    scene.lab.import_study(ARCHIVES[name], status="4*")
+    assert scene.fingerprint() == before
+    assert sorted(p.name for p in studies.iterdir()) == folders
+    assert not (studies.parent / "escaped.txt").exists()
+
+
+def test_a_zip_bomb_is_refused_before_unpacking(tmp_path) -> None:
+    """An archive that would unpack beyond the limit is refused from its directory alone."""
+    import jatos_lite
+
+    config = jatos_lite.Config(studies=tmp_path / "studies", data=tmp_path / "data", api_token=API_TOKEN,
+                               max_archive=1_000_000)
+    client = webtest.TestApp(jatos_lite.create_app(config))
+    bomb = io.BytesIO()
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("study.jas", valid_jas())
+        archive.writestr("evil/zeros.bin", b"\0" * 20_000_000)
+    assert len(bomb.getvalue()) < 100_000
+    Lab(client).import_study(bomb.getvalue(), status=413)
+    assert not (config.studies / "evil").exists()
+    assert not any(config.tmp.rglob("zeros.bin"))
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer"}, {"Authorization": "Bearer wrong"},
+                                     {"Authorization": "Basic " + API_TOKEN}, {"Authorization": API_TOKEN}])
+def test_api_without_a_valid_token_is_401(client: webtest.TestApp, headers: dict) -> None:
+    for path in ("/jatos/api/v1/admin/token", "/jatos/api/v1/studies/properties", "/jatos/api/v1/results?studyId=1"):
+        assert client.get(path, headers=headers, status=401).json["error"]["message"]
+
+
+def test_a_revoked_token_stops_working(lab: Lab, client: webtest.TestApp) -> None:
+    import jatos_lite
+
+    store = client.app.config["jatos_lite.store"]
+    with store.tx() as db:
+        token_id, token = jatos_lite.mint_api_token(db, "short lived")
+    bearer = {"Authorization": f"Bearer {token}"}
+    client.get("/jatos/api/v1/admin/token", headers=bearer, status=200)
+    with store.tx() as db:
+        db.run("UPDATE api_tokens SET active = 0 WHERE id = ?", token_id)
+    client.get("/jatos/api/v1/admin/token", headers=bearer, status=401)
+
+
+def test_cookie_sessions_need_the_csrf_token_for_changes(lab: Lab, client: webtest.TestApp) -> None:
+    """A signed-in browser may read; a change without X-CSRF-Token is 403 (cross-site forms can't send it)."""
+    study = lab.study()
+    browser = webtest.TestApp(client.app)
+    lab.sign_in(browser)
+    assert browser.get("/jatos/api/v1/studies/properties").json["data"]
+    cookie = [c for c in browser.cookiejar if c.name == "JATOS_LITE_SESSION"][0]
+    assert cookie.has_nonstandard_attr("HttpOnly") and cookie.get_nonstandard_attr("SameSite") == "Lax"
+    browser.patch_json(f"/jatos/api/v1/studies/{study['id']}/properties", {"title": "x"}, status=403)
+    csrf = browser.get("/jatos/api/v1/admin/session").json["data"]["csrfToken"]
+    browser.patch_json(f"/jatos/api/v1/studies/{study['id']}/properties", {"title": "x"},
+                       headers={"X-CSRF-Token": csrf})
+
+
+def test_study_codes_are_unguessable(lab: Lab) -> None:
+    """Codes are 11 characters of 62 (65 bits) and do not repeat."""
+    study = lab.study()
+    codes = lab.client.post_json(f"/jatos/api/v1/studies/{study['id']}/studyCodes", {"type": "ps", "amount": 500},
+                                 headers=AUTH).json["data"]
+    assert len(set(codes)) == 500 and all(len(code) == 11 and code.isalnum() for code in codes)
+    assert len({code[0] for code in codes}) > 40, "codes look random, not sequential"
+
+
+def test_unknown_routes_are_4xx_with_a_message(client: webtest.TestApp) -> None:
+    for path in ("/nope", "/publix", "/jatos/api/v1/nope", "/publix/a/b/c/d/e/f"):
+        assert_refused(client.get(path, expect_errors=True))
+
+
+def test_the_server_still_serves_after_everything(scene: Scene) -> None:
+    for name, method, path, body, content_type, headers in PARTICIPANT_ATTACKS:
+        scene.browser.request(fill(scene, path), method=method, body=body or b"",
+                              headers={**headers, **({"Content-Type": content_type} if content_type else {})},
+                              expect_errors=True)
+    scene.browser.post(f"/publix/{scene.sr}/{scene.comp}/resultData", " and more",
+                       headers={"Content-Type": "text/plain"})
+    text = scene.client.get(f"/jatos/api/v1/results/data?studyResultId=1&asPlainText=true", headers=AUTH).body
+    assert text == b"kept and more\n"
+    assert json.loads(scene.client.get("/jatos/api/v1/admin/token", headers=AUTH).body)["data"]
