@@ -124,7 +124,8 @@ class LiveServer:
         self.app = jatos_lite.create_app(config)
         self.server = waitress.server.create_server(self.app, host="127.0.0.1", port=free_port(), threads=16)
         self.url = f"http://127.0.0.1:{self.server.effective_port}"
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.closing = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
         for _ in range(100):
             try:
@@ -133,7 +134,15 @@ class LiveServer:
             except OSError:
                 time.sleep(0.05)
 
+    def _run(self) -> None:
+        try:
+            self.server.run()
+        except OSError:
+            if not self.closing:  # closing the sockets under the loop ends it with EBADF
+                raise
+
     def close(self) -> None:
+        self.closing = True
         self.server.close()
         self.thread.join(timeout=5)
 
