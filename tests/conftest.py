@@ -147,6 +147,36 @@ class LiveServer:
         self.thread.join(timeout=5)
 
 
+class RemoteLab:
+    """Researcher-side shortcuts over the API of a live server (real HTTP)."""
+
+    def __init__(self, server: LiveServer):
+        self.base = server.url
+
+    def raw(self, method: str, path: str, body: object = None, content_type: str = "application/json") -> bytes:
+        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+        request = urllib.request.Request(f"{self.base}/jatos/api/v1{path}", data=data, method=method,
+                                         headers={**AUTH, "Content-Type": content_type})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.read()
+
+    def api(self, method: str, path: str, body: object = None, content_type: str = "application/json") -> dict:
+        return json.loads(self.raw(method, path, body, content_type))
+
+    def import_study(self, archive: bytes) -> int:
+        return self.api("POST", "/studies", archive, "application/zip")["data"]["id"]
+
+    def code(self, study_id: int, worker_type: str = "gm", **params: object) -> str:
+        return self.api("POST", f"/studies/{study_id}/studyCodes", {"type": worker_type, **params})["data"][0]
+
+    def metadata(self, study_result_id: int) -> dict:
+        """The results metadata of one study run (formats-and-api.md §2.6)."""
+        return self.api("GET", f"/results/metadata?studyResultId={study_result_id}")["data"][0]["studyResults"][0]
+
+    def data(self, study_result_id: int) -> str:
+        return self.raw("GET", f"/results/data?studyResultId={study_result_id}&asPlainText=true").decode()
+
+
 @pytest.fixture
 def live_server(config: jatos_lite.Config):
     server = LiveServer(config)

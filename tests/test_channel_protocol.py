@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 import jatos_lite
-from conftest import API_TOKEN, AUTH, LiveServer, free_port, make_jzip
+from conftest import API_TOKEN, LiveServer, RemoteLab, free_port, make_jzip
 
 
 class Member:
@@ -113,18 +113,8 @@ class Member:
         raise AssertionError(f"no answer to patch {action_id}")
 
 
-class Lab:
-    """The researcher's side over the API of a live server."""
-
-    def __init__(self, server: LiveServer):
-        self.base = server.url
-
-    def api(self, method: str, path: str, body: object = None, content_type: str = "application/json") -> dict:
-        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-        request = urllib.request.Request(f"{self.base}/jatos/api/v1{path}", data=data, method=method,
-                                         headers={**AUTH, "Content-Type": content_type})
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return json.loads(response.read())
+class Lab(RemoteLab):
+    """The researcher's side, with group-study shortcuts."""
 
     def study(self, group: bool = False, **batch: object) -> tuple[int, int]:
         """A new study (a group study if asked, batch limits as given): (study ID, batch ID)."""
@@ -132,12 +122,12 @@ class Lab:
                         "maxTotalMembers": None, "maxTotalWorkers": None, "allowedWorkerTypes": ["GeneralMultiple"],
                         "comments": None, "batchInput": None, **batch}
         archive = make_jzip(groupStudy=group, batches=[batch_object], dir_name=f"s{uuid.uuid4().hex[:8]}")
-        study_id = self.api("POST", "/studies", archive, "application/zip")["data"]["id"]
+        study_id = self.import_study(archive)
         batch_id = self.api("GET", f"/studies/{study_id}/batches")["data"][0]["id"]
         return study_id, batch_id
 
     def members(self, study_id: int, count: int) -> list[Member]:
-        code = self.api("POST", f"/studies/{study_id}/studyCodes", {"type": "gm"})["data"][0]
+        code = self.code(study_id)
         return [Member(self.base, code) for _ in range(count)]
 
 
@@ -458,8 +448,7 @@ def test_two_server_processes_deliver_each_others_events(lab: Lab, live_server: 
                 time.sleep(0.1)
         study_id, _ = lab.study(group=True)
         a, = lab.members(study_id, 1)
-        b = Member(f"http://127.0.0.1:{port}", lab.api("POST", f"/studies/{study_id}/studyCodes",
-                                                       {"type": "gm"})["data"][0])
+        b = Member(f"http://127.0.0.1:{port}", lab.code(study_id))
         a.open("group"), b.open("group")
         a.drain("group")
         b.drain("group")
