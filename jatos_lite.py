@@ -2373,6 +2373,7 @@ class ChannelHub:
         self._released: set[int] = set()
         self._tickets = itertools.count()
         self._watcher: threading.Thread | None = None
+        self._stopping = threading.Event()
         self._maintenance_due = 0.0
         self._cleaning_due = time.time() + GROUP_CLEANER_INTERVAL_SECONDS
         store.on_commit.append(self.notify)
@@ -2391,14 +2392,20 @@ class ChannelHub:
         conn = self.store.connect()
         version = conn.execute("PRAGMA data_version").fetchone()[0]
         seen = last_event_id(Db(conn))
-        while True:
-            time.sleep(0.025)
+        while not self._stopping.wait(0.025):
             try:
                 version, seen = self._wake_for_new_events(conn, version, seen)
                 self.maintain()
             except sqlite3.Error:
                 log.exception("channel watcher: database error (retrying)")
                 time.sleep(1)
+        conn.close()
+
+    def stop(self) -> None:
+        """End the watcher (an embedding application or a test shutting its server down)."""
+        self._stopping.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=5)
 
     def _wake_for_new_events(self, conn: sqlite3.Connection, version: int, seen: int) -> tuple[int, int]:
         """Any commit changes data_version, ours too; the events it added tell which scopes to wake."""

@@ -144,6 +144,7 @@ class LiveServer:
     def close(self) -> None:
         self.closing = True
         self.server.close()
+        self.app.config["jatos_lite.hub"].stop()
         self.thread.join(timeout=5)
 
 
