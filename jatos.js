@@ -856,7 +856,7 @@
     api.set = function (name, value, onSuccess, onFail) { return api.add("/" + name, value, onSuccess, onFail); };
     api.setAll = function (value, onSuccess, onFail) { return api.replace("", value, onSuccess, onFail); };
     api.remove = function (path, onSuccess, onFail) { return session.send(patch("remove", path), onSuccess, onFail); };
-    api.clear = function (onSuccess, onFail) { return session.send(patch("replace", "", {}), onSuccess, onFail); };
+    api.clear = function (onSuccess, onFail) { return session.send(patch("remove", "/"), onSuccess, onFail); };
     api.replace = function (path, value, onSuccess, onFail) { return session.send(patch("replace", path, value), onSuccess, onFail); };
     api.copy = function (from, path, onSuccess, onFail) { return session.send(patch("copy", path, undefined, from), onSuccess, onFail); };
     api.move = function (from, path, onSuccess, onFail) { return session.send(patch("move", path, undefined, from), onSuccess, onFail); };
@@ -1180,17 +1180,22 @@
     if (!groupChannelOpen()) return rejected("Can't reassign group. Group channel not open.", onFail);
     if (studyRunInvalid) return rejected("Can't reassign group. This study run is invalid.", onFail);
     groupReassigning = true;
+    var oldGroup = jatos.groupResultId;
     return settled(function (resolve, reject) {
       groupRequest("../group/reassign", 0).then(function (response) {
-        groupReassigning = false;
         if (response.status === 200) {
-          call(onSuccess);
-          resolve();
-        } else {
-          var reason = response.status === 204 ? undefined : "Reassign answered " + response.status;
-          call(onFail, reason);
-          reject(reason);
+          // Beyond JATOS: succeed once the channel has brought the new group (its OPENED), so
+          // jatos.groupResultId and jatos.groupMembers are the new group's in the callbacks.
+          return groupChange(oldGroup).then(function () {
+            groupReassigning = false;
+            call(onSuccess);
+            resolve();
+          });
         }
+        groupReassigning = false;
+        var reason = response.status === 204 ? undefined : "Reassign answered " + response.status;
+        call(onFail, reason);
+        reject(reason);
       }, function (error) {
         groupReassigning = false;
         call(onFail, String(error));
@@ -1198,6 +1203,16 @@
       });
     });
   };
+
+  function groupChange(oldGroup) {
+    return new Promise(function (resolve) {
+      var deadline = Date.now() + jatos.channelSendingTimeoutTime;
+      (function check() {
+        if (jatos.groupResultId !== oldGroup || Date.now() > deadline) resolve();
+        else setTimeout(check, 20);
+      })();
+    });
+  }
 
   jatos.leaveGroup = function (onSuccess, onError) {
     if (groupJoining) return rejected("Can't leave group if not joined yet.", onError);
@@ -1210,6 +1225,8 @@
         groupLeaving = false;
         if (response.status !== 200) throw new Error("Leave answered " + response.status);
         groupKeeper.stop();
+        // The server has closed the conn already; close it here too, before the callbacks.
+        if (groupSession.socket) groupSession.socket.lost();
         call(onSuccess);
         resolve();
       }).catch(function (error) {

@@ -544,7 +544,7 @@ class Db:
 
     def __init__(self, conn: sqlite3.Connection):
         self.conn = conn
-        self.changed_scopes: set[str] = set()
+        self.appended_events: dict[int, str] = {}  # channel event id -> scope
 
     def one(self, sql: str, *args: Any) -> sqlite3.Row | None:
         return self.conn.execute(sql, args).fetchone()
@@ -575,7 +575,9 @@ class Store:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        self.on_commit: list[Callable[[set[str]], None]] = []
+        self._opened: list[sqlite3.Connection] = []
+        self._opened_lock = threading.Lock()
+        self.on_commit: list[Callable[[dict[int, str]], None]] = []
         self._migrate()
 
     def connect(self) -> sqlite3.Connection:
@@ -590,7 +592,17 @@ class Store:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._local.conn = self.connect()
+            with self._opened_lock:
+                self._opened.append(conn)
         return conn
+
+    def close(self) -> None:
+        """Close every thread's connection (for embedding and tests; the server never needs it)."""
+        with self._opened_lock:
+            opened, self._opened = self._opened, []
+        for conn in opened:
+            conn.close()
+        self._local = threading.local()
 
     @contextlib.contextmanager
     def tx(self) -> Iterator[Db]:
@@ -608,7 +620,7 @@ class Store:
             raise
         conn.execute("COMMIT")
         for hook in self.on_commit:
-            hook(db.changed_scopes)
+            hook(db.appended_events)
 
     @contextlib.contextmanager
     def snapshot(self) -> Iterator[Db]:
@@ -1066,9 +1078,10 @@ def last_event_id(db: Db) -> int:
 
 def append_event(db: Db, scope: str, message: dict, recipient: str | None = None,
                  exclude: str | None = None) -> int:
-    db.changed_scopes.add(scope)
-    return db.insert("INSERT INTO channel_events(scope, recipient, exclude, payload, created) VALUES (?, ?, ?, ?, ?)",
-                     scope, recipient, exclude, to_json(message), time.time())
+    event_id = db.insert("INSERT INTO channel_events(scope, recipient, exclude, payload, created) "
+                         "VALUES (?, ?, ?, ?, ?)", scope, recipient, exclude, to_json(message), time.time())
+    db.appended_events[event_id] = scope
+    return event_id
 
 
 def open_conn(db: Db, sr_id: int, kind: str) -> sqlite3.Row | None:
@@ -1997,13 +2010,16 @@ def replay_or_apply(db: Db, sr_uuid: str, request_id: str | None, apply: Callabl
 CHANNEL_HOLD_SECONDS = 20.0
 CONN_STALE_SECONDS = 30.0
 LAST_SEEN_REFRESH_SECONDS = 5.0
-MAINTENANCE_INTERVAL_SECONDS = 5.0
+MAINTENANCE_INTERVAL_SECONDS = 2.0
 GROUP_CLEANER_INTERVAL_SECONDS = 60.0
 GROUP_MEMBER_IDLE_MS = 90_000
 EVENT_RETENTION_SECONDS = 600.0
 MAX_EVENTS_PER_POLL = 500
 HELD_POLLS_PER_BROWSER = 4
 POLL_RETRY_AFTER_MS = 1000  # a poll released to make room asks its page to wait before the next
+# A woken poll waits this long for more events before answering: under a busy group it
+# answers with several events at once instead of one poll per event per member.
+POLL_GATHER_SECONDS = 0.01
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2331,10 +2347,19 @@ def conn_events(db: Db, sr_uuid: str, conn_id: str, cursor: int) -> dict:
     return {"cursor": cursor, "events": []}
 
 
+def conns_to_refresh(db: Db, sr_uuid: str, conn_ids: list[str]) -> list[str]:
+    """The run's open conns among `conn_ids` whose last_seen is old enough to be written again."""
+    return [row[0] for row in db.all(
+        "SELECT id FROM channel_conns WHERE state = 'open' AND last_seen < ? "
+        "AND id IN (SELECT value FROM json_each(?)) "
+        "AND study_result_id = (SELECT id FROM study_results WHERE uuid = ?)",
+        time.time() - LAST_SEEN_REFRESH_SECONDS, to_json(conn_ids), sr_uuid)]
+
+
 def refresh_conns(db: Db, conn_ids: list[str]) -> None:
-    now = time.time()
-    db.run("UPDATE channel_conns SET last_seen = ? WHERE state = 'open' AND last_seen < ? "
-           "AND id IN (SELECT value FROM json_each(?))", now, now - LAST_SEEN_REFRESH_SECONDS, to_json(conn_ids))
+    """A poll showed their page is there: the conns are seen now."""
+    db.run("UPDATE channel_conns SET last_seen = ? WHERE state = 'open' AND id IN (SELECT value FROM json_each(?))",
+           time.time(), to_json(conn_ids))
 
 
 def sweep_channels(db: Db, now: float) -> None:
@@ -2368,9 +2393,11 @@ class ChannelHub:
         self.max_held = max_held
         self.generation = 0
         self._scope_generation: dict[str, int] = {}
-        self._changed = threading.Condition()
-        self._held: dict[int, tuple[str, str]] = {}
+        self._lock = threading.Lock()
+        self._held: dict[int, tuple[str, str]] = {}  # ticket -> (browser, page)
         self._released: set[int] = set()
+        self._waiting: dict[int, tuple[set[str], threading.Event]] = {}  # ticket -> (scopes, wake-up)
+        self._announced: set[int] = set()  # events of our own commits the watcher need not wake for
         self._tickets = itertools.count()
         self._watcher: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -2378,13 +2405,28 @@ class ChannelHub:
         self._cleaning_due = time.time() + GROUP_CLEANER_INTERVAL_SECONDS
         store.on_commit.append(self.notify)
 
-    def notify(self, scopes: set[str]) -> None:
-        if not scopes:
+    def notify(self, events: dict[int, str]) -> None:
+        """Wake the polls held on the scopes of events this process committed."""
+        if not events:
             return
-        with self._changed:
-            self.generation += 1
-            self._scope_generation.update(dict.fromkeys(scopes, self.generation))
-            self._changed.notify_all()
+        with self._lock:
+            if self._watcher is not None:
+                self._announced.update(events)
+            self._wake(set(events.values()))
+
+    def _wake(self, scopes: set[str]) -> None:
+        """(Under the lock.) Only the polls waiting on these scopes wake, not every held thread."""
+        self.generation += 1
+        self._scope_generation.update(dict.fromkeys(scopes, self.generation))
+        for waiting_for, wake_up in self._waiting.values():
+            if waiting_for & scopes:
+                wake_up.set()
+
+    def _release(self, ticket: int) -> None:
+        """(Under the lock.) Answer a held poll at once."""
+        self._released.add(ticket)
+        if ticket in self._waiting:
+            self._waiting[ticket][1].set()
 
     def _watch(self) -> None:
         """Wakes polls for events other processes appended, and runs the maintenance even
@@ -2402,8 +2444,12 @@ class ChannelHub:
         conn.close()
 
     def stop(self) -> None:
-        """End the watcher (an embedding application or a test shutting its server down)."""
+        """End the watcher and answer every held poll (an embedding application or a test
+        shutting its server down)."""
         self._stopping.set()
+        with self._lock:
+            for ticket in self._held:
+                self._release(ticket)
         if self._watcher is not None:
             self._watcher.join(timeout=5)
 
@@ -2414,12 +2460,16 @@ class ChannelHub:
             return version, seen
         rows = conn.execute("SELECT id, scope FROM channel_events WHERE id > ? ORDER BY id", (seen,)).fetchall()
         if rows:
-            self.notify({row["scope"] for row in rows})
+            with self._lock:
+                foreign = {row["scope"] for row in rows if row["id"] not in self._announced}
+                self._announced.difference_update(row["id"] for row in rows)
+                if foreign:
+                    self._wake(foreign)
             seen = rows[-1]["id"]
         return current, seen
 
     def start_watching(self) -> None:
-        with self._changed:
+        with self._lock:
             if self._watcher is None:
                 self._watcher = threading.Thread(target=self._watch, name="jatos-lite-channel-watcher", daemon=True)
                 self._watcher.start()
@@ -2429,31 +2479,40 @@ class ChannelHub:
         """A ticket to hold a poll. Taking it releases (answers at once) the page's previous poll,
         the browser's oldest beyond four (browsers open about six connections per server, and
         the page's data requests need some), and the server's oldest when it holds its maximum."""
-        with self._changed:
+        with self._lock:
             ticket = next(self._tickets)
-            self._released.update(t for t, (b, p) in self._held.items() if p == page)
+            for held, (_, held_page) in self._held.items():
+                if held_page == page:
+                    self._release(held)
             holding = sorted(t for t in self._held if t not in self._released)
             same_browser = [t for t in holding if self._held[t][0] == browser]
             if len(same_browser) >= HELD_POLLS_PER_BROWSER:
-                self._released.add(same_browser[0])
+                self._release(same_browser[0])
             if len(holding) >= self.max_held:
-                self._released.add(holding[0])
+                self._release(holding[0])
             self._held[ticket] = (browser, page)
-            self._changed.notify_all()
         try:
             yield ticket
         finally:
-            with self._changed:
+            with self._lock:
                 self._held.pop(ticket, None)
                 self._released.discard(ticket)
 
-    def wait(self, ticket: int, generation: int, scopes: set[str], timeout: float) -> None:
-        """Until one of `scopes` got events after `generation`, the ticket is released, or timeout."""
-        def woken() -> bool:
-            return ticket in self._released or any(self._scope_generation.get(s, 0) > generation for s in scopes)
+    def wait(self, ticket: int, generation: int, scopes: set[str], timeout: float) -> bool:
+        """Until one of `scopes` got events after `generation` (True), the ticket is released or
+        the timeout passed (False)."""
+        def news() -> bool:
+            return any(self._scope_generation.get(s, 0) > generation for s in scopes)
 
-        with self._changed:
-            self._changed.wait_for(woken, timeout)
+        wake_up = threading.Event()
+        with self._lock:
+            if ticket in self._released or news():
+                return news()
+            self._waiting[ticket] = (scopes, wake_up)
+        wake_up.wait(timeout)
+        with self._lock:
+            self._waiting.pop(ticket, None)
+            return news()
 
     def released(self, ticket: int) -> bool:
         return ticket in self._released
@@ -3329,8 +3388,12 @@ def _catch_jatos_errors(callback: Callable) -> Callable:
 
 
 def _security_headers() -> None:
+    """The headers JATOS's Play filters add to every answer (publix-http.md §11.3); no
+    X-Content-Type-Options, because study assets may rely on sniffing."""
     bottle.response.set_header("X-Frame-Options", "SAMEORIGIN")
     bottle.response.set_header("Referrer-Policy", "origin-when-cross-origin, strict-origin-when-cross-origin")
+    bottle.response.set_header("X-XSS-Protection", "1; mode=block")
+    bottle.response.set_header("X-Permitted-Cross-Domain-Policies", "master-only")
 
 
 def _entry_page(db: Db, code: str | None, query: dict[str, str]) -> str:
@@ -3558,11 +3621,13 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
                                                                    http_only=True, same_site="Lax"))
         return key
 
-    def poll_all(sr: str, wanted: list[tuple[str, int]]) -> tuple[dict, set[str]]:
-        """Each conn's answer, and the scopes whose events would change it."""
+    def poll_all(sr: str, wanted: list[tuple[str, int]]) -> tuple[dict, set[str], list[str]]:
+        """Each conn's answer, the scopes whose events would change it, and the conns whose
+        last_seen is due to be written."""
+        conn_ids = [conn_id for conn_id, _ in wanted]
         with store.snapshot() as db:
             answer = {conn_id: conn_events(db, sr, conn_id, cursor) for conn_id, cursor in wanted}
-            return answer, {conn_scope(db, conn_id) or "" for conn_id, _ in wanted}
+            return answer, {conn_scope(db, conn_id) or "" for conn_id in conn_ids}, conns_to_refresh(db, sr, conn_ids)
 
     @app.get("/publix/<sr>/channels/poll")
     def channel_poll(sr: str) -> str:
@@ -3574,18 +3639,22 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
         deadline = time.monotonic() + hold
         page = _query().get("page") or " ".join(sorted(c for c, _ in wanted))
         with hub.hold(browser_key(), page) as ticket:
+            generation = hub.generation
+            answer, scopes, seen = poll_all(sr, wanted)
+            if seen:  # the page is there now (not necessarily when the answer leaves); most polls write nothing
+                with store.tx() as db:
+                    refresh_conns(db, seen)
             while True:
-                generation = hub.generation
-                answer, scopes = poll_all(sr, wanted)
                 news = any("closed" in a or a["events"] for a in answer.values())
                 remaining = deadline - time.monotonic()
                 if not news and hub.released(ticket):
                     answer["retryAfter"] = POLL_RETRY_AFTER_MS
                 if news or "retryAfter" in answer or remaining <= 0:
                     break
-                hub.wait(ticket, generation, scopes, remaining)
-        with store.tx() as db:
-            refresh_conns(db, [c for c, _ in wanted])
+                if hub.wait(ticket, generation, scopes, remaining):
+                    time.sleep(POLL_GATHER_SECONDS)
+                generation = hub.generation
+                answer, scopes, _ = poll_all(sr, wanted)
         return json_answer(answer)
 
     @app.post("/publix/<sr>/channels/<conn>/send")
@@ -3730,7 +3799,8 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
         path = resources / "jatos.js"
         if not path.is_file():
             _not_found("jatos.js")
-        return send_file(path, "application/javascript; charset=utf-8", cache_control="no-cache")
+        # private as in JATOS (§11.2), and revalidated, so a new jatos-lite's jatos.js is used at once
+        return send_file(path, "application/javascript; charset=utf-8", cache_control="private, no-cache")
 
     app.route("/assets/javascripts/jatos.js", "GET", jatos_js)
     app.route("/assets/lib/jatos-publix/javascripts/jatos.js", "GET", jatos_js)
@@ -4292,9 +4362,26 @@ def serve(config: Config) -> None:
     for warning in storage_warnings(config.data):
         print(f"  WARNING: {warning}")
     print("Press Ctrl+C to stop.", flush=True)
-    waitress.serve(app, host=config.host, port=config.port, threads=config.threads,
-                   connection_limit=max(100, config.threads * 4), max_request_body_size=config.max_archive,
-                   ident="jatos-lite")
+    raise_open_file_limit()
+    waitress.serve(app, host=config.host, port=config.port, threads=config.threads, **WAITRESS_OPTIONS,
+                   connection_limit=max(100, config.threads * 4), max_request_body_size=config.max_archive)
+
+
+# Every worker thread keeps a SQLite connection (three descriptors with WAL), so a full
+# server passes 1024 descriptors: poll() has no such ceiling, select() does.
+WAITRESS_OPTIONS = {"asyncore_use_poll": True, "ident": "jatos-lite"}
+
+
+def raise_open_file_limit() -> None:
+    """Lift the soft limit on open files to the hard limit where the system has one (not Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _serve_options(parser: argparse.ArgumentParser) -> None:

@@ -14,25 +14,14 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import http.cookiejar
-import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import textwrap
 import threading
 import time
-import urllib.parse
-import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from conftest import API_TOKEN, AUTH, free_port, make_jzip  # noqa: E402
+from common import percentile, start, start_jatos_lite, study_runs
 
 THREADS = 64
 
@@ -56,54 +45,15 @@ BASELINE = textwrap.dedent('''
         db.execute("COMMIT")
         start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "0")])
         return [b""]
-    waitress.serve(app, host="127.0.0.1", port=port, threads=threads, connection_limit=1000, _quiet=True)
+    waitress.serve(app, host="127.0.0.1", port=port, threads=threads, connection_limit=1000, _quiet=True,
+                   asyncore_use_poll=True)
 ''')
-
-JATOS_LITE = textwrap.dedent('''
-    import logging, sys, waitress, jatos_lite
-    from pathlib import Path
-    root, port, threads, token = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-    logging.disable(logging.WARNING)
-    config = jatos_lite.Config(studies=root / "studies", data=root / "data", api_token=token, threads=threads)
-    waitress.serve(jatos_lite.create_app(config), host="127.0.0.1", port=port, threads=threads,
-                   connection_limit=1000, _quiet=True)
-''')
-
-
-def start(script: str, *args: str) -> tuple[subprocess.Popen, int]:
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-c", script, args[0], str(port), *args[1:]], cwd=ROOT,
-                               env={**os.environ, "PYTHONPATH": str(ROOT)})
-    for _ in range(200):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=1)
-            break
-        except urllib.error.HTTPError:
-            break
-        except OSError:
-            time.sleep(0.05)
-    return process, port
 
 
 def jatos_lite_targets(port: int, count: int) -> list[tuple[str, dict]]:
     """One study run per client (a General Multiple link each): (resultData path, cookie header)."""
-    base = f"http://127.0.0.1:{port}"
-
-    def api(path: str, body: bytes, content_type: str) -> dict:
-        request = urllib.request.Request(base + "/jatos/api/v1" + path, data=body,
-                                         headers={**AUTH, "Content-Type": content_type})
-        return json.loads(urllib.request.urlopen(request).read())
-
-    study_id = api("/studies", make_jzip(), "application/zip")["data"]["id"]
-    code = api(f"/studies/{study_id}/studyCodes", json.dumps({"type": "gm"}).encode(), "application/json")["data"][0]
-    targets = []
-    for _ in range(count):
-        jar = http.cookiejar.CookieJar()
-        page = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar)).open(f"{base}/publix/{code}")
-        cookies = "; ".join(f"{cookie.name}={cookie.value}" for cookie in jar)
-        targets.append((urllib.parse.urlsplit(page.geturl()).path.rsplit("/", 1)[0] + "/resultData",
-                        {"Cookie": cookies}))
-    return targets
+    return [(page.rsplit("/", 1)[0] + "/resultData", {"Cookie": cookies})
+            for page, cookies in study_runs(port, count)]
 
 
 def load(port: int, targets: list[tuple[str, dict]], seconds: float) -> tuple[float, list[float]]:
@@ -136,11 +86,6 @@ def load(port: int, targets: list[tuple[str, dict]], seconds: float) -> tuple[fl
     return len(flat) / (time.monotonic() - began), flat
 
 
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=3.0)
@@ -150,7 +95,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         baseline, baseline_port = start(BASELINE, str(root / "baseline.sqlite"), str(THREADS))
-        lite, lite_port = start(JATOS_LITE, str(root), str(THREADS), API_TOKEN)
+        lite, lite_port = start_jatos_lite(root, THREADS)
         try:
             targets = jatos_lite_targets(lite_port, max(counts))
             print(f"{'clients':>7} | {'jatos-lite req/s':>16} {'p50 ms':>7} {'p99 ms':>7} | "

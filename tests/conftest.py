@@ -60,8 +60,10 @@ def config(tmp_path: Path) -> jatos_lite.Config:
 
 
 @pytest.fixture
-def store(config: jatos_lite.Config) -> jatos_lite.Store:
-    return jatos_lite.Store(config.db_path)
+def store(config: jatos_lite.Config):
+    store = jatos_lite.Store(config.db_path)
+    yield store
+    store.close()
 
 
 @pytest.fixture
@@ -122,7 +124,8 @@ class LiveServer:
 
         self.config = config
         self.app = jatos_lite.create_app(config)
-        self.server = waitress.server.create_server(self.app, host="127.0.0.1", port=port or free_port(), threads=16)
+        self.server = waitress.server.create_server(self.app, host="127.0.0.1", port=port or free_port(), threads=16,
+                                                    **jatos_lite.WAITRESS_OPTIONS)
         self.url = f"http://127.0.0.1:{self.server.effective_port}"
         self.closing = False
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -142,10 +145,14 @@ class LiveServer:
                 raise
 
     def close(self) -> None:
+        import waitress.wasyncore
+
         self.closing = True
-        self.server.close()
         self.app.config["jatos_lite.hub"].stop()
+        self.server.task_dispatcher.shutdown()
+        waitress.wasyncore.close_all(self.server._map)  # the loop runs while any connection is open
         self.thread.join(timeout=5)
+        self.app.config["jatos_lite.store"].close()
 
 
 class RemoteLab:
@@ -176,6 +183,34 @@ class RemoteLab:
 
     def data(self, study_result_id: int) -> str:
         return self.raw("GET", f"/results/data?studyResultId={study_result_id}&asPlainText=true").decode()
+
+
+class Participant:
+    """A browser tab running the test study, with shortcuts to the server's view of its run."""
+
+    def __init__(self, page, lab: RemoteLab):
+        self.page, self.lab = page, lab
+
+    def ready(self) -> "Participant":
+        self.page.wait_for_function("window.ready !== undefined", timeout=15_000)
+        self.page.evaluate("window.ready")
+        return self
+
+    def js(self, expression: str, arg: object = None) -> object:
+        return self.page.evaluate(expression, arg)
+
+    @property
+    def sr_id(self) -> int:
+        return int(self.js("jatos.studyResultId"))
+
+    def stored(self) -> str:
+        return self.lab.data(self.sr_id)
+
+    def metadata(self) -> dict:
+        return self.lab.metadata(self.sr_id)
+
+    def where(self) -> str:
+        return self.page.locator("#where").inner_text()
 
 
 @pytest.fixture

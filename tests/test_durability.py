@@ -160,7 +160,11 @@ def test_ten_hard_kills_under_load_lose_nothing_acknowledged(folders: Path) -> N
         current = [Participant(server, study_id) for _ in range(3)]
         for page in current:
             page.start()
-        time.sleep(random_moment.uniform(0.3, 1.5))
+        deadline = time.monotonic() + 30
+        while not all(page.files for page in current):  # every kind of write has been acknowledged
+            assert time.monotonic() < deadline, "the load did not get going"
+            time.sleep(0.02)
+        time.sleep(random_moment.uniform(0, 1.2))
         server.kill()
         for page in current:
             page.join(timeout=15)
@@ -168,7 +172,6 @@ def test_ten_hard_kills_under_load_lose_nothing_acknowledged(folders: Path) -> N
         server = ServerProcess(folders)
     try:
         assert sum(len(p.appends) for p in pages) > 300, "the load did not get going"
-        assert all(p.files for p in pages)
         for page in pages:
             page.server = server
             check_nothing_acknowledged_was_lost(folders, page, server)

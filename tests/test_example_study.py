@@ -8,7 +8,6 @@ import json
 import pytest
 
 import jatos_lite
-from conftest import AUTH
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 

@@ -270,6 +270,6 @@ def test_the_server_still_serves_after_everything(scene: Scene) -> None:
                               expect_errors=True)
     scene.browser.post(f"/publix/{scene.sr}/{scene.comp}/resultData", " and more",
                        headers={"Content-Type": "text/plain"})
-    text = scene.client.get(f"/jatos/api/v1/results/data?studyResultId=1&asPlainText=true", headers=AUTH).body
+    text = scene.client.get("/jatos/api/v1/results/data?studyResultId=1&asPlainText=true", headers=AUTH).body
     assert text == b"kept and more\n"
     assert json.loads(scene.client.get("/jatos/api/v1/admin/token", headers=AUTH).body)["data"]

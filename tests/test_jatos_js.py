@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-import jatos_lite
-from conftest import LiveServer, RemoteLab, make_jzip
+from conftest import LiveServer, Participant, RemoteLab, make_jzip
 
 pytest.importorskip("playwright.sync_api")
 
@@ -34,34 +33,6 @@ def jsapi_archive(**study: object) -> bytes:
     files = {path.name: path.read_bytes() for path in ASSETS.iterdir()}
     return make_jzip(title="jatos.js API", dir_name=f"jsapi_{uuid.uuid4().hex[:6]}", components=components,
                      files=files, batches=[{**BATCH, "uuid": str(uuid.uuid4())}], studyInput='{"s":1}', **study)
-
-
-class Participant:
-    """A browser tab running the test study, with shortcuts to the server's view of its run."""
-
-    def __init__(self, page, lab: RemoteLab):
-        self.page, self.lab = page, lab
-
-    def ready(self) -> "Participant":
-        self.page.wait_for_function("window.ready !== undefined", timeout=15_000)
-        self.page.evaluate("window.ready")
-        return self
-
-    def js(self, expression: str, arg: object = None) -> object:
-        return self.page.evaluate(expression, arg)
-
-    @property
-    def sr_id(self) -> int:
-        return int(self.js("jatos.studyResultId"))
-
-    def stored(self) -> str:
-        return self.lab.data(self.sr_id)
-
-    def metadata(self) -> dict:
-        return self.lab.metadata(self.sr_id)
-
-    def where(self) -> str:
-        return self.page.locator("#where").inner_text()
 
 
 @pytest.fixture
@@ -206,6 +177,21 @@ def test_heartbeat_period_can_be_set(participant: Participant) -> None:
     participant.page.on("request", lambda r: beats.append(time.monotonic()) if r.url.endswith("/heartbeat") else None)
     participant.js("jatos.setHeartbeatPeriod(200)")
     participant.page.wait_for_timeout(1200)
+    assert len(beats) >= 3
+
+
+
+def test_the_heartbeat_beats_from_a_worker_while_another_tab_is_in_front(participant: Participant) -> None:
+    """Page timers of background tabs are throttled to once a minute or less; a Web Worker's are not."""
+    page = participant.page
+    assert any(worker.url.startswith("blob:") for worker in page.workers), "the heartbeat runs in a Web Worker"
+    beats: list[float] = []
+    page.on("request", lambda r: beats.append(time.monotonic()) if r.url.endswith("/heartbeat") else None)
+    participant.js("jatos.setHeartbeatPeriod(200)")
+    other = page.context.new_page()
+    other.bring_to_front()
+    print("background page is", participant.js("document.visibilityState"))
+    other.wait_for_timeout(1200)
     assert len(beats) >= 3
 
 

@@ -1,4 +1,4 @@
-from conftest import AUTH, make_jzip
+from conftest import AUTH
 
 
 def test_a_participant_runs_a_study_and_the_data_comes_back(lab, client):

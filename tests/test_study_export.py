@@ -10,7 +10,7 @@ import zipfile
 import webtest
 
 import jatos_lite
-from conftest import AUTH, Lab, make_jzip
+from conftest import AUTH, Lab
 
 ASSETS = {"intro.html": "<p>intro</p>", "lib/deep/x.js": "var x = 1;", "img/ü.png": b"\x89PNG\x00\xff"}
 
