@@ -1,0 +1,125 @@
+"""admin.html in a real browser (the system Chromium, headless) against a real server: sign in,
+import a study, make a link, watch a participant's result appear, filter, export, delete
+(formats-and-api.md, DESIGN.md §2). Screenshots of each view go to test-artifacts/."""
+
+from __future__ import annotations
+
+import http.cookiejar
+import io
+import urllib.parse
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from conftest import API_TOKEN, LiveServer, RemoteLab, make_jzip
+
+pytest.importorskip("playwright.sync_api")
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+HOSTILE = '<script>window.pwned = true</script><img src=x onerror="window.pwned = true">'
+
+
+def participant_run(base: str, link: str, data: str, end: bool = True) -> None:
+    """A participant's browser over plain HTTP: start on the link, send result data, end."""
+    browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+    page = urllib.parse.urlsplit(browser.open(link, timeout=10).geturl()).path
+    component_base = page.rsplit("/", 1)[0]
+    browser.open(urllib.request.Request(base + component_base + "/resultData", data=data.encode(), method="POST",
+                                        headers={"Content-Type": "text/plain"}), timeout=10).read()
+    if end:
+        browser.open(base + component_base.rsplit("/", 1)[0] + "/end", timeout=10).read()
+
+
+@pytest.fixture
+def admin(chromium, live_server: LiveServer):
+    context = chromium.new_context(accept_downloads=True)
+    page = context.new_page()
+    page.goto(f"{live_server.url}/jatos/login?token={API_TOKEN}")
+    page.wait_for_selector("#studies")
+    yield page
+    context.close()
+
+
+def snap(page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"admin_{name}.png"), full_page=True)
+
+
+def test_without_signing_in_the_page_asks_for_the_link(chromium, live_server: LiveServer) -> None:
+    context = chromium.new_context()
+    page = context.new_page()
+    page.goto(f"{live_server.url}/jatos/")
+    page.wait_for_selector("text=Please sign in")
+    context.close()
+
+
+def test_a_researchers_session_from_import_to_delete(admin, live_server: LiveServer, tmp_path: Path) -> None:
+    lab = RemoteLab(live_server)
+    archive = tmp_path / "study.jzip"
+    archive.write_bytes(make_jzip(title='Stroop "A&B"', dir_name="stroop"))
+    admin.set_input_files("#import-file", str(archive))
+    admin.get_by_role("button", name="Import", exact=True).click()
+    title = admin.locator("#studies a", has_text='Stroop "A&B"')
+    title.wait_for()
+    snap(admin, "studies")
+
+    title.click()
+    admin.click("nav.tabs >> text=Links")
+    admin.select_option("#tab select >> nth=0", "gm")
+    admin.get_by_role("button", name="Create links", exact=True).click()
+    admin.locator("#links .link").first.wait_for()
+    link = admin.locator("#links .link").first.inner_text()
+    snap(admin, "links")
+
+    admin.click("nav.tabs >> text=Results")
+    admin.wait_for_selector("#results")
+    participant_run(live_server.url, link, HOSTILE)
+    participant_run(live_server.url, link, "second", end=False)
+    admin.wait_for_selector("#results tr[data-result] >> nth=1", timeout=10_000)  # appears without reloading
+    assert admin.locator("#results tr[data-result]").count() == 2
+    assert admin.locator("#results tr[data-result]").first.inner_text().count("FINISHED") == 1
+
+    admin.fill("#filter", "FINISHED")
+    assert admin.locator("#results tr[data-result]").count() == 1
+    admin.fill("#filter", "")
+    admin.get_by_role("button", name="Select all", exact=True).click()
+
+    admin.locator("#results tr[data-result]").first.get_by_role("button", name="Data").click()
+    admin.wait_for_selector("#results pre")
+    assert HOSTILE in admin.locator("#results pre").first.inner_text()
+    assert admin.evaluate("window.pwned") is None, "result data is shown escaped"
+    snap(admin, "results")
+
+    with admin.expect_download() as download:
+        admin.get_by_role("button", name="Results archive", exact=True).click()
+    with zipfile.ZipFile(io.BytesIO(Path(download.value.path()).read_bytes())) as exported:
+        data = [exported.read(name).decode() for name in exported.namelist() if name.endswith("data.txt")]
+    assert sorted(data) == sorted([HOSTILE, "second"])
+
+    admin.on("dialog", lambda dialog: dialog.accept())
+    admin.get_by_role("button", name="Delete selected", exact=True).click()
+    admin.wait_for_selector("text=Deleted.")
+    admin.wait_for_function("document.querySelectorAll('#results tr[data-result]').length === 0")
+    study_id = lab.api("GET", "/studies/properties")["data"][0]["id"]
+    assert lab.api("GET", f"/results/metadata?studyId={study_id}")["data"] == []
+
+
+def test_properties_and_progress(admin, live_server: LiveServer) -> None:
+    lab = RemoteLab(live_server)
+    study_id = lab.import_study(make_jzip(title="Props", dir_name="props"))
+    admin.goto(f"{live_server.url}/jatos/#study/{study_id}/Properties")
+    admin.wait_for_selector("text=Study input (JSON)")
+    admin.locator("textarea").nth(1).fill("{not json")
+    admin.get_by_role("button", name="Save", exact=True).click()
+    admin.wait_for_selector(".notice.error >> text=not valid JSON")
+    admin.locator("textarea").nth(1).fill('{"level": 2}')
+    admin.get_by_role("button", name="Save", exact=True).click()
+    admin.wait_for_selector(".notice >> text=Saved.")
+    assert lab.api("GET", f"/studies/{study_id}/properties")["data"]["studyInput"] == {"level": 2}
+
+    participant_run(live_server.url, f"{live_server.url}/publix/{lab.code(study_id)}", "x")
+    admin.goto(f"{live_server.url}/jatos/#study/{study_id}/Progress")
+    admin.wait_for_selector("#progress svg >> text=finished: 1")
+    snap(admin, "progress")
