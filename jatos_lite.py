@@ -3384,6 +3384,8 @@ def _catch_jatos_errors(callback: Callable) -> Callable:
             return callback(*args, **kwargs)
         except JatosError as exc:
             return _render_error(exc)
+        except UnicodeDecodeError:  # bottle decodes header values as UTF-8 when they are read
+            return _render_error(JatosError(400, "A request header or the body is not valid UTF-8."))
     return wrapper
 
 

@@ -273,3 +273,10 @@ def test_the_server_still_serves_after_everything(scene: Scene) -> None:
     text = scene.client.get("/jatos/api/v1/results/data?studyResultId=1&asPlainText=true", headers=AUTH).body
     assert text == b"kept and more\n"
     assert json.loads(scene.client.get("/jatos/api/v1/admin/token", headers=AUTH).body)["data"]
+
+
+def test_a_header_that_is_not_utf8_is_400(scene) -> None:
+    """Bottle decodes header values as UTF-8 when they are read; bytes that are not must not crash a request."""
+    response = scene.client.post(f"/publix/{scene.sr}/{scene.comp}/resultData", b"x",
+                                 headers={"Content-Type": "text/plain", "X-Request-Id": "caf\xe9"}, status=400)
+    assert "UTF-8" in response.text

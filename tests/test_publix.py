@@ -1008,3 +1008,11 @@ def test_publix_answers_carry_plays_default_xss_and_cross_domain_headers(lab: La
 def test_pages_that_run_study_code_have_no_content_security_policy(lab: Lab, answer: str) -> None:
     """§11.3: jatos-lite must not put a restrictive CSP on the component start page or the end page."""
     assert "Content-Security-Policy" not in publix_answers(lab)[answer].headers
+
+
+@pytest.mark.parametrize("channel", ["batch/open", "group/join"])
+def test_a_websocket_attempt_at_a_channel_gets_a_clean_400(lab: Lab, channel: str) -> None:
+    """§8.11: a client trying a WebSocket gives up at once; jatos-lite's channels open with POST."""
+    _, run = make_run(lab)
+    response = run.browser.get(run.url(channel), status=400)
+    assert "POST" in response.text

@@ -1,0 +1,134 @@
+"""A scripted participant completes a three-component study through every kind of link, and
+everything it sent comes back through the results API byte-identical, in the formats of
+formats-and-api.md §2 (combined archive, metadata, data as ZIP and text, files, one file),
+selected by query or JSON body; a repeated request id is applied once; delete removes it all."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+
+import pytest
+import webtest
+
+from conftest import AUTH, Lab
+
+TEXT = {"Content-Type": "text/plain; charset=UTF-8"}
+COMPONENTS = [{"title": f"Part {n}", "htmlFilePath": f"p{n}.html"} for n in (1, 2, 3)]
+
+
+def upload(browser: webtest.TestApp, base: str, name: str, content: bytes) -> None:
+    browser.post(f"{base}/files/{name}", upload_files=[("file", name, content)], status=200)
+
+
+def complete_study(browser: webtest.TestApp, start_url: str, tag: str) -> str:
+    """Run all three components: submit, append (one retried), a study session, an upload each; end
+    with a message. Returns the study result UUID."""
+    page = browser.get(start_url, status=303).follow()
+    sr, first = page.request.path.split("/")[2:4]
+    components = [c["uuid"] for c in browser.get(f"/publix/{sr}/{first}/initData").json["componentList"]]
+    for number, component in enumerate(components, start=1):
+        if number > 1:
+            browser.get(f"/publix/{sr}/{component}/start", status=200)
+        base = f"/publix/{sr}/{component}"
+        browser.put(f"{base}/resultData", f"{tag}-{number}:".encode(), headers=TEXT)
+        for piece in ("é", "ü", "é"):  # the second "é" repeats the first one's request id: a retry
+            browser.post(f"{base}/resultData", piece.encode(), headers={**TEXT, "X-Request-Id": f"{tag}{number}{piece!a}"})
+        browser.post(f"/publix/{sr}/studySessionData", json.dumps({"at": number}), headers=TEXT)
+        upload(browser, base, f"file{number}.bin", bytes([number]) * 1000)
+    browser.get(f"/publix/{sr}/end?successful=true&message=done+{tag}", status=303)
+    return sr
+
+
+@pytest.fixture
+def finished(lab: Lab, client: webtest.TestApp) -> dict:
+    """One study, completed once through each of PS, PM, GS, GM and the researcher's test run."""
+    study = lab.study(components=COMPONENTS)
+    runs = {}
+    for kind in ("ps", "pm", "gs", "gm"):
+        runs[kind] = complete_study(webtest.TestApp(client.app), f"/publix/{lab.code(study['id'], kind)}", kind)
+    researcher = webtest.TestApp(client.app)
+    lab.sign_in(researcher)
+    runs["jatos"] = complete_study(researcher, researcher.get(f"/jatos/{study['id']}/run", status=303).location
+                                   .replace("http://localhost:80", ""), "jatos")
+    return {"study": study, "runs": runs}
+
+
+def expected_data(tag: str, number: int) -> str:
+    return f"{tag}-{number}:éü"
+
+
+def test_metadata_has_every_run_finished_with_its_message_and_files(client: webtest.TestApp, finished: dict) -> None:
+    meta = client.get(f"/jatos/api/v1/results/metadata?studyId={finished['study']['id']}", headers=AUTH).json
+    results = meta["data"][0]["studyResults"]
+    assert {(r["workerType"], r["studyState"], r["message"]) for r in results} == {
+        (kind, "FINISHED", f"done {tag}") for kind, tag in
+        [("PersonalSingle", "ps"), ("PersonalMultiple", "pm"), ("GeneralSingle", "gs"), ("GeneralMultiple", "gm"),
+         ("Jatos", "jatos")]}
+    for result in results:
+        assert [c["componentState"] for c in result["componentResults"]] == ["FINISHED"] * 3
+        assert [[f["filename"] for f in c["files"]] for c in result["componentResults"]] == \
+            [["file1.bin"], ["file2.bin"], ["file3.bin"]]
+        assert result["endDate"] >= result["startDate"]
+
+
+def test_the_combined_archive_gives_back_every_byte(client: webtest.TestApp, finished: dict) -> None:
+    response = client.get(f"/jatos/api/v1/results?studyId={finished['study']['id']}", headers=AUTH)
+    assert response.content_type == "application/zip"
+    with zipfile.ZipFile(io.BytesIO(response.body)) as archive:
+        names = archive.namelist()
+        assert names[-1] == "metadata.json" and not any(name.endswith("/") for name in names)
+        metadata = json.loads(archive.read("metadata.json"))
+        uuid_to_tag = {sr: tag for tag, sr in finished["runs"].items()}
+        for result in metadata["data"][0]["studyResults"]:
+            tag = uuid_to_tag[result["uuid"]]
+            for number, component in enumerate(result["componentResults"], start=1):
+                folder = f"study_result_{result['id']}/comp-result_{component['id']}"
+                assert archive.read(f"{folder}/data.txt").decode() == expected_data(tag, number)
+                assert archive.read(f"{folder}/files/file{number}.bin") == bytes([number]) * 1000
+
+
+def test_plain_text_data_has_one_line_per_component_result(client: webtest.TestApp, finished: dict) -> None:
+    text = client.get(f"/jatos/api/v1/results/data?studyId={finished['study']['id']}&asPlainText=true",
+                      headers=AUTH).text
+    assert sorted(text.splitlines()) == sorted(expected_data(tag, n) for tag in finished["runs"] for n in (1, 2, 3))
+
+
+def test_selectors_by_query_and_by_json_body_agree(client: webtest.TestApp, finished: dict) -> None:
+    meta = client.get(f"/jatos/api/v1/results/metadata?studyId={finished['study']['id']}", headers=AUTH).json
+    first = meta["data"][0]["studyResults"][0]
+    ids = [c["id"] for c in first["componentResults"]]
+    by_query = client.get("/jatos/api/v1/results/data?" + "&".join(f"componentResultId={i}" for i in ids),
+                          headers=AUTH)
+    by_body = client.post_json("/jatos/api/v1/results/data", {"componentResultIds": ids}, headers=AUTH)
+    by_range = client.post_json("/jatos/api/v1/results/data", {"componentResultIds": f"{ids[0]} - {ids[-1]}"},
+                                headers=AUTH)
+    with zipfile.ZipFile(io.BytesIO(by_query.body)) as a, zipfile.ZipFile(io.BytesIO(by_body.body)) as b, \
+            zipfile.ZipFile(io.BytesIO(by_range.body)) as c:
+        assert sorted(a.namelist()) == sorted(b.namelist()) == sorted(c.namelist())
+        assert len(a.namelist()) == 3 and all(name.endswith("data.txt") for name in a.namelist())
+
+
+def test_files_zip_and_a_single_file(client: webtest.TestApp, finished: dict) -> None:
+    meta = client.get(f"/jatos/api/v1/results/metadata?studyId={finished['study']['id']}", headers=AUTH).json
+    component = meta["data"][0]["studyResults"][0]["componentResults"][1]
+    files = client.get(f"/jatos/api/v1/results/files?componentResultId={component['id']}", headers=AUTH)
+    with zipfile.ZipFile(io.BytesIO(files.body)) as archive:
+        assert [archive.read(name) for name in archive.namelist()] == [bytes([2]) * 1000]
+    single = client.get(f"/jatos/api/v1/results/files/file2.bin?componentResultId={component['id']}", headers=AUTH)
+    assert single.body == bytes([2]) * 1000
+
+
+def test_deleting_a_run_removes_its_data_and_files_only(client: webtest.TestApp, finished: dict) -> None:
+    study_id = finished["study"]["id"]
+    meta = client.get(f"/jatos/api/v1/results/metadata?studyId={study_id}", headers=AUTH).json
+    doomed, kept = meta["data"][0]["studyResults"][:2]
+    client.post_json("/jatos/api/v1/results/delete", {"studyResultIds": [doomed["id"]]}, headers=AUTH)
+    left = client.get(f"/jatos/api/v1/results/metadata?studyId={study_id}", headers=AUTH).json
+    assert [r["id"] for r in left["data"][0]["studyResults"]] == \
+        [r["id"] for r in meta["data"][0]["studyResults"][1:]]
+    client.get(f"/jatos/api/v1/results/files/file1.bin?componentResultId={doomed['componentResults'][0]['id']}",
+               headers=AUTH, status=404)
+    client.get(f"/jatos/api/v1/results/files/file1.bin?componentResultId={kept['componentResults'][0]['id']}",
+               headers=AUTH, status=200)
