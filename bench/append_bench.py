@@ -16,38 +16,13 @@ import argparse
 import http.client
 import statistics
 import tempfile
-import textwrap
 import threading
 import time
 from pathlib import Path
 
-from common import percentile, start, start_jatos_lite, study_runs
+from common import BASELINE, percentile, start, start_jatos_lite, study_runs
 
 THREADS = 64
-
-BASELINE = textwrap.dedent('''
-    import logging, sqlite3, sys, threading, waitress
-    logging.disable(logging.WARNING)
-    path, port, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    local = threading.local()
-    def connection():
-        if not hasattr(local, "db"):
-            local.db = sqlite3.connect(path, isolation_level=None, timeout=30)
-            local.db.execute("PRAGMA journal_mode=WAL")
-            local.db.execute("PRAGMA synchronous=FULL")
-        return local.db
-    connection().execute("CREATE TABLE IF NOT EXISTS appends (run TEXT, data TEXT)")
-    def app(environ, start_response):
-        body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
-        db = connection()
-        db.execute("BEGIN IMMEDIATE")
-        db.execute("INSERT INTO appends VALUES (?, ?)", (environ["PATH_INFO"], body.decode()))
-        db.execute("COMMIT")
-        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "0")])
-        return [b""]
-    waitress.serve(app, host="127.0.0.1", port=port, threads=threads, connection_limit=1000, _quiet=True,
-                   asyncore_use_poll=True)
-''')
 
 
 def jatos_lite_targets(port: int, count: int) -> list[tuple[str, dict]]:

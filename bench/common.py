@@ -34,6 +34,33 @@ JATOS_LITE = textwrap.dedent('''
 ''')
 
 
+# argv = database file, port, threads. The least a server that keeps data must do: store each
+# request body as a row, one committed transaction per request (WAL, synchronous=FULL).
+BASELINE = textwrap.dedent('''
+    import logging, sqlite3, sys, threading, waitress
+    logging.disable(logging.WARNING)
+    path, port, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    local = threading.local()
+    def connection():
+        if not hasattr(local, "db"):
+            local.db = sqlite3.connect(path, isolation_level=None, timeout=30)
+            local.db.execute("PRAGMA journal_mode=WAL")
+            local.db.execute("PRAGMA synchronous=FULL")
+        return local.db
+    connection().execute("CREATE TABLE IF NOT EXISTS requests (path TEXT, body BLOB)")
+    def app(environ, start_response):
+        body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+        db = connection()
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("INSERT INTO requests VALUES (?, ?)", (environ["PATH_INFO"], body))
+        db.execute("COMMIT")
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "0")])
+        return [b""]
+    waitress.serve(app, host="127.0.0.1", port=port, threads=threads, connection_limit=2000, _quiet=True,
+                   asyncore_use_poll=True, max_request_body_size=2 ** 31)
+''')
+
+
 def start(script: str, *args: str) -> tuple[subprocess.Popen, int]:
     """Run a server script (argv: args[0], a free port, the other args); return once it answers."""
     port = free_port()

@@ -20,38 +20,14 @@ import json
 import re
 import statistics
 import tempfile
-import textwrap
 import threading
 import time
 from pathlib import Path
 
-from common import AUTH, percentile, start, start_jatos_lite, study_runs
+from common import AUTH, BASELINE, percentile, start, start_jatos_lite, study_runs
 
 THREADS = 320  # what `serve` uses
 
-BASELINE = textwrap.dedent('''
-    import logging, sqlite3, sys, threading, waitress
-    logging.disable(logging.WARNING)
-    path, port, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    local = threading.local()
-    def connection():
-        if not hasattr(local, "db"):
-            local.db = sqlite3.connect(path, isolation_level=None, timeout=30)
-            local.db.execute("PRAGMA journal_mode=WAL")
-            local.db.execute("PRAGMA synchronous=FULL")
-        return local.db
-    connection().execute("CREATE TABLE IF NOT EXISTS requests (path TEXT, body BLOB)")
-    def app(environ, start_response):
-        body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
-        db = connection()
-        db.execute("BEGIN IMMEDIATE")
-        db.execute("INSERT INTO requests VALUES (?, ?)", (environ["PATH_INFO"], body))
-        db.execute("COMMIT")
-        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "0")])
-        return [b""]
-    waitress.serve(app, host="127.0.0.1", port=port, threads=threads, connection_limit=2000, _quiet=True,
-                   asyncore_use_poll=True, max_request_body_size=2 ** 31)
-''')
 
 BOUNDARY = "labbenchboundary"
 
