@@ -4386,6 +4386,69 @@ def raise_open_file_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def write_download(chunks: Iterable[bytes], target: Path) -> int:
+    """Write a streamed export durably (a broken export never looks finished); on a
+    terminal, a running count of what is written. Returns the size."""
+    if not sys.stderr.isatty():
+        return write_file_durably(target, chunks)
+
+    def counted() -> Iterator[bytes]:
+        written = 0
+        for chunk in chunks:
+            written += len(chunk)
+            print(f"\r  {human_bytes(written)} written", end="", file=sys.stderr, flush=True)
+            yield chunk
+        print(file=sys.stderr)
+
+    return write_file_durably(target, counted())
+
+
+def export_results(store: Store, config: Config, study_key: str, target: Path) -> int:
+    """`jatos-lite export`: the study's combined results archive (as the GUI exports it)."""
+    with store.snapshot() as db:
+        study = find_study(db, study_key)
+        cr_ids = select_component_results(db, {**{key: set() for key in SELECTORS}, "studyId": {study["id"]}})
+    return write_download(results_archive(store, config, cr_ids, api_call=False), target)
+
+
+def export_study(store: Store, config: Config, study_key: str, target: Path) -> int:
+    """`jatos-lite export-study`: the .jzip that JATOS (and jatos-lite) import."""
+    with store.snapshot() as db:
+        jas = study_jas(db, find_study(db, study_key))
+    return write_download(study_archive(config, jas), target)
+
+
+def backup(store: Store, config: Config, target: Path) -> int:
+    """`jatos-lite backup`: one ZIP with a consistent copy of the database (SQLite's online
+    backup, safe while a server writes), the uploaded result files and the study folders."""
+    with tempfile.TemporaryDirectory(dir=config.data) as scratch:
+        copy = Path(scratch) / "jatos.sqlite"
+        source, destination = store.connect(), sqlite3.connect(copy)
+        try:
+            source.backup(destination)
+        finally:
+            destination.close()
+            source.close()
+        entries = [("data/jatos.sqlite", _file_chunks(copy))]
+        for folder, prefix in ((config.uploads, "data/result_uploads"), (config.studies, "studies")):
+            entries += [(f"{prefix}/{path.relative_to(folder).as_posix()}", _file_chunks(path))
+                        for path in sorted(folder.rglob("*")) if path.is_file()]
+        return write_download(zip_stream(entries), target)
+
+
+def token_command(store: Store, action: str, name: str, token_id: int | None) -> None:
+    """`jatos-lite token create|list|revoke`."""
+    with store.tx() as db:
+        if action == "create":
+            print(mint_api_token(db, name)[1])
+        elif action == "list":
+            for row in db.all("SELECT * FROM api_tokens ORDER BY id"):
+                state = "active" if row["active"] else "revoked"
+                print(f"{row['id']:>4}  {state:<8} {_csv_time(row['creation_date'], '')}  {row['name']}")
+        elif token_id is None or not db.run("UPDATE api_tokens SET active = 0 WHERE id = ?", token_id):
+            raise JatosError(404, f"No API token with ID {token_id} (see 'jatos-lite token list').")
+
+
 def _serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", help="address to listen on (default 0.0.0.0: every network)")
     parser.add_argument("--port", type=int, help="port to listen on (default 9000)")
@@ -4419,8 +4482,20 @@ def build_parser() -> argparse.ArgumentParser:
     links_parser.add_argument("--count", type=int, default=1, help="how many personal links (default 1)")
     links_parser.add_argument("--batch", help="batch ID (default: the study's first batch)")
     links_parser.add_argument("--comment", help="comment stored with personal links' workers")
-    token_parser = commands.add_parser("token", help="mint an API token and print it")
+    for name, help_text in (("export", "write a study's results archive (data, files, metadata)"),
+                            ("export-study", "write a study archive (.jzip) that JATOS imports")):
+        export_parser = commands.add_parser(name, help=help_text)
+        _folder_options(export_parser)
+        export_parser.add_argument("study", help="study ID, UUID or folder name")
+        export_parser.add_argument("-o", "--output", type=Path, required=True, help="file to write")
+    backup_parser = commands.add_parser("backup", help="copy the database, result files and studies into one ZIP "
+                                                       "(safe while a server runs)")
+    _folder_options(backup_parser)
+    backup_parser.add_argument("-o", "--output", type=Path, required=True, help="file to write")
+    token_parser = commands.add_parser("token", help="API tokens: create (default; printed once), list, revoke ID")
     _folder_options(token_parser)
+    token_parser.add_argument("action", nargs="?", choices=["create", "list", "revoke"], default="create")
+    token_parser.add_argument("id", nargs="?", type=int, help="the token to revoke")
     token_parser.add_argument("--name", default="command line", help="a name to recognise the token by")
     return parser
 
@@ -4453,8 +4528,14 @@ def main(argv: list[str] | None = None) -> int:
             for code in codes:
                 print(f"{base}/publix/{code}")
         elif args.command == "token":
-            with Store(config.db_path).tx() as db:
-                print(mint_api_token(db, args.name)[1])
+            token_command(Store(config.db_path), args.action, args.name, args.id)
+        elif args.command in ("export", "export-study"):
+            write = export_results if args.command == "export" else export_study
+            size = write(Store(config.db_path), config, args.study, args.output)
+            print(f"Wrote {args.output} ({human_bytes(size)})")
+        elif args.command == "backup":
+            size = backup(Store(config.db_path), config, args.output)
+            print(f"Wrote {args.output} ({human_bytes(size)}): database, result files and studies")
     except JatosError as exc:
         print(f"jatos-lite: {exc.message}", file=sys.stderr)
         return 1

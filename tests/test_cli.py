@@ -3,11 +3,14 @@ table says, and `import`, `links` and `token` on the same folders, also while a 
 
 from __future__ import annotations
 
+import json
 import re
+import sqlite3
 import subprocess
 import sys
 import urllib.parse
 import urllib.request
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -105,3 +108,71 @@ def test_the_module_runs_as_a_script() -> None:
     done = subprocess.run([sys.executable, str(ROOT / "jatos_lite.py"), "--version"], capture_output=True,
                           text=True, timeout=60)
     assert done.stdout.strip() == f"jatos-lite {jatos_lite.__version__}"
+
+
+@pytest.fixture
+def lab_with_a_result(tmp_path: Path) -> jatos_lite.Config:
+    """Folders holding one study with one finished run: data and an uploaded file."""
+    config = jatos_lite.Config(studies=tmp_path / "studies", data=tmp_path / "data", api_token="t" * 20)
+    app = webtest.TestApp(jatos_lite.create_app(config))
+    token = {"Authorization": "Bearer " + "t" * 20}
+    study_id = app.post("/jatos/api/v1/studies", make_jzip(title="Exported", dir_name="exported"),
+                        headers={**token, "Content-Type": "application/zip"}).json["data"]["id"]
+    code = app.post_json(f"/jatos/api/v1/studies/{study_id}/studyCodes", {"type": "gm"}, headers=token).json["data"][0]
+    page = app.get(f"/publix/{code}", status=303).follow()
+    base = page.request.path.rsplit("/", 1)[0]
+    app.post(base + "/resultData", b"answers", headers={"Content-Type": "text/plain"})
+    app.post(base + "/files/photo.bin", upload_files=[("file", "photo.bin", b"\x00\x01" * 500)])
+    return config
+
+
+def test_export_writes_the_results_archive(lab_with_a_result: jatos_lite.Config, tmp_path: Path, capsys) -> None:
+    target = tmp_path / "results.zip"
+    paths = ["--studies", str(lab_with_a_result.studies), "--data", str(lab_with_a_result.data)]
+    assert jatos_lite.main(["export", "exported", "-o", str(target), *paths]) == 0
+    with zipfile.ZipFile(target) as archive:
+        names = archive.namelist()
+        assert names[-1] == "metadata.json" and "apiVersion" not in json.loads(archive.read("metadata.json"))
+        assert [archive.read(n) for n in names if n.endswith("data.txt")] == [b"answers"]
+        assert [archive.read(n) for n in names if n.endswith("photo.bin")] == [b"\x00\x01" * 500]
+
+
+def test_export_study_writes_an_archive_that_imports_elsewhere(lab_with_a_result: jatos_lite.Config,
+                                                               tmp_path: Path, capsys) -> None:
+    target = tmp_path / "study.jzip"
+    paths = ["--studies", str(lab_with_a_result.studies), "--data", str(lab_with_a_result.data)]
+    assert jatos_lite.main(["export-study", "exported", "-o", str(target), *paths]) == 0
+    assert jatos_lite.main(["import", str(target), *folders(tmp_path / "elsewhere")]) == 0
+    assert "Imported study 'Exported'" in capsys.readouterr().out
+
+
+def test_backup_while_a_server_runs_holds_database_files_and_studies(live_server: LiveServer, tmp_path: Path) -> None:
+    lab = RemoteLab(live_server)
+    study_id = lab.import_study(make_jzip(title="Backed up", dir_name="backed_up"))
+    urllib.request.urlopen(f"{live_server.url}/publix/{lab.code(study_id)}", timeout=10).read()
+    target = tmp_path / "backup.zip"
+    paths = ["--studies", str(live_server.config.studies), "--data", str(live_server.config.data)]
+    assert jatos_lite.main(["backup", "-o", str(target), *paths]) == 0
+    with zipfile.ZipFile(target) as archive:
+        names = set(archive.namelist())
+        assert "studies/backed_up/c1.html" in names
+        (tmp_path / "restored.sqlite").write_bytes(archive.read("data/jatos.sqlite"))
+    restored = sqlite3.connect(tmp_path / "restored.sqlite")
+    assert restored.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert restored.execute("SELECT COUNT(*) FROM study_results").fetchone()[0] == 1
+    restored.close()
+
+
+def test_tokens_are_created_listed_and_revoked(tmp_path: Path, capsys) -> None:
+    assert jatos_lite.main(["token", "create", "--name", "analysis script", *folders(tmp_path)]) == 0
+    token = capsys.readouterr().out.strip()
+    assert jatos_lite.main(["token", "list", *folders(tmp_path)]) == 0
+    listed = capsys.readouterr().out
+    assert "active" in listed and "analysis script" in listed and token not in listed
+    token_id = listed.split()[0]
+    assert jatos_lite.main(["token", "revoke", token_id, *folders(tmp_path)]) == 0
+    assert "revoked" in (jatos_lite.main(["token", "list", *folders(tmp_path)]) or capsys.readouterr().out)
+    api = webtest.TestApp(jatos_lite.create_app(jatos_lite.Config(studies=tmp_path / "studies",
+                                                                  data=tmp_path / "data")))
+    api.get("/jatos/api/v1/admin/token", headers={"Authorization": f"Bearer {token}"}, status=401)
+    assert jatos_lite.main(["token", "revoke", "999", *folders(tmp_path)]) == 1
