@@ -3082,6 +3082,78 @@ def results_plain_text(store: Store, cr_ids: list[int]) -> Iterator[bytes]:
         conn.close()
 
 
+CSV_ID_COLUMNS = ["studyResultId", "componentResultId", "componentId", "workerId", "batchId"]
+
+
+def data_rows(data: str) -> list[dict[str, Any]]:
+    """The rows of result data that is a table: CSV with a header line (jsPsych's .csv(),
+    appended chunks may repeat the header), or JSON arrays of flat objects (lab.js; appends
+    one after another). Anything else has no rows."""
+    text = data.strip()
+    if not text:
+        return []
+    if text[0] in "[{":
+        return _json_rows(text)
+    lines = text.splitlines()
+    header = lines[0]
+    body = "\n".join(line for line in lines[1:] if line != header)
+    with contextlib.suppress(csv.Error):
+        return list(csv.DictReader(io.StringIO(header + "\n" + body)))
+    return []
+
+
+def _json_rows(text: str) -> list[dict[str, Any]]:
+    decoder, rows, position = json.JSONDecoder(), [], 0
+    while position < len(text):
+        try:
+            value, position = decoder.raw_decode(text, position)
+        except ValueError:
+            return []
+        values = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, dict) and all(not isinstance(x, (dict, list)) for x in v.values()) for v in values):
+            return []
+        rows += values
+        while position < len(text) and text[position] in " \t\r\n,":
+            position += 1
+    return rows
+
+
+def _csv_value(value: Any) -> Any:
+    """JSON's spelling for JSON's values: null is empty, booleans are true/false."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value
+
+
+def results_csv(store: Store, cr_ids: list[int]) -> Iterator[bytes]:
+    """jatos-lite: tabular result data of the selection merged into one CSV, the JATOS IDs in
+    the leading columns and the union of the data's columns after them (first seen first).
+    Two passes over the rows, so memory holds the column names, not the data."""
+    conn = store.connect()
+    sql = ("SELECT cr.study_result_id, cr.id, cr.component_id, sr.worker_id, sr.batch_id, cr.data "
+           "FROM component_results cr JOIN study_results sr ON sr.id = cr.study_result_id "
+           "WHERE cr.id IN (SELECT value FROM json_each(?)) AND cr.data IS NOT NULL ORDER BY cr.id")
+    try:
+        columns: dict[str, None] = {}
+        for row in conn.execute(sql, (to_json(cr_ids),)):
+            for record in data_rows(row[5]):
+                columns.update(dict.fromkeys(record))
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(CSV_ID_COLUMNS + [c for c in columns if c not in CSV_ID_COLUMNS])
+        for row in conn.execute(sql, (to_json(cr_ids),)):
+            for record in data_rows(row[5]):
+                writer.writerow(list(row[:5]) + [_csv_value(record.get(c)) for c in columns if c not in CSV_ID_COLUMNS])
+            yield buffer.getvalue().encode("utf-8")
+            buffer.seek(0)
+            buffer.truncate()
+        yield buffer.getvalue().encode("utf-8")
+    finally:
+        conn.close()
+
+
 def result_file(db: Db, config: Config, filename: str, cr_id_text: str | None) -> Path:
     if not cr_id_text or not cr_id_text.isdigit():
         raise JatosError(400, "componentResultId is required and must be a number")
@@ -4152,6 +4224,10 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
     def api_results_data() -> Any:
         cr_ids = selected_results()
         query = _query()
+        if query.get("format") == "csv":
+            bottle.response.content_type = "text/csv; charset=utf-8"
+            download("data_", "csv")
+            return results_csv(store, cr_ids)
         if _flag(query, "asPlainText", False):
             bottle.response.content_type = "text/plain; charset=UTF-8"
             if _flag(query, "download", False):

@@ -5,6 +5,7 @@ selected by query or JSON body; a repeated request id is applied once; delete re
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import zipfile
@@ -12,6 +13,7 @@ import zipfile
 import pytest
 import webtest
 
+import jatos_lite
 from conftest import AUTH, Lab
 
 TEXT = {"Content-Type": "text/plain; charset=UTF-8"}
@@ -132,3 +134,35 @@ def test_deleting_a_run_removes_its_data_and_files_only(client: webtest.TestApp,
                headers=AUTH, status=404)
     client.get(f"/jatos/api/v1/results/files/file1.bin?componentResultId={kept['componentResults'][0]['id']}",
                headers=AUTH, status=200)
+
+
+# --- jatos-lite: tabular data merged into one CSV (beyond JATOS, #297) -----------------------------
+
+
+@pytest.mark.parametrize("data, rows", [
+    ('rt,key\n350,f\n420,j\n', [{"rt": "350", "key": "f"}, {"rt": "420", "key": "j"}]),
+    ('rt,key\n350,f\nrt,key\n420,j', [{"rt": "350", "key": "f"}, {"rt": "420", "key": "j"}]),
+    ('[{"rt": 350, "ok": true}]\n[{"rt": 420, "ok": false}]', [{"rt": 350, "ok": True}, {"rt": 420, "ok": False}]),
+    ('{"rt": 1}{"rt": 2}', [{"rt": 1}, {"rt": 2}]),
+    ('[{"nested": {"a": 1}}]', []),
+    ('[1, 2, 3]', []),
+    ('{"broken": ', []),
+    ('', []),
+])
+def test_tabular_data_is_recognised(data: str, rows: list[dict]) -> None:
+    assert jatos_lite.data_rows(data) == rows
+
+
+def test_csv_and_json_data_merge_into_one_csv_with_the_ids_first(lab: Lab, client: webtest.TestApp) -> None:
+    study = lab.study()
+    code = lab.code(study["id"], "gm")
+    for data in ("trial,rt\n1,350\n2,420\n", '[{"trial": 1, "rt": 500, "correct": true}]', "free text"):
+        browser = webtest.TestApp(client.app)
+        base = browser.get(f"/publix/{code}", status=303).follow().request.path.rsplit("/", 1)[0]
+        browser.post(f"{base}/resultData", data.encode(), headers=TEXT)
+    response = client.get(f"/jatos/api/v1/results/data?studyId={study['id']}&format=csv", headers=AUTH)
+    assert response.content_type == "text/csv"
+    table = list(csv.reader(io.StringIO(response.text)))
+    assert table[0] == jatos_lite.CSV_ID_COLUMNS + ["trial", "rt", "correct"]
+    assert [row[5:] for row in table[1:]] == [["1", "350", ""], ["2", "420", ""], ["1", "500", "true"]]
+    assert table[1][:2] == table[2][:2] != table[3][:2], "each row carries its study and component result IDs"
