@@ -3037,6 +3037,19 @@ METADATA_CSV_COLUMNS = ["Quota reached", "Result ID", "UUID", "Study code", "Sta
                         "MTurk confirmation code", "Group ID", "Files", "State", "Message"]
 
 
+def csv_chunks(header: list[str], row_groups: Iterable[list[list[Any]]]) -> Iterator[bytes]:
+    """CSV in UTF-8, one chunk per group of rows, so a stream holds one group at a time."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    for rows in row_groups:
+        writer.writerows(rows)
+        yield buffer.getvalue().encode("utf-8")
+        buffer.seek(0)
+        buffer.truncate()
+    yield buffer.getvalue().encode("utf-8")
+
+
 def _csv_time(ms: int | None, empty: str) -> str:
     return empty if ms is None else datetime.datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S")
 
@@ -3057,15 +3070,9 @@ def results_metadata_csv(store: Store, config: Config, cr_ids: list[int]) -> Ite
     """jatos-lite: the results metadata as CSV, one row per study result, streamed."""
     conn = store.connect()
     try:
-        line = io.StringIO()
-        writer = csv.writer(line)
-        writer.writerow(METADATA_CSV_COLUMNS)
-        for sr_rows in _grouped(conn.execute(_EXPORT_SQL.format(data=""), (to_json(cr_ids),)), "sr_id"):
-            writer.writerow(_metadata_csv_row(config, sr_rows))
-            yield line.getvalue().encode("utf-8")
-            line.seek(0)
-            line.truncate()
-        yield line.getvalue().encode("utf-8")
+        yield from csv_chunks(METADATA_CSV_COLUMNS, (
+            [_metadata_csv_row(config, sr_rows)]
+            for sr_rows in _grouped(conn.execute(_EXPORT_SQL.format(data=""), (to_json(cr_ids),)), "sr_id")))
     finally:
         conn.close()
 
@@ -3140,16 +3147,10 @@ def results_csv(store: Store, cr_ids: list[int]) -> Iterator[bytes]:
         for row in conn.execute(sql, (to_json(cr_ids),)):
             for record in data_rows(row[5]):
                 columns.update(dict.fromkeys(record))
-        buffer = io.StringIO()
-        writer = csv.writer(buffer)
-        writer.writerow(CSV_ID_COLUMNS + [c for c in columns if c not in CSV_ID_COLUMNS])
-        for row in conn.execute(sql, (to_json(cr_ids),)):
-            for record in data_rows(row[5]):
-                writer.writerow(list(row[:5]) + [_csv_value(record.get(c)) for c in columns if c not in CSV_ID_COLUMNS])
-            yield buffer.getvalue().encode("utf-8")
-            buffer.seek(0)
-            buffer.truncate()
-        yield buffer.getvalue().encode("utf-8")
+        data_columns = [c for c in columns if c not in CSV_ID_COLUMNS]
+        yield from csv_chunks(CSV_ID_COLUMNS + data_columns, (
+            [list(row[:5]) + [_csv_value(record.get(c)) for c in data_columns] for record in data_rows(row[5])]
+            for row in conn.execute(sql, (to_json(cr_ids),))))
     finally:
         conn.close()
 
