@@ -123,3 +123,28 @@ def test_properties_and_progress(admin, live_server: LiveServer) -> None:
     admin.goto(f"{live_server.url}/jatos/#study/{study_id}/Progress")
     admin.wait_for_selector("#progress svg >> text=finished: 1")
     snap(admin, "progress")
+
+
+@pytest.mark.parametrize("text, version", [("hello", 1), ("http://192.168.1.20:9000/publix/AbCdEfGhIjK", 4),
+                                           ("http://10.0.0.2:9000/publix/" + "x" * 100, 8),
+                                           ("é" * 100, 10)])
+def test_qr_codes_match_a_reference_encoder_for_every_mask(admin, text: str, version: int) -> None:
+    """The page's own QR encoder against python-qrcode, module for module (byte mode, level M)."""
+    qrcode = pytest.importorskip("qrcode")
+    for mask in range(8):
+        reference = qrcode.QRCode(error_correction=qrcode.constants.ERROR_CORRECT_M, mask_pattern=mask, border=0)
+        reference.add_data(qrcode.util.QRData(text.encode(), mode=qrcode.util.MODE_8BIT_BYTE))
+        reference.make(fit=True)
+        assert reference.version == version
+        ours = admin.evaluate("([text, mask]) => qrMatrix(text, mask)", [text, mask])
+        assert ours == [[bool(module) for module in row] for row in reference.get_matrix()], f"mask {mask}"
+
+
+def test_each_link_has_a_qr_code(admin, live_server: LiveServer) -> None:
+    lab = RemoteLab(live_server)
+    study_id = lab.import_study(make_jzip(title="QR", dir_name="qr"))
+    lab.code(study_id, "gm")
+    admin.goto(f"{live_server.url}/jatos/#study/{study_id}/Links")
+    admin.get_by_role("button", name="QR").first.click()
+    admin.wait_for_selector("#links svg.qr")
+    snap(admin, "qr")
