@@ -564,19 +564,28 @@ class Db:
 
 
 class Store:
-    """The SQLite database: WAL mode, a connection per thread, one transaction per request.
+    """The SQLite database: WAL mode, one transaction per request, on a connection borrowed
+    from a small pool.
 
-    A transaction starts with BEGIN IMMEDIATE, so writers queue on SQLite's lock (with a
-    busy timeout) instead of failing half-way; a request is answered only after COMMIT.
+    A transaction starts with BEGIN IMMEDIATE, so writers of other processes queue on
+    SQLite's lock (with a busy timeout) instead of failing half-way; a request is answered
+    only after COMMIT.
     Several processes may share the file (the CLI while a server runs, or several servers).
+    The pool, not one connection per thread, bounds memory and descriptors: a server has
+    hundreds of threads (held channel polls), and each connection keeps its own page cache,
+    parsed schema and three open files.
     """
+
+    MAX_CONNECTIONS = 24
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._local = threading.local()
+        self._idle: list[sqlite3.Connection] = []
         self._opened: list[sqlite3.Connection] = []
         self._opened_lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(self.MAX_CONNECTIONS)
+        self._writer = threading.Lock()
         self.on_commit: list[Callable[[dict[int, str]], None]] = []
         self._migrate()
 
@@ -588,26 +597,43 @@ class Store:
         conn.execute("PRAGMA foreign_keys=ON")
         return conn
 
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._local.conn = self.connect()
+    @contextlib.contextmanager
+    def _borrowed(self) -> Iterator[sqlite3.Connection]:
+        """A pooled connection for one transaction; the most recently used first (warm cache)."""
+        with self._slots:
             with self._opened_lock:
-                self._opened.append(conn)
-        return conn
+                conn = self._idle.pop() if self._idle else None
+            if conn is None:
+                conn = self.connect()
+                with self._opened_lock:
+                    self._opened.append(conn)
+            try:
+                yield conn
+            finally:
+                if conn.in_transaction:  # a failed COMMIT: never hand on an open transaction
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                with self._opened_lock:
+                    self._idle.append(conn)
 
     def close(self) -> None:
-        """Close every thread's connection (for embedding and tests; the server never needs it)."""
+        """Close every connection (for embedding and tests; the server never needs it)."""
         with self._opened_lock:
-            opened, self._opened = self._opened, []
+            opened, self._opened, self._idle = self._opened, [], []
         for conn in opened:
             conn.close()
-        self._local = threading.local()
 
     @contextlib.contextmanager
     def tx(self) -> Iterator[Db]:
-        """A write transaction: committed when the block ends, rolled back on any exception."""
-        conn = self._conn()
+        """A write transaction: committed when the block ends, rolled back on any exception.
+        Writers of this process queue on a lock before taking a connection: SQLite's own
+        queue (a busy handler sleeping up to 100 ms between tries) is unfair and leaves the
+        lock idle, which made the slowest requests seconds slow under load."""
+        with self._writer, self._borrowed() as conn, self._transaction(conn) as db:
+            yield db
+
+    @contextlib.contextmanager
+    def _transaction(self, conn: sqlite3.Connection) -> Iterator[Db]:
         conn.execute("BEGIN IMMEDIATE")
         db = Db(conn)
         try:
@@ -625,12 +651,12 @@ class Store:
     @contextlib.contextmanager
     def snapshot(self) -> Iterator[Db]:
         """A read transaction: one consistent view of the data, no write lock taken."""
-        conn = self._conn()
-        conn.execute("BEGIN")
-        try:
-            yield Db(conn)
-        finally:
-            conn.execute("COMMIT")
+        with self._borrowed() as conn:
+            conn.execute("BEGIN")
+            try:
+                yield Db(conn)
+            finally:
+                conn.execute("COMMIT")
 
     def _migrate(self) -> None:
         conn = self.connect()
@@ -4446,8 +4472,8 @@ def serve(config: Config) -> None:
                    connection_limit=max(100, config.threads * 4), max_request_body_size=config.max_archive)
 
 
-# Every worker thread keeps a SQLite connection (three descriptors with WAL), so a full
-# server passes 1024 descriptors: poll() has no such ceiling, select() does.
+# A full server keeps more than 1024 sockets open (the connection limit is four per thread
+# for a few hundred participants' polls and requests): poll() has no such ceiling, select() does.
 WAITRESS_OPTIONS = {"asyncore_use_poll": True, "ident": "jatos-lite"}
 
 
