@@ -568,16 +568,15 @@ class Store:
     """The SQLite database: WAL mode, one transaction per request, on a connection borrowed
     from a small pool.
 
-    A transaction starts with BEGIN IMMEDIATE, so writers of other processes queue on
-    SQLite's lock (with a busy timeout) instead of failing half-way; a request is answered
-    only after COMMIT.
+    A transaction starts with BEGIN IMMEDIATE, so writers queue on SQLite's lock (with a
+    busy timeout) instead of failing half-way; a request is answered only after COMMIT.
     Several processes may share the file (the CLI while a server runs, or several servers).
     The pool, not one connection per thread, bounds memory and descriptors: a server has
     hundreds of threads (held channel polls), and each connection keeps its own page cache,
     parsed schema and three open files.
     """
 
-    MAX_CONNECTIONS = 24
+    MAX_CONNECTIONS = 64
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -586,7 +585,6 @@ class Store:
         self._opened: list[sqlite3.Connection] = []
         self._opened_lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(self.MAX_CONNECTIONS)
-        self._writer = threading.Lock()
         self.on_commit: list[Callable[[dict[int, str]], None]] = []
         self._migrate()
 
@@ -626,11 +624,8 @@ class Store:
 
     @contextlib.contextmanager
     def tx(self) -> Iterator[Db]:
-        """A write transaction: committed when the block ends, rolled back on any exception.
-        Writers of this process queue on a lock before taking a connection: SQLite's own
-        queue (a busy handler sleeping up to 100 ms between tries) is unfair and leaves the
-        lock idle, which made the slowest requests seconds slow under load."""
-        with self._writer, self._borrowed() as conn, self._transaction(conn) as db:
+        """A write transaction: committed when the block ends, rolled back on any exception."""
+        with self._borrowed() as conn, self._transaction(conn) as db:
             yield db
 
     @contextlib.contextmanager
