@@ -692,6 +692,7 @@ SINGLE_TYPES = ("PersonalSingle", "GeneralSingle")
 MTURK_TYPES = ("MT", "MTSandbox")
 JATOS_WORKER_ID = 1
 ADMIN_USER = {"id": 1, "username": "admin"}
+API_TOKEN_SECONDS = 3600  # JATOS's jatos.api.tokens.apiGeneration.expiresAfter
 RESERVED_DIR_NAMES = {"jatos", "publix", "public", "assets", "study_assets_root", "study_assets"}
 _HTML_FILE_PATH = re.compile(r"^[\w\d_-][\w\d/_-]*\.[\w\d_-]+$", re.ASCII)
 _HTML_MARKUP = re.compile(r"<\s*/?\s*[A-Za-z!][^>]*>")
@@ -4007,6 +4008,55 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
     @api("/admin/token")
     def api_token(db: Db, token: dict) -> str:
         return envelope(token)
+
+    def find_token(db: Db, token_id: str) -> sqlite3.Row:
+        row = db.one("SELECT * FROM api_tokens WHERE id = ?", int(token_id)) if token_id.isdigit() else None
+        if row is None or row["name"] == "sign-in link":
+            raise JatosError(404, f"Token {token_id} doesn't exist.", "NOT_FOUND")
+        return row
+
+    def check_user(user_id: str) -> None:
+        if user_id != str(ADMIN_USER["id"]):
+            raise JatosError(404, f"User {user_id} doesn't exist.", "NOT_FOUND")
+
+    @api("/users/<user_id>/tokens")
+    def api_tokens_list(db: Db, token: dict, user_id: str) -> str:
+        check_user(user_id)
+        return envelope([token_metadata(row) for row in
+                         db.all("SELECT * FROM api_tokens WHERE name <> 'sign-in link' ORDER BY id")])
+
+    @api("/users/<user_id>/tokens", "POST")
+    def api_token_create(db: Db, token: dict, user_id: str) -> str:
+        """As JATOS: tokens made through the API expire after an hour, unless (jatos-lite)
+        `expiresAfter` says otherwise in seconds (0: never)."""
+        check_user(user_id)
+        body = strict_body(_json_body(required=True), {"name", "expiresAfter"}, "token")
+        name, expires_after = body.get("name"), body.get("expiresAfter", API_TOKEN_SECONDS)
+        if not isinstance(name, str) or not name.strip() or name == "sign-in link":
+            raise JatosError(400, "A token needs a 'name'", "INVALID_REQUEST")
+        if not isinstance(expires_after, int) or isinstance(expires_after, bool) or expires_after < 0:
+            raise JatosError(400, "'expiresAfter' is a number of seconds (0: never)", "INVALID_REQUEST")
+        token_id, secret = mint_api_token(db, name.strip(), expires_after or None)
+        bottle.response.status = 201
+        return envelope({**token_metadata(_row(db, "api_tokens", token_id)), "token": secret})
+
+    @api("/tokens/<token_id>")
+    def api_token_read(db: Db, token: dict, token_id: str) -> str:
+        return envelope(token_metadata(find_token(db, token_id)))
+
+    @api("/tokens/<token_id>", "PATCH")
+    def api_token_activate(db: Db, token: dict, token_id: str) -> str:
+        body = _json_body(required=True)
+        if not isinstance(body, dict) or not isinstance(body.get("active"), bool):
+            raise JatosError(400, 'Send {"active": true} or {"active": false}', "INVALID_REQUEST")
+        row = find_token(db, token_id)
+        db.run("UPDATE api_tokens SET active = ? WHERE id = ?", body["active"], row["id"])
+        return envelope({"id": row["id"], "active": body["active"]})
+
+    @api("/tokens/<token_id>", "DELETE")
+    def api_token_delete(db: Db, token: dict, token_id: str) -> str:
+        db.run("DELETE FROM api_tokens WHERE id = ?", find_token(db, token_id)["id"])
+        return envelope(message="Token deleted successfully")
 
     @app.get(API_PREFIX + "/admin/session")
     def api_admin_session() -> str:
