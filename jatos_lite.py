@@ -26,6 +26,7 @@ import csv
 import dataclasses
 import datetime
 import decimal
+import functools
 import hashlib
 import hmac
 import html
@@ -4147,6 +4148,75 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
             delete_study_rows(db, config, study)
         shutil.rmtree(config.studies / study["dir_name"], ignore_errors=True)
         return envelope(message="Study deleted successfully")
+
+    # --- API: study assets (formats-and-api.md §3.6) ---------------------------------
+
+    def assets_folder(study_id: str) -> Path:
+        """The study's folder, once the caller is authenticated (a change needs the CSRF header)."""
+        with store.snapshot() as db:
+            authenticate(db)
+            return config.studies / find_study(db, study_id)["dir_name"]
+
+    def asset_path(folder: Path, filepath: str) -> Path:
+        path = confined_path(folder, urllib.parse.unquote(filepath))
+        if path is None:
+            raise JatosError(400, f"Invalid file path '{filepath}'", "CLIENT_ERROR")
+        return path
+
+    def asset_node(root: Path, path: Path) -> dict:
+        info = path.stat()
+        node = {"name": path.name, "path": path.relative_to(root).as_posix(),
+                "type": "directory" if path.is_dir() else "file" if path.is_file() else "other",
+                "creation": int(info.st_ctime * 1000), "lastModified": int(info.st_mtime * 1000),
+                "size": info.st_size}
+        if path.is_file():
+            with open(path, "rb") as source:
+                node["checksum"] = functools.reduce(lambda value, chunk: zlib.adler32(chunk, value),
+                                                    read_chunks(source), 1)
+        elif path.is_dir():
+            node["content"] = [asset_node(root, child) for child in sorted(path.iterdir())]
+        return node
+
+    @app.get(API_PREFIX + "/studies/<study_id>/assets/structure")
+    def api_assets_structure(study_id: str) -> str:
+        folder = assets_folder(study_id)
+        tree = asset_node(folder, folder)
+        if _flag(_query(), "flatten", False):
+            return envelope([asset_node(folder, path) for path in sorted(folder.rglob("*")) if path.is_file()])
+        return envelope(tree)
+
+    @app.get(API_PREFIX + "/studies/<study_id>/assets/<filepath:path>")
+    def api_asset_download(study_id: str, filepath: str) -> Any:
+        path = asset_path(assets_folder(study_id), filepath)
+        if not path.is_file():
+            raise JatosError(404, f"File '{filepath}' doesn't exist.", "NOT_FOUND")
+        return send_file(path, content_type_for(path), "attachment")
+
+    def api_asset_upload(study_id: str, filepath: str = "") -> str:
+        folder = assets_folder(study_id)
+        part = bottle.request.files.get("studyAssetsFile") if (bottle.request.content_type or "").startswith(
+            "multipart/form-data") else None
+        if part is None:
+            raise JatosError(400, "Send the file as multipart part 'studyAssetsFile'", "MISSING_FILE")
+        name = urllib.parse.unquote(filepath)
+        target = asset_path(folder, name + part.raw_filename if name in ("", "/") or name.endswith("/") else name)
+        if target.is_dir():
+            raise JatosError(400, f"'{filepath}' is a directory", "FILE_ALREADY_EXISTS")
+        existed = target.is_file()
+        write_file_durably(target, read_chunks(part.file))
+        bottle.response.status = 200 if existed else 201
+        return envelope(message="File overwritten successfully" if existed else "File uploaded successfully")
+
+    app.route(API_PREFIX + "/studies/<study_id>/assets", "POST", api_asset_upload)
+    app.route(API_PREFIX + "/studies/<study_id>/assets/<filepath:path>", "POST", api_asset_upload)
+
+    @app.delete(API_PREFIX + "/studies/<study_id>/assets/<filepath:path>")
+    def api_asset_delete(study_id: str, filepath: str) -> str:
+        path = asset_path(assets_folder(study_id), filepath)
+        if not path.is_file():
+            raise JatosError(404, f"File '{filepath}' doesn't exist.", "NOT_FOUND")
+        path.unlink()
+        return envelope(message="File deleted successfully")
 
     @app.get(API_PREFIX + "/studies/<study_id>")
     def api_export_study(study_id: str) -> Any:
