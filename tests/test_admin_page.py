@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import http.cookiejar
 import io
+import json
+import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
@@ -148,3 +150,39 @@ def test_each_link_has_a_qr_code(admin, live_server: LiveServer) -> None:
     admin.get_by_role("button", name="QR").first.click()
     admin.wait_for_selector("#links svg.qr")
     snap(admin, "qr")
+
+
+def test_study_files_upload_list_and_delete(admin, live_server: LiveServer, tmp_path: Path) -> None:
+    lab = RemoteLab(live_server)
+    study_id = lab.import_study(make_jzip(title="Files", dir_name="files_study"))
+    admin.goto(f"{live_server.url}/jatos/#study/{study_id}/Files")
+    admin.wait_for_selector("#assets >> text=c1.html")
+    (tmp_path / "stimuli.csv").write_text("word\nhouse\n")
+    admin.set_input_files("#asset-file", str(tmp_path / "stimuli.csv"))
+    admin.fill("#asset-folder", "lists")
+    admin.get_by_role("button", name="Upload", exact=True).click()
+    admin.wait_for_selector("#assets >> text=lists/stimuli.csv")
+    assert lab.raw("GET", f"/studies/{study_id}/assets/lists/stimuli.csv") == b"word\nhouse\n"
+    snap(admin, "files")
+    admin.on("dialog", lambda dialog: dialog.accept())
+    admin.locator("#assets tr", has_text="lists/stimuli.csv").get_by_role("button", name="Delete").click()
+    admin.wait_for_function("!document.querySelector('#assets').textContent.includes('stimuli.csv')")
+
+
+def test_api_tokens_are_made_shown_once_and_deactivated(admin, live_server: LiveServer) -> None:
+    admin.goto(f"{live_server.url}/jatos/#tokens")
+    admin.fill("#token-name", "jatosR")
+    admin.get_by_role("button", name="Create token (never expires)").click()
+    token = admin.locator("#new-token .link").inner_text()
+    request = urllib.request.Request(f"{live_server.url}/jatos/api/v1/admin/token",
+                                     headers={"Authorization": f"Bearer {token}"})
+    assert json.loads(urllib.request.urlopen(request, timeout=10).read())["data"]["name"] == "jatosR"
+    admin.locator("#tokens tr", has_text="jatosR").locator("input[type=checkbox]").uncheck()
+    lab = RemoteLab(live_server)
+    for _ in range(100):  # until the page's PATCH has been committed
+        if not lab.api("GET", "/users/1/tokens")["data"][0]["active"]:
+            break
+        admin.wait_for_timeout(50)
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    assert refused.value.code == 401
