@@ -694,6 +694,7 @@ MTURK_TYPES = ("MT", "MTSandbox")
 JATOS_WORKER_ID = 1
 ADMIN_USER = {"id": 1, "username": "admin"}
 API_TOKEN_SECONDS = 3600  # JATOS's jatos.api.tokens.apiGeneration.expiresAfter
+SIGN_IN_TOKEN_NAME = "sign-in link"  # the token of the printed admin link, renewed at every start
 RESERVED_DIR_NAMES = {"jatos", "publix", "public", "assets", "study_assets_root", "study_assets"}
 _HTML_FILE_PATH = re.compile(r"^[\w\d_-][\w\d/_-]*\.[\w\d_-]+$", re.ASCII)
 _HTML_MARKUP = re.compile(r"<\s*/?\s*[A-Za-z!][^>]*>")
@@ -2975,54 +2976,60 @@ def _dos_time(moment: time.struct_time) -> tuple[int, int]:
             max(moment.tm_year - 1980, 0) << 9 | moment.tm_mon << 5 | moment.tm_mday)
 
 
+def _gathered(pieces: Iterable[bytes], size: int = 1 << 20) -> Iterator[bytes]:
+    """Small pieces joined into chunks of about `size` bytes (fewer, larger writes)."""
+    buffer = bytearray()
+    for piece in pieces:
+        buffer += piece
+        if len(buffer) >= size:
+            yield bytes(buffer)
+            buffer.clear()
+    yield bytes(buffer)
+
+
 def zip_stream(entries: Iterable[tuple[str, Iterable[bytes]]]) -> Iterator[bytes]:
     """A deflated ZIP produced while it is sent, in pieces of about 1 MiB: each entry's
     sizes and CRC follow its data (a data descriptor), and the central directory is kept as
     packed bytes, about 60 bytes plus the name per entry. ZIP64 end records when there are
     65,535 entries or more, or the archive passes 4 GiB; a single entry must stay under
     4 GiB (uploads and result data are far smaller)."""
+    return _gathered(_zip_pieces(entries))
+
+
+def _zip_pieces(entries: Iterable[tuple[str, Iterable[bytes]]]) -> Iterator[bytes]:
     dos_time, dos_date = _dos_time(time.localtime())
-    directory, out = bytearray(), bytearray()
+    directory = bytearray()
     offset = count = 0
     for name, chunks in entries:
         encoded = name.encode("utf-8")
-        out += struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0x0808, 8, dos_time, dos_date, 0, 0, 0,
-                           len(encoded), 0) + encoded
-        start = offset
-        offset += 30 + len(encoded)
-        compressor, crc, size = zlib.compressobj(6, zlib.DEFLATED, -15), 0, 0
+        header = struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0x0808, 8, dos_time, dos_date, 0, 0, 0,
+                             len(encoded), 0) + encoded
+        yield header
+        compressor, crc, size, packed_size = zlib.compressobj(6, zlib.DEFLATED, -15), 0, 0, 0
         for chunk in chunks:
             crc, size = zlib.crc32(chunk, crc), size + len(chunk)
             packed = compressor.compress(chunk)
-            out += packed
-            offset += len(packed)
-            if len(out) >= 1 << 20:
-                yield bytes(out)
-                out.clear()
+            packed_size += len(packed)
+            yield packed
         packed = compressor.flush()
-        out += packed
-        offset += len(packed)
-        packed_size = offset - start - 30 - len(encoded)
+        packed_size += len(packed)
+        yield packed
         if size >= ZIP64_LIMIT or packed_size >= ZIP64_LIMIT:
             raise JatosError(500, f"{name} is too large for this archive (4 GiB per file)")
-        out += struct.pack("<IIII", 0x08074B50, crc, packed_size, size)
-        offset += 16
-        extra = struct.pack("<HHQ", 1, 8, start) if start >= ZIP64_LIMIT else b""
+        yield struct.pack("<IIII", 0x08074B50, crc, packed_size, size)
+        extra = struct.pack("<HHQ", 1, 8, offset) if offset >= ZIP64_LIMIT else b""
         directory += struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 45 if extra else 20, 45 if extra else 20,
                                  0x0808, 8, dos_time, dos_date, crc, packed_size, size, len(encoded), len(extra),
-                                 0, 0, 0, 0, min(start, ZIP64_LIMIT)) + encoded + extra
+                                 0, 0, 0, 0, min(offset, ZIP64_LIMIT)) + encoded + extra
+        offset += len(header) + packed_size + 16
         count += 1
-        if len(out) >= 1 << 20:
-            yield bytes(out)
-            out.clear()
-    out += directory
+    yield bytes(directory)
     if count >= 0xFFFF or offset >= ZIP64_LIMIT or len(directory) >= ZIP64_LIMIT:
-        out += struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, count, count, len(directory), offset)
-        out += struct.pack("<IIQI", 0x07064B50, 0, offset + len(directory), 1)
-        out += struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 0xFFFF, 0xFFFF, ZIP64_LIMIT, ZIP64_LIMIT, 0)
+        yield struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, count, count, len(directory), offset)
+        yield struct.pack("<IIQI", 0x07064B50, 0, offset + len(directory), 1)
+        yield struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 0xFFFF, 0xFFFF, ZIP64_LIMIT, ZIP64_LIMIT, 0)
     else:
-        out += struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, count, count, len(directory), offset, 0)
-    yield bytes(out)
+        yield struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, count, count, len(directory), offset, 0)
 
 
 def _file_chunks(path: Path) -> Iterator[bytes]:
@@ -3770,7 +3777,7 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
                 if hub.wait(ticket, generation, scopes, remaining):
                     time.sleep(POLL_GATHER_SECONDS)
                 generation = hub.generation
-                answer, scopes, _ = poll_all(sr, wanted)
+                answer, scopes, _ = poll_all(sr, wanted)  # a held page is seen at its next poll, not now
         return json_answer(answer)
 
     @app.post("/publix/<sr>/channels/<conn>/send")
@@ -4012,7 +4019,7 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
 
     def find_token(db: Db, token_id: str) -> sqlite3.Row:
         row = db.one("SELECT * FROM api_tokens WHERE id = ?", int(token_id)) if token_id.isdigit() else None
-        if row is None or row["name"] == "sign-in link":
+        if row is None or row["name"] == SIGN_IN_TOKEN_NAME:
             raise JatosError(404, f"Token {token_id} doesn't exist.", "NOT_FOUND")
         return row
 
@@ -4024,7 +4031,7 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
     def api_tokens_list(db: Db, token: dict, user_id: str) -> str:
         check_user(user_id)
         return envelope([token_metadata(row) for row in
-                         db.all("SELECT * FROM api_tokens WHERE name <> 'sign-in link' ORDER BY id")])
+                         db.all("SELECT * FROM api_tokens WHERE name <> ? ORDER BY id", SIGN_IN_TOKEN_NAME)])
 
     @api("/users/<user_id>/tokens", "POST")
     def api_token_create(db: Db, token: dict, user_id: str) -> str:
@@ -4033,7 +4040,7 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
         check_user(user_id)
         body = strict_body(_json_body(required=True), {"name", "expiresAfter"}, "token")
         name, expires_after = body.get("name"), body.get("expiresAfter", API_TOKEN_SECONDS)
-        if not isinstance(name, str) or not name.strip() or name == "sign-in link":
+        if not isinstance(name, str) or not name.strip() or name == SIGN_IN_TOKEN_NAME:
             raise JatosError(400, "A token needs a 'name'", "INVALID_REQUEST")
         if not isinstance(expires_after, int) or isinstance(expires_after, bool) or expires_after < 0:
             raise JatosError(400, "'expiresAfter' is a number of seconds (0: never)", "INVALID_REQUEST")
@@ -4158,9 +4165,15 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
             return config.studies / find_study(db, study_id)["dir_name"]
 
     def asset_path(folder: Path, filepath: str) -> Path:
-        path = confined_path(folder, urllib.parse.unquote(filepath))
+        path = confined_path(folder, filepath)
         if path is None:
             raise JatosError(400, f"Invalid file path '{filepath}'", "CLIENT_ERROR")
+        return path
+
+    def existing_asset(study_id: str, filepath: str) -> Path:
+        path = asset_path(assets_folder(study_id), filepath)
+        if not path.is_file():
+            raise JatosError(404, f"File '{filepath}' doesn't exist.", "NOT_FOUND")
         return path
 
     def asset_node(root: Path, path: Path) -> dict:
@@ -4180,16 +4193,13 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
     @app.get(API_PREFIX + "/studies/<study_id>/assets/structure")
     def api_assets_structure(study_id: str) -> str:
         folder = assets_folder(study_id)
-        tree = asset_node(folder, folder)
         if _flag(_query(), "flatten", False):
             return envelope([asset_node(folder, path) for path in sorted(folder.rglob("*")) if path.is_file()])
-        return envelope(tree)
+        return envelope(asset_node(folder, folder))
 
     @app.get(API_PREFIX + "/studies/<study_id>/assets/<filepath:path>")
     def api_asset_download(study_id: str, filepath: str) -> Any:
-        path = asset_path(assets_folder(study_id), filepath)
-        if not path.is_file():
-            raise JatosError(404, f"File '{filepath}' doesn't exist.", "NOT_FOUND")
+        path = existing_asset(study_id, filepath)
         return send_file(path, content_type_for(path), "attachment")
 
     def api_asset_upload(study_id: str, filepath: str = "") -> str:
@@ -4198,8 +4208,8 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
             "multipart/form-data") else None
         if part is None:
             raise JatosError(400, "Send the file as multipart part 'studyAssetsFile'", "MISSING_FILE")
-        name = urllib.parse.unquote(filepath)
-        target = asset_path(folder, name + part.raw_filename if name in ("", "/") or name.endswith("/") else name)
+        target = asset_path(folder, filepath + part.raw_filename if filepath in ("", "/") or filepath.endswith("/")
+                            else filepath)
         if target.is_dir():
             raise JatosError(400, f"'{filepath}' is a directory", "FILE_ALREADY_EXISTS")
         existed = target.is_file()
@@ -4212,10 +4222,7 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
 
     @app.delete(API_PREFIX + "/studies/<study_id>/assets/<filepath:path>")
     def api_asset_delete(study_id: str, filepath: str) -> str:
-        path = asset_path(assets_folder(study_id), filepath)
-        if not path.is_file():
-            raise JatosError(404, f"File '{filepath}' doesn't exist.", "NOT_FOUND")
-        path.unlink()
+        existing_asset(study_id, filepath).unlink()
         return envelope(message="File deleted successfully")
 
     @app.get(API_PREFIX + "/studies/<study_id>")
@@ -4570,8 +4577,8 @@ def _resolve_study(store: Store, key: str) -> sqlite3.Row:
 def mint_sign_in_token(store: Store) -> str:
     """A fresh token for this server start's sign-in link; earlier sign-in tokens stop working."""
     with store.tx() as db:
-        db.run("UPDATE api_tokens SET active = 0 WHERE name = 'sign-in link'")
-        return mint_api_token(db, "sign-in link")[1]
+        db.run("UPDATE api_tokens SET active = 0 WHERE name = ?", SIGN_IN_TOKEN_NAME)
+        return mint_api_token(db, SIGN_IN_TOKEN_NAME)[1]
 
 
 def serve(config: Config) -> None:
