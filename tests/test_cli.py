@@ -176,3 +176,20 @@ def test_tokens_are_created_listed_and_revoked(tmp_path: Path, capsys) -> None:
                                                                   data=tmp_path / "data")))
     api.get("/jatos/api/v1/admin/token", headers={"Authorization": f"Bearer {token}"}, status=401)
     assert jatos_lite.main(["token", "revoke", "999", *folders(tmp_path)]) == 1
+
+
+def test_the_banner_names_the_sign_in_link_every_lan_address_and_the_folders(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    import waitress
+
+    served = {}
+    monkeypatch.setattr(waitress, "serve", lambda app, **options: served.update(options))
+    monkeypatch.setattr(jatos_lite, "lan_addresses", lambda: ["192.168.4.20", "10.0.0.7"])
+    assert jatos_lite.main(["serve", *folders(tmp_path), "--port", "9123"]) == 0
+    out = capsys.readouterr().out
+    assert "http://localhost:9123/jatos/login?token=jap_" in out
+    for address in ("192.168.4.20", "10.0.0.7"):
+        assert f"http://{address}:9123/publix/run" in out
+    assert str((tmp_path / "data").resolve()) in out and str((tmp_path / "studies").resolve()) in out
+    assert "Example study link:" in out
+    assert served["port"] == 9123 and served["threads"] == 320 and served["asyncore_use_poll"] is True

@@ -350,3 +350,14 @@ def test_a_closed_tab_is_closed_for_the_others(lab: Lab) -> None:
     assert seen(a, "onMemberLeave") == []
     assert a.js("jatos.groupChannels") == [a.js("jatos.groupMemberId")]
     assert sorted(a.js("jatos.groupMembers")) == sorted([a.js("jatos.groupMemberId"), b_id, c_id])
+
+
+def test_a_session_patch_without_an_answer_fails_after_the_sending_timeout(lab: Lab) -> None:
+    study_id, _ = lab.study()
+    page = lab.participant(lab.code(study_id))
+    page.page.route("**/channels/*/send", lambda route: route.abort())
+    began = time.monotonic()
+    assert page.js("""() => { jatos.channelSendingTimeoutTime = 500;
+                              return jatos.batchSession.set('x', 1).then(() => 'ok', reason => String(reason)); }""") \
+        == "Timeout sending session patch"
+    assert time.monotonic() - began < 5

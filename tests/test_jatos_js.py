@@ -423,3 +423,11 @@ def test_a_reload_sends_unacknowledged_data_once(participant: Participant) -> No
     participant.page.wait_for_function("!Object.keys(sessionStorage).some(k => k.startsWith('jatos-lite:pending'))",
                                        timeout=10_000)
     assert participant.stored() == "[kept]\n"
+
+
+def test_the_http_loop_counter_counts_data_requests(participant: Participant) -> None:
+    assert participant.js("""async () => {
+        const before = jatos.getHttpLoopCounter();
+        await Promise.all([jatos.appendResultData("a"), jatos.appendResultData("b"), jatos.setStudySessionData({})]);
+        return jatos.getHttpLoopCounter() - before;
+    }""") == 3
