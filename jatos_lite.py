@@ -188,11 +188,13 @@ def truncate_message(text: str | None) -> str | None:
     return "".join(out)
 
 
+def latin1_sha256(text: str) -> str:
+    """JATOS's hash of a text: SHA-256 over its Latin-1 bytes ('?' for anything else)."""
+    return hashlib.sha256(text.encode("latin-1", "replace")).hexdigest()
+
+
 def description_hash(description: str | None) -> str | None:
-    """JATOS's descriptionHash: SHA-256 over the Latin-1 bytes ('?' for anything else)."""
-    if not description:
-        return None
-    return hashlib.sha256(description.encode("latin-1", "replace")).hexdigest()
+    return latin1_sha256(description) if description else None
 
 
 def human_bytes(n: int) -> str:
@@ -331,6 +333,13 @@ def read_chunks(fileobj: Any, size: int = 1 << 20) -> Iterator[bytes]:
         chunk = fileobj.read(size)
         if not chunk:
             return
+        yield chunk
+
+
+def digested(chunks: Iterable[bytes], digest: Any) -> Iterator[bytes]:
+    """The chunks unchanged, each fed to `digest` (a hashlib object) on its way."""
+    for chunk in chunks:
+        digest.update(chunk)
         yield chunk
 
 
@@ -538,6 +547,20 @@ MIGRATIONS: list[str] = [
     CREATE INDEX channel_events_by_scope ON channel_events(scope, id);
     CREATE INDEX channel_events_by_created ON channel_events(created);
     """,
+    # The study log (section "Study log"); studies that exist already start theirs with the
+    # entry JATOS writes when it finds a study without a log.
+    """
+    CREATE TABLE study_log (
+        id INTEGER PRIMARY KEY,
+        log TEXT NOT NULL,
+        entry TEXT NOT NULL
+    );
+    CREATE INDEX study_log_by_log ON study_log(log);
+    INSERT INTO study_log(log, entry) SELECT uuid, json_object(
+        'msg', 'Could not find a study log although the study already exists. Create a new one.',
+        'timestamp', CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER),
+        'studyUuid', uuid, 'hashFunction', 'SHA-256') FROM studies ORDER BY id
+    """,
 ]
 
 
@@ -671,6 +694,72 @@ class Store:
             conn.execute("COMMIT")
         finally:
             conn.close()
+
+
+###############################################################################
+# Study log
+###############################################################################
+# JATOS's audit log of a study (its StudyLogger): one JSON object a line, oldest first, each
+# with a message and a timestamp; stored result data and uploaded files are logged with their
+# SHA-256. Here an entry is a row, inserted in the transaction of the change it records. A
+# study's log is keyed by the study's UUID; deleting the study retires the log (key
+# <uuid>_<ms>, as JATOS renames the file), which stays in the database.
+
+STUDY_LOG_USER = "Admin"  # the name of JATOS's admin user, the one user jatos-lite has
+STUDY_LOG_CUT = "--- Log is cut here. Download it to get the whole file. ---"
+RESULTS_EXPORTED = ("Exported results (files and/or data)",)
+DATA_EXPORTED = ("Exported result data", "Exported result data to file")  # JATOS's plain-text export logs both
+
+
+@functools.cache
+def servers_mac() -> str:
+    """This machine's MAC address as JATOS writes it in a log's first entry (01-23-45-67-89-AB)."""
+    return "-".join(f"{byte:02X}" for byte in uuid.getnode().to_bytes(6, "big"))
+
+
+def _insert_log_entry(db: Db, log_key: str, entry: dict[str, Any]) -> None:
+    """JATOS writes its logs in ISO-8859-1 with '?' for other characters; escaping the rest
+    keeps a line ASCII, the same bytes in either encoding."""
+    latin1 = {key: value.encode("latin-1", "replace").decode("latin-1") if isinstance(value, str) else value
+              for key, value in entry.items()}
+    db.run("INSERT INTO study_log(log, entry) VALUES (?, ?)", log_key, json.dumps(latin1, separators=(",", ":")))
+
+
+def log_study_event(db: Db, study_uuid: str, msg: str, by_user: bool = False, **fields: Any) -> None:
+    """One entry in JATOS's key order: msg, the fields, userName if a researcher did it, timestamp."""
+    user = {"userName": STUDY_LOG_USER} if by_user else {}
+    _insert_log_entry(db, study_uuid, {"msg": msg, **fields, **user, "timestamp": now_ms()})
+
+
+def log_description_hash(db: Db, study_uuid: str, description: str | None) -> None:
+    # JATOS writes the hash as a string, and a missing one as "null"
+    log_study_event(db, study_uuid, "Study description changed", by_user=True,
+                    studyDescriptionHash=description_hash(description) or "null")
+
+
+def start_study_log(db: Db, study_uuid: str, description: str | None) -> None:
+    """A new study's log: JATOS's initial entry, 'Created study' and the description's hash."""
+    _insert_log_entry(db, study_uuid, {"msg": "Initial entry", "timestamp": now_ms(), "studyUuid": study_uuid,
+                                       "serversMac": servers_mac(), "hashFunction": "SHA-256"})
+    log_study_event(db, study_uuid, "Created study", by_user=True)
+    if description:
+        log_description_hash(db, study_uuid, description)
+
+
+def retire_study_log(db: Db, study_uuid: str) -> None:
+    log_study_event(db, study_uuid, "Last entry of the study log", studyUuid=study_uuid)
+    db.run("UPDATE study_log SET log = ? WHERE log = ?", f"{study_uuid}_{now_ms()}", study_uuid)
+
+
+def log_for_studies(db: Db, study_uuids: Iterable[str], *messages: str) -> None:
+    """The same researcher's entries in several studies' logs (result exports and deletions)."""
+    for study_uuid in study_uuids:
+        for msg in messages:
+            log_study_event(db, study_uuid, msg, by_user=True)
+
+
+def study_uuid_of(db: Db, study_id: int) -> str:
+    return db.value("SELECT uuid FROM studies WHERE id = ?", study_id)
 
 
 ###############################################################################
@@ -839,8 +928,10 @@ def _update_row(db: Db, table: str, row_id: int, fields: dict) -> None:
 
 
 def insert_study(db: Db, fields: dict, uuid_: str, dir_name: str, active: bool = True) -> int:
-    return _insert_row(db, "studies", {**fields, "uuid": uuid_, "dir_name": dir_name,
-                                       "active": active, "created": now_ms()})
+    study_id = _insert_row(db, "studies", {**fields, "uuid": uuid_, "dir_name": dir_name,
+                                           "active": active, "created": now_ms()})
+    start_study_log(db, uuid_, fields["description"])
+    return study_id
 
 
 def insert_component(db: Db, study_id: int, fields: dict, uuid_: str | None = None) -> int:
@@ -854,6 +945,13 @@ def insert_batch(db: Db, study_id: int, fields: dict, uuid_: str | None = None) 
     batch_id = _insert_row(db, "batches", {**fields, "study_id": study_id, "uuid": uuid_ or new_uuid(),
                                            "position": position})
     db.run("INSERT INTO batch_workers(batch_id, worker_id) VALUES (?, ?)", batch_id, JATOS_WORKER_ID)
+    return batch_id
+
+
+def add_batch(db: Db, study_id: int, fields: dict) -> int:
+    """A researcher's new batch (POST /studies/{id}/batches); a study's first batches are not logged."""
+    batch_id = insert_batch(db, study_id, fields)
+    log_study_event(db, study_uuid_of(db, study_id), "Created batch", by_user=True, batchId=batch_id)
     return batch_id
 
 
@@ -886,6 +984,11 @@ def _merged(current: dict, changes: dict, input_key: str) -> dict:
     return merged
 
 
+def log_description_change(db: Db, study: sqlite3.Row, description: str | None) -> None:
+    if (description or None) != (study["description"] or None):
+        log_description_hash(db, study["uuid"], description)
+
+
 def update_study(db: Db, studies_root: Path, study: sqlite3.Row, changes: dict) -> None:
     """PATCH /studies/{id}/properties: validated like a new study; a new dirName renames the folder."""
     current = {**study_object(db, study), "studyInput": study["study_input"]}
@@ -903,6 +1006,7 @@ def update_study(db: Db, studies_root: Path, study: sqlite3.Row, changes: dict) 
             raise JatosError(409, f"Couldn't rename the study assets folder: {exc.strerror}")
         fields["dir_name"] = dir_name
     _update_row(db, "studies", study["id"], fields)
+    log_description_change(db, study, fields["description"])
 
 
 def update_component(db: Db, studies_root: Path, component: sqlite3.Row, changes: dict, rename_file: bool) -> None:
@@ -1471,6 +1575,8 @@ def _create_run(db: Db, run: Run, code: str) -> Run:
     sr_id = db.insert("INSERT INTO study_results(uuid, study_code, study_id, batch_id, worker_id, state, "
                       "start_date, last_seen_date, study_session_data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, '{}')",
                       new_uuid(), code, run.study["id"], run.batch["id"], run.worker["id"], state, now, now)
+    log_study_event(db, run.study["uuid"], f"Started study run with {WORKER_TYPE_LABELS[run.worker_type]} worker",
+                    batchId=run.batch["id"], studyCode=code, workerId=run.worker["id"])
     return dataclasses.replace(run, sr=_row(db, "study_results", sr_id))
 
 
@@ -1502,7 +1608,9 @@ def _make_room(db: Db, browser: Browser) -> None:
         sr_id = browser.least_recent_run()
         sr = db.one("SELECT * FROM study_results WHERE id = ?", sr_id)
         if sr is not None and sr["state"] not in SR_DONE:
-            _finish_run(db, _run_of(db, sr), False, EVICTION_MESSAGE)
+            abandoned = _run_of(db, sr)
+            _finish_run(db, abandoned, False, EVICTION_MESSAGE)
+            log_study_event(db, abandoned.study["uuid"], "Finish abandoned study", workerId=sr["worker_id"])
         browser.delete_id_cookie(sr_id)
 
 
@@ -1835,7 +1943,7 @@ def write_result_data(db: Db, max_size: int, sr_uuid: str, comp_uuid: str, body:
                       session: AdminSession | None) -> None:
     """PUT (replace) or POST (append) result data of the run's current component result.
     Appending is done in SQL: the stored data is never read back into Python."""
-    run, _ = _checked_run(db, sr_uuid, comp_uuid)
+    run, component = _checked_run(db, sr_uuid, comp_uuid)
     authorise_do(db, run, session)
     cr = current_cr(db, run.sr["id"])
     if cr is None:
@@ -1857,6 +1965,10 @@ def write_result_data(db: Db, max_size: int, sr_uuid: str, comp_uuid: str, body:
     else:
         db.run("UPDATE component_results SET data = ?, data_size = ? WHERE id = ?", text, size, cr["id"])
     _touch_last_seen(db, run.sr["id"])
+    # the hash of this request's data, as JATOS logs it (not of the whole data appended so far)
+    log_study_event(db, run.study["uuid"], "Appended component result data" if append
+                    else "Replaced component result data", componentUuid=component["uuid"],
+                    workerId=run.worker["id"], dataHash=latin1_sha256(text))
 
 
 def write_study_log(db: Db, sr_uuid: str, comp_uuid: str, text: str | None, session: AdminSession | None) -> None:
@@ -1888,7 +2000,7 @@ class Upload:
 def store_result_file(db: Db, config: Config, sr_uuid: str, comp_uuid: str, filename: str,
                       upload: Upload | None, session: AdminSession | None) -> None:
     """POST /publix/{sr}/{comp}/files/{filename}: checks in JATOS's order (§8.5), then a durable write."""
-    run, _ = _checked_run(db, sr_uuid, comp_uuid)
+    run, component = _checked_run(db, sr_uuid, comp_uuid)
     if not config.uploads_enabled:
         raise JatosError(403, "File upload not allowed. Contact your admin.")
     authorise_do(db, run, session)
@@ -1906,12 +2018,16 @@ def store_result_file(db: Db, config: Config, sr_uuid: str, comp_uuid: str, file
         raise CommittedError(413, "Reached max file size limit per study run")
     if not is_portable_name(filename):
         raise JatosError(400, "Bad filename")
+    digest = hashlib.sha256()
     try:
-        write_file_durably(run_uploads(config, run.sr["id"]) / str(cr["id"]) / filename, read_chunks(upload.file))
+        write_file_durably(run_uploads(config, run.sr["id"]) / str(cr["id"]) / filename,
+                           digested(read_chunks(upload.file), digest))
     except OSError as exc:
         log.error("upload of %s for study result %s failed: %s", filename, run.sr["id"], exc)
         raise JatosError(400, "File upload failed")
     _touch_last_seen(db, run.sr["id"])
+    log_study_event(db, run.study["uuid"], "Uploaded file", componentUuid=component["uuid"],
+                    workerId=run.worker["id"], fileHash=digest.hexdigest(), fileName=filename)
 
 
 def find_result_file(db: Db, config: Config, sr_uuid: str, filename: str, component_id: str | None,
@@ -1952,6 +2068,7 @@ def end_run(db: Db, sr_uuid: str, successful: bool, message: str | None, browser
     if not run.done:
         _finish_run(db, run, successful, message)
     browser.delete_id_cookie(run.sr["id"])
+    log_study_event(db, run.study["uuid"], "Finished study run", workerId=run.worker["id"])
     return _run_of(db, _row(db, "study_results", run.sr["id"]))
 
 
@@ -1976,6 +2093,7 @@ def abort_run(db: Db, config: Config, sr_uuid: str, message: str | None, browser
         leave_group(db, run.sr)
         shutil.rmtree(run_uploads(config, sr_id), ignore_errors=True)
     browser.delete_id_cookie(sr_id)
+    log_study_event(db, run.study["uuid"], "Aborted study run", workerId=run.worker["id"])
     return _run_of(db, _row(db, "study_results", sr_id))
 
 
@@ -2714,6 +2832,7 @@ def _overwrite_study(db: Db, config: Config, study: sqlite3.Row, archive: StudyA
             dir_name = uploaded_dir
     if not flags["keepProperties"]:
         _update_row(db, "studies", study["id"], {**fields, "dir_name": dir_name})
+        log_description_change(db, study, fields["description"])
         _merge_components(db, study["id"], components)
     elif dir_name != study["dir_name"]:
         _update_row(db, "studies", study["id"], {"dir_name": dir_name})
@@ -3137,6 +3256,34 @@ def results_plain_text(store: Store, cr_ids: list[int]) -> Iterator[bytes]:
         conn.close()
 
 
+def _log_array_pieces(entries: Iterable[tuple[str]], limit: int) -> Iterator[bytes]:
+    """JATOS's view of a log: a JSON array of the entries, newest first, cut after `limit`."""
+    yield b"["
+    for index, (entry,) in enumerate(entries):
+        piece = to_json(STUDY_LOG_CUT) if index == limit else entry
+        yield (("," if index else "") + piece).encode("utf-8")
+        if index == limit:
+            break
+    yield b"]"
+
+
+def study_log_stream(store: Store, study_uuid: str, entry_limit: int | None) -> Iterator[bytes]:
+    """A study's log: without `entry_limit` the file JATOS keeps (a newline before each entry,
+    oldest first); with it, the JSON array (a negative limit means the whole log)."""
+    conn = store.connect()
+    try:
+        if entry_limit is None:
+            rows = conn.execute("SELECT entry FROM study_log WHERE log = ? ORDER BY id", (study_uuid,))
+            pieces: Iterable[bytes] = (("\n" + entry).encode("utf-8") for (entry,) in rows)
+        else:
+            rows = conn.execute("SELECT entry FROM study_log WHERE log = ? ORDER BY id DESC LIMIT ?",
+                                (study_uuid, entry_limit + 1 if entry_limit >= 0 else -1))
+            pieces = _log_array_pieces(rows, entry_limit)
+        yield from _gathered(pieces)
+    finally:
+        conn.close()
+
+
 CSV_ID_COLUMNS = ["studyResultId", "componentResultId", "componentId", "workerId", "batchId"]
 
 
@@ -3204,13 +3351,21 @@ def results_csv(store: Store, cr_ids: list[int]) -> Iterator[bytes]:
 
 
 def result_file(db: Db, config: Config, filename: str, cr_id_text: str | None) -> Path:
+    """GET /results/files/{filename}: one uploaded file, an export the study log records."""
     if not cr_id_text or not cr_id_text.isdigit():
         raise JatosError(400, "componentResultId is required and must be a number")
     sr_id = db.value("SELECT study_result_id FROM component_results WHERE id = ?", int(cr_id_text))
     path = None if sr_id is None else confined_path(run_uploads(config, sr_id) / cr_id_text, filename)
     if path is None or not path.is_file():
         raise JatosError(404, f"Result file not found: {filename}")
+    log_for_studies(db, studies_of_results(db, [int(cr_id_text)]), "Exported single result file")
     return path
+
+
+def studies_of_results(db: Db, cr_ids: list[int]) -> list[str]:
+    """The UUIDs of the studies the component results belong to."""
+    return [row[0] for row in db.all(f"SELECT DISTINCT s.uuid {_RESULT_JOIN} "
+                                     "WHERE cr.id IN (SELECT value FROM json_each(?)) ORDER BY s.id", to_json(cr_ids))]
 
 
 def delete_results(db: Db, config: Config, cr_ids: list[int]) -> list[int]:
@@ -3246,7 +3401,10 @@ def delete_runs(db: Db, config: Config, where: str, *args: Any) -> None:
 
 def delete_batch_rows(db: Db, config: Config, batch_id: int) -> None:
     """A batch with its results, groups, study links and personal workers."""
+    study_uuid = db.value("SELECT s.uuid FROM studies s JOIN batches b ON b.study_id = s.id WHERE b.id = ?",
+                          batch_id)
     delete_runs(db, config, "batch_id = ?", batch_id)
+    log_study_event(db, study_uuid, "Removed result data and files", by_user=True)
     workers = [r[0] for r in db.all("SELECT worker_id FROM study_links WHERE batch_id = ? AND worker_id IS NOT NULL "
                                     "AND worker_id <> ?", batch_id, JATOS_WORKER_ID)]
     db.run("DELETE FROM study_links WHERE batch_id = ?", batch_id)
@@ -3255,6 +3413,7 @@ def delete_batch_rows(db: Db, config: Config, batch_id: int) -> None:
            "AND id NOT IN (SELECT worker_id FROM study_results)", to_json(workers))
     db.run("DELETE FROM group_results WHERE batch_id = ?", batch_id)
     db.run("DELETE FROM batches WHERE id = ?", batch_id)
+    log_study_event(db, study_uuid, "Removed batch", by_user=True, batchId=batch_id)
 
 
 def delete_batch(db: Db, config: Config, batch: sqlite3.Row) -> None:
@@ -3272,6 +3431,7 @@ def delete_component(db: Db, config: Config, component: sqlite3.Row) -> None:
                                                       component["id"])])
     db.run("DELETE FROM components WHERE id = ?", component["id"])
     renumber(db, "components", [r["id"] for r in components_of(db, component["study_id"])])
+    log_study_event(db, study_uuid_of(db, component["study_id"]), "Removed result data and files", by_user=True)
 
 
 def delete_study_rows(db: Db, config: Config, study: sqlite3.Row) -> None:
@@ -3282,6 +3442,8 @@ def delete_study_rows(db: Db, config: Config, study: sqlite3.Row) -> None:
     delete_runs(db, config, "study_id = ?", study["id"])
     db.run("DELETE FROM components WHERE study_id = ?", study["id"])
     db.run("DELETE FROM studies WHERE id = ?", study["id"])
+    log_study_event(db, study["uuid"], "Removed study", by_user=True)
+    retire_study_log(db, study["uuid"])
 
 
 ###############################################################################
@@ -4156,6 +4318,23 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
         shutil.rmtree(config.studies / study["dir_name"], ignore_errors=True)
         return envelope(message="Study deleted successfully")
 
+    @api("/studies/<study_id>/log")
+    def api_study_log(db: Db, token: dict, study_id: str) -> Any:
+        """As JATOS: the log file by default; `download=false`: a JSON array, newest first, of
+        at most `entryLimit` entries (default -1: all)."""
+        study_uuid = find_study(db, study_id)["uuid"]
+        query = _query()
+        if _flag(query, "download", True):
+            bottle.response.content_type = "application/octet-stream"
+            bottle.response.set_header("Content-Disposition",
+                                       f'attachment; filename="jatos_studylog_{study_uuid}.log"')
+            return study_log_stream(store, study_uuid, None)
+        limit = query.get("entryLimit", "-1")
+        if not re.fullmatch(r"-?\d+", limit):
+            raise JatosError(400, "Bad request: 'entryLimit' must be a number")
+        bottle.response.content_type = "application/x-ndjson"  # JATOS's type, though the body is one JSON array
+        return study_log_stream(store, study_uuid, int(limit))
+
     # --- API: study assets (formats-and-api.md §3.6) ---------------------------------
 
     def assets_folder(study_id: str) -> Path:
@@ -4269,7 +4448,7 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
     study_part_routes("components", "component", COMPONENT_KEYS, component_fields, component_object,
                       find_component, insert_component,
                       lambda db, row, body: patch_component(db, config.studies, row, body), delete_component)
-    study_part_routes("batches", "batch", BATCH_KEYS, batch_fields, batch_object, find_batch, insert_batch,
+    study_part_routes("batches", "batch", BATCH_KEYS, batch_fields, batch_object, find_batch, add_batch,
                       lambda db, row, body: update_batch(db, row, strict_body(body, BATCH_KEYS, "batch")),
                       delete_batch)
 
@@ -4359,19 +4538,23 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
 
     # --- API: results ----------------------------------------------------------------
 
-    def selected_results() -> list[int]:
+    def selected_results(exported: tuple[str, ...] = ()) -> list[int]:
+        """The selected component results; an export says so in their studies' logs."""
         body = _json_body() if "json" in (bottle.request.content_type or "") else None
         selection = parse_selection(_query_pairs(), body)
         with store.tx() as db:
             authenticate(db)
-            return select_component_results(db, selection)
+            cr_ids = select_component_results(db, selection)
+            if exported:
+                log_for_studies(db, studies_of_results(db, cr_ids), *exported)
+            return cr_ids
 
     def download(kind: str, extension: str) -> None:
         bottle.response.set_header("Content-Disposition",
                                    f'attachment; filename="jatos_results_{kind}{timestamp_for_filename()}.{extension}"')
 
     def api_results() -> Any:
-        cr_ids = selected_results()
+        cr_ids = selected_results(RESULTS_EXPORTED)
         bottle.response.content_type = "application/zip"
         download("", "zip")
         return results_archive(store, config, cr_ids, _flag(_query(), "isApiCall", True))
@@ -4389,13 +4572,14 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
         return results_metadata(store, config, cr_ids, _flag(query, "isApiCall", True))
 
     def api_results_data() -> Any:
-        cr_ids = selected_results()
         query = _query()
+        as_text = query.get("format") != "csv" and _flag(query, "asPlainText", False)
+        cr_ids = selected_results(DATA_EXPORTED if as_text else RESULTS_EXPORTED)
         if query.get("format") == "csv":
             bottle.response.content_type = "text/csv; charset=utf-8"
             download("data_", "csv")
             return results_csv(store, cr_ids)
-        if _flag(query, "asPlainText", False):
+        if as_text:
             bottle.response.content_type = "text/plain; charset=UTF-8"
             if _flag(query, "download", False):
                 download("data_", "txt")
@@ -4405,7 +4589,7 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
         return results_zip(store, config, cr_ids, with_data=True, with_files=False)
 
     def api_results_files() -> Any:
-        cr_ids = selected_results()
+        cr_ids = selected_results(RESULTS_EXPORTED)
         bottle.response.content_type = "application/zip"
         download("files_", "zip")
         return results_zip(store, config, cr_ids, with_data=False, with_files=True)
@@ -4413,7 +4597,10 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
     def api_results_delete() -> str:
         cr_ids = selected_results()
         with store.tx() as db:
-            return envelope(delete_results(db, config, cr_ids))
+            studies = studies_of_results(db, cr_ids)
+            deleted = delete_results(db, config, cr_ids)
+            log_for_studies(db, studies, "Removed result data and files")
+            return envelope(deleted)
 
     for rule, handler in (("/results", api_results), ("/results/metadata", api_results_metadata),
                           ("/results/data", api_results_data), ("/results/files", api_results_files)):
@@ -4422,7 +4609,7 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
 
     @app.get(API_PREFIX + "/results/files/<filename:path>")
     def api_result_file(filename: str) -> Any:
-        with store.snapshot() as db:
+        with store.tx() as db:
             authenticate(db)
             path = result_file(db, config, filename, _query().get("componentResultId"))
         return send_file(path, content_type_for(path), "attachment")
@@ -4648,9 +4835,10 @@ def write_download(chunks: Iterable[bytes], target: Path) -> int:
 
 def export_results(store: Store, config: Config, study_key: str, target: Path) -> int:
     """`jatos-lite export`: the study's combined results archive (as the GUI exports it)."""
-    with store.snapshot() as db:
+    with store.tx() as db:
         study = find_study(db, study_key)
         cr_ids = select_component_results(db, {**{key: set() for key in SELECTORS}, "studyId": {study["id"]}})
+        log_for_studies(db, studies_of_results(db, cr_ids), *RESULTS_EXPORTED)
     return write_download(results_archive(store, config, cr_ids, api_call=False), target)
 
 

@@ -169,6 +169,22 @@ def test_study_files_upload_list_and_delete(admin, live_server: LiveServer, tmp_
     admin.wait_for_function("!document.querySelector('#assets').textContent.includes('stimuli.csv')")
 
 
+def test_the_study_log_tab_shows_the_newest_entries_and_downloads_the_log(admin, live_server: LiveServer) -> None:
+    lab = RemoteLab(live_server)
+    study_id = lab.import_study(make_jzip(title="Logged"))
+    study_uuid = lab.api("GET", f"/studies/{study_id}/properties")["data"]["uuid"]
+    participant_run(live_server.url, f"{live_server.url}/publix/{lab.code(study_id)}", "data")
+    admin.goto(f"{live_server.url}/jatos/#study/{study_id}/Log")
+    admin.wait_for_selector("#log >> text=Appended component result data")
+    rows = admin.locator("#log tr").all_inner_texts()
+    assert "Finished study run" in rows[1] and "Initial entry" in rows[-1], "newest first"
+    snap(admin, "log")
+    with admin.expect_download() as download:
+        admin.get_by_role("button", name="Download the whole log").click()
+    assert download.value.suggested_filename == f"jatos_studylog_{study_uuid}.log"
+    assert b"Created study" in Path(download.value.path()).read_bytes()
+
+
 def test_api_tokens_are_made_shown_once_and_deactivated(admin, live_server: LiveServer) -> None:
     admin.goto(f"{live_server.url}/jatos/#tokens")
     admin.fill("#token-name", "jatosR")
