@@ -3724,6 +3724,228 @@ def _multi_frame_page(code: str, query: dict[str, str]) -> str:
             f"</head><body><div id=\"grid\"></div><script>{script}</script></body></html>")
 
 
+# --- the OpenAPI document of the API (GET /openapi.yaml) ------------------------------------
+# Exactly the routes create_app registers under API_PREFIX (a test holds the two together);
+# request bodies are named by their keys only. Served as JSON, which is also YAML.
+
+_BINARY = {"type": "string", "format": "binary"}
+_TEXT = {"schema": {"type": "string"}}
+_ENVELOPE_ANSWER = {"application/json": {"schema": {"$ref": "#/components/schemas/Envelope"}}}
+_ZIP_ANSWER = {"application/zip": {"schema": _BINARY}}
+_FILE_ANSWER = {"application/octet-stream": {"schema": _BINARY}}
+
+
+def _query_parameter(name: str, schema: dict, description: str) -> dict:
+    return {"name": name, "in": "query", "schema": schema, "description": description}
+
+
+def _flag_parameter(name: str, default: bool, description: str) -> dict:
+    return _query_parameter(name, {"type": "boolean", "default": default}, description)
+
+
+_PATH_PARAMETERS = {
+    "study_id": "The study's ID or UUID",
+    "key": "The component's or batch's ID or UUID; a group's ID",
+    "batch_id": "The batch's ID or UUID",
+    "token_id": "The API token's ID",
+    "user_id": "The user's ID (jatos-lite has one user, 1)",
+    "code": "A study code",
+    "filepath": "A path inside the study's assets folder ('/' may stay unencoded)",
+    "filename": "The name of an uploaded result file",
+}
+OPENAPI_PARAMETERS = {
+    **{name: {"name": name, "in": "path", "required": True, "schema": {"type": "string"}, "description": text}
+       for name, text in _PATH_PARAMETERS.items()},
+    **{name: _query_parameter(name, {"type": "array", "items": {"type": "string" if name.endswith("Uuid")
+                                                                else "integer"}},
+                              "Selects results; repeat the parameter for several")
+       for name in SELECTORS},
+    **{name: _flag_parameter(name, default, "Study import flag (formats-and-api.md §1.5)")
+       for name, default in IMPORT_FLAG_DEFAULTS.items()},
+    "withComponentProperties": _flag_parameter("withComponentProperties", False, "Components as full objects"),
+    "withBatchProperties": _flag_parameter("withBatchProperties", False, "Batches as full objects"),
+    "flatten": _flag_parameter("flatten", False, "A flat list of the files instead of a tree"),
+    "download": _flag_parameter("download", True, "As an attachment"),
+    "textDownload": _flag_parameter("download", False, "With asPlainText: as an attachment"),
+    "logDownload": _flag_parameter("download", True, "The log file; false: a JSON array, newest first"),
+    "entryLimit": _query_parameter("entryLimit", {"type": "integer", "default": -1},
+                                   "With download=false: at most this many entries (-1: all)"),
+    "asText": _flag_parameter("asText", False, "The session data as a JSON string"),
+    "version": _query_parameter("version", {"type": "integer"}, "Replace only if the session still has it"),
+    "asPlainText": _flag_parameter("asPlainText", False, "The data as plain text instead of a ZIP"),
+    "isApiCall": _flag_parameter("isApiCall", True, "Wrap the metadata in the API envelope"),
+    "format": _query_parameter("format", {"type": "string", "enum": ["csv"]}, "jatos-lite: as CSV"),
+    "componentResultId": {**_query_parameter("componentResultId", {"type": "integer"},
+                                             "The component result the file belongs to"), "required": True},
+    "type": _query_parameter("type", {"type": "string"}, "Worker type of the study codes: ps, pm, gs, gm, mt, jatos"),
+    "batchId": _query_parameter("batchId", {"type": "integer"}, "Their batch (default: the first)"),
+    "comment": _query_parameter("comment", {"type": "string"}, "A comment for new personal workers"),
+    "amount": _query_parameter("amount", {"type": "integer", "default": 1}, "How many personal study codes"),
+}
+
+
+def _object_body(properties: dict[str, dict], required: Iterable[str] = ()) -> dict:
+    schema: dict[str, Any] = {"type": "object", "properties": properties}
+    if required:
+        schema["required"] = list(required)
+    return {"required": True, "content": {"application/json": {"schema": schema}}}
+
+
+def _keys_body(keys: Iterable[str], required: Iterable[str] = ()) -> dict:
+    return _object_body({key: {} for key in sorted(keys)}, required)
+
+
+def _multipart_body(part: str) -> dict:
+    return {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": [part], "properties": {part: _BINARY}}}}}
+
+
+_ACTIVE_BODY = _object_body({"active": {"type": "boolean"}}, ["active"])
+_SESSION_BODY = {"description": "The new session data", "content": {"application/json": {"schema": {}}}}
+_ARCHIVE_BODY = {"required": True, "content": {
+    **_multipart_body("study")["content"],
+    **{media_type: {"schema": _BINARY} for media_type in ("application/zip", "application/octet-stream")}}}
+_SELECTION_BODY = {"content": {"application/json": {"schema": {"type": "object", "properties": {
+    body_key: {"oneOf": [{"type": "array", "items": {"type": "string" if param.endswith("Uuid") else "integer"}},
+                         {"type": "string", "description": "IDs and ranges: '1-10,12'"}]}
+    for param, (body_key, _) in SELECTORS.items()}}}}}
+
+
+def _operation(summary: str, *query: str, body: dict | None = None, answer: dict | None = None,
+               statuses: tuple[str, ...] = ("200",), **extra: Any) -> dict:
+    """One operation: query parameters by their OPENAPI_PARAMETERS names, answers in the
+    envelope unless `answer` says otherwise, every error in the error envelope."""
+    operation: dict[str, Any] = {"summary": summary, **extra}
+    if query:
+        operation["parameters"] = [{"$ref": f"#/components/parameters/{name}"} for name in query]
+    if body is not None:
+        operation["requestBody"] = body
+    success = {"description": "Success", "content": answer or _ENVELOPE_ANSWER}
+    operation["responses"] = {**{status: success for status in statuses},
+                              "default": {"$ref": "#/components/responses/Error"}}
+    return operation
+
+
+_SELECTORS = tuple(SELECTORS)
+API_OPERATIONS: list[tuple[str, str, dict]] = [  # (method, path under API_PREFIX, operation)
+    ("get", "/admin/token", _operation("The calling token's metadata")),
+    ("get", "/users/{user_id}/tokens", _operation("All API tokens")),
+    ("post", "/users/{user_id}/tokens", _operation(
+        "Create an API token; the token is in the answer only this once (expiresAfter: seconds, 0: never)",
+        body=_object_body({"name": {"type": "string"}, "expiresAfter": {"type": "integer"}}, ["name"]),
+        statuses=("201",))),
+    ("get", "/tokens/{token_id}", _operation("One API token's metadata")),
+    ("patch", "/tokens/{token_id}", _operation("Activate or deactivate an API token", body=_ACTIVE_BODY)),
+    ("delete", "/tokens/{token_id}", _operation("Delete an API token")),
+    ("get", "/admin/session", _operation("jatos-lite: the admin page's CSRF token (session cookie only)",
+                                         security=[{"adminSession": []}])),
+    ("post", "/studies", _operation(
+        "Import a study archive (.jzip), or create a study from a JSON body", *IMPORT_FLAG_DEFAULTS,
+        body={"required": True, "content": {**_ARCHIVE_BODY["content"],
+                                             **_keys_body(STUDY_KEYS, ["title"])["content"]}},
+        statuses=("201", "200"))),
+    ("post", "/study", _operation("Import a study archive (deprecated: use POST /studies)", *IMPORT_FLAG_DEFAULTS,
+                                  body=_ARCHIVE_BODY, statuses=("201", "200"), deprecated=True)),
+    ("get", "/studies/properties", _operation("All studies", "withComponentProperties", "withBatchProperties")),
+    ("get", "/studies/{study_id}/properties", _operation("One study", "withComponentProperties",
+                                                         "withBatchProperties")),
+    ("patch", "/studies/{study_id}/properties", _operation("Change a study's properties",
+                                                           body=_keys_body(STUDY_KEYS))),
+    ("delete", "/studies/{study_id}", _operation("Delete a study with its assets and results")),
+    ("get", "/studies/{study_id}/log", _operation(
+        "The study log", "logDownload", "entryLimit",
+        answer={**_FILE_ANSWER, "application/x-ndjson": {"schema": {"type": "array", "items": {}}}})),
+    ("get", "/studies/{study_id}/assets/structure", _operation("The study assets as a tree", "flatten")),
+    ("get", "/studies/{study_id}/assets/{filepath}", _operation("Download a study assets file",
+                                                                answer=_FILE_ANSWER)),
+    ("post", "/studies/{study_id}/assets", _operation("Upload a file to the top of the study assets",
+                                                      body=_multipart_body("studyAssetsFile"),
+                                                      statuses=("201", "200"))),
+    ("post", "/studies/{study_id}/assets/{filepath}", _operation(
+        "Upload a study assets file (a path ending in '/': into that folder)",
+        body=_multipart_body("studyAssetsFile"), statuses=("201", "200"))),
+    ("delete", "/studies/{study_id}/assets/{filepath}", _operation("Delete a study assets file")),
+    ("get", "/studies/{study_id}", _operation("Export the study archive (.jzip)", answer=_ZIP_ANSWER)),
+    ("get", "/studies/{study_id}/components", _operation("A study's components")),
+    ("post", "/studies/{study_id}/components", _operation("Add a component",
+                                                          body=_keys_body(COMPONENT_KEYS, ["title"]))),
+    ("get", "/components/{key}", _operation("One component")),
+    ("patch", "/components/{key}", _operation("Change a component (htmlFileRename; jatos-lite: position)",
+                                              body=_keys_body(COMPONENT_KEYS | {"htmlFileRename", "position"}))),
+    ("delete", "/components/{key}", _operation("Delete a component and its results")),
+    ("get", "/studies/{study_id}/batches", _operation("A study's batches")),
+    ("post", "/studies/{study_id}/batches", _operation("Add a batch", body=_keys_body(BATCH_KEYS, ["title"]))),
+    ("get", "/batches/{key}", _operation("One batch")),
+    ("patch", "/batches/{key}", _operation("Change a batch", body=_keys_body(BATCH_KEYS))),
+    ("delete", "/batches/{key}", _operation("Delete a batch and its results")),
+    ("get", "/studies/{study_id}/studyCodes", _operation("Study codes (deprecated: use POST)", "type", "batchId",
+                                                         "comment", "amount", deprecated=True)),
+    ("post", "/studies/{study_id}/studyCodes", _operation(
+        "Get or generate study codes", "type", "batchId", "comment", "amount",
+        body={**_keys_body(["type", "batchId", "comment", "amount"]), "required": False})),
+    ("get", "/studyCodes/{code}", _operation("One study code")),
+    ("get", "/batches/{key}/session", _operation("A batch session", "asText")),
+    ("patch", "/batches/{key}/session", _operation("Replace a batch session", "version", body=_SESSION_BODY)),
+    ("get", "/groups/{key}/session", _operation("A group session", "asText")),
+    ("patch", "/groups/{key}/session", _operation("Replace a group session", "version", body=_SESSION_BODY)),
+    ("get", "/batches/{batch_id}/groups", _operation("A batch's groups")),
+    ("patch", "/studyCodes/{code}", _operation("Activate or deactivate a study code", body=_ACTIVE_BODY)),
+    ("get", "/studies/{study_id}/studyLinks", _operation("jatos-lite: all study links of a study")),
+    *[(method, path, _operation(summary, *_SELECTORS, *query, answer=answer,
+                                body=_SELECTION_BODY if method == "post" else None))
+      for path, summary, query, answer in (
+          ("/results", "The results archive (data, files, metadata)", ("isApiCall",), _ZIP_ANSWER),
+          ("/results/metadata", "The results metadata", ("download", "isApiCall", "format"),
+           {**_ENVELOPE_ANSWER, "text/csv": _TEXT}),
+          ("/results/data", "The result data as a ZIP, plain text or (jatos-lite) CSV",
+           ("asPlainText", "textDownload", "format"), {**_ZIP_ANSWER, "text/plain": _TEXT, "text/csv": _TEXT}),
+          ("/results/files", "The uploaded result files as a ZIP", (), _ZIP_ANSWER))
+      for method in ("get", "post")],
+    *[(method, "/results/delete", _operation("Delete component results (and study results left empty)",
+                                             *_SELECTORS, body=_SELECTION_BODY, deprecated=method == "put"))
+      for method in ("post", "put")],
+    ("get", "/results/files/{filename}", _operation("One uploaded result file", "componentResultId",
+                                                    answer=_FILE_ANSWER)),
+]
+
+
+def openapi_document() -> dict:
+    """The OpenAPI 3.0 description of API_OPERATIONS, with the envelopes and auth as components."""
+    paths: dict[str, dict] = {}
+    for method, path, operation in API_OPERATIONS:
+        entry = paths.setdefault(API_PREFIX + path, {})
+        names = re.findall(r"{(\w+)}", path)
+        if names:
+            entry["parameters"] = [{"$ref": f"#/components/parameters/{name}"} for name in names]
+        entry[method] = operation
+    error = {"type": "object", "required": ["code", "message"],
+             "properties": {"code": {"type": "string", "example": "NOT_FOUND"}, "message": {"type": "string"}}}
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "jatos-lite API", "version": API_VERSION,
+                 "description": f"The part of JATOS's API v1 (JATOS {JATOS_VERSION}) that jatos-lite serves, "
+                                "plus a few routes of its own (marked 'jatos-lite')."},
+        "security": [{"bearerAuth": []}, {"adminSession": []}],
+        "paths": paths,
+        "components": {
+            "securitySchemes": {
+                "bearerAuth": {"type": "http", "scheme": "bearer", "description": "An API token (jap_...)"},
+                "adminSession": {"type": "apiKey", "in": "cookie", "name": SESSION_COOKIE,
+                                 "description": "The admin page's session; changes also send X-CSRF-Token"}},
+            "schemas": {
+                "Envelope": {"type": "object", "required": ["apiVersion"], "properties": {
+                    "apiVersion": {"type": "string", "example": API_VERSION}, "message": {"type": "string"},
+                    "data": {}}},
+                "ErrorEnvelope": {"type": "object", "required": ["apiVersion", "error"], "properties": {
+                    "apiVersion": {"type": "string", "example": API_VERSION}, "error": error}}},
+            "responses": {"Error": {"description": "Failed; the status says why (400, 401, 403, 404, 409, 413, 415)",
+                                    "content": {"application/json": {
+                                        "schema": {"$ref": "#/components/schemas/ErrorEnvelope"}}}}},
+            "parameters": OPENAPI_PARAMETERS,
+        },
+    }
+
+
 def create_app(config: Config | None = None, store: Store | None = None) -> bottle.Bottle:
     """The WSGI application: publix protocol, study assets, jatos.js, admin sign-in and API."""
     config = config or Config()
@@ -4146,6 +4368,16 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
         return _redirect(f"/publix/{code}")
 
     # --- JATOS API v1 -------------------------------------------------------------
+
+    openapi_text = json.dumps(openapi_document(), indent=2)
+
+    def openapi(content_type: str) -> str:
+        """The API's description; public, as JATOS serves its own."""
+        bottle.response.content_type = content_type
+        return openapi_text
+
+    app.route("/openapi.yaml", "GET", lambda: openapi("text/yaml"))  # JSON is YAML; JATOS's type
+    app.route("/openapi.json", "GET", lambda: openapi("application/json"))
 
     def authenticate(db: Db) -> dict:
         """Bearer token, or the admin session cookie (state changes then need the CSRF header)."""
