@@ -588,19 +588,45 @@ class Db:
         return self.conn.execute(sql, args).lastrowid
 
 
-class Store:
-    """The SQLite database: WAL mode, one transaction per request, on a connection borrowed
-    from a small pool.
+class _Batch:
+    """Write transactions of several requests that share one COMMIT (group commit)."""
 
-    A transaction starts with BEGIN IMMEDIATE, so writers queue on SQLite's lock (with a
-    busy timeout) instead of failing half-way; a request is answered only after COMMIT.
-    Several processes may share the file (the CLI while a server runs, or several servers).
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.requests = 0
+        self.events: dict[int, str] = {}
+        self.broken: BaseException | None = None
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+
+    def wait(self) -> None:
+        """Until the batch is committed; raises if the COMMIT failed (then nothing of it was stored)."""
+        self.done.wait()
+        if self.error is not None:
+            raise JatosError(503, f"The database could not store this request ({self.error}); nothing of it "
+                                  "was saved. Please try again.")
+
+
+class Store:
+    """The SQLite database: WAL mode, synchronous=FULL, group commit for writes, a small
+    connection pool for reads.
+
+    Writers of this process take turns on one connection: each request's changes run in a
+    SAVEPOINT inside a transaction that the last writer in the queue commits (or the one
+    that finds the batch full or old), so one COMMIT and fsync serve every writer that
+    queued meanwhile. A request is answered only after the COMMIT that contains its
+    changes. The queue is a Python lock, not SQLite's busy handler, whose sleeps of up to
+    100 ms would delay a waiting writer long after the lock is free. BEGIN IMMEDIATE still
+    takes SQLite's lock, so several processes may share the file (the CLI while a server
+    runs, or several servers).
     The pool, not one connection per thread, bounds memory and descriptors: a server has
     hundreds of threads (held channel polls), and each connection keeps its own page cache,
     parsed schema and three open files.
     """
 
     MAX_CONNECTIONS = 64
+    BATCH_MAX_REQUESTS = 100
+    BATCH_MAX_SECONDS = 0.01
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -610,6 +636,12 @@ class Store:
         self._opened_lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(self.MAX_CONNECTIONS)
         self.on_commit: list[Callable[[dict[int, str]], None]] = []
+        self._write_lock = threading.Lock()
+        self._queue_lock = threading.Lock()
+        self._queued = 0  # writers waiting for the write lock or holding it
+        self._batch: _Batch | None = None
+        self._writer: sqlite3.Connection | None = None
+        self._local = threading.local()
         self._migrate()
 
     def connect(self) -> sqlite3.Connection:
@@ -643,30 +675,111 @@ class Store:
         """Close every connection (for embedding and tests; the server never needs it)."""
         with self._opened_lock:
             opened, self._opened, self._idle = self._opened, [], []
+        with self._write_lock:
+            if self._writer is not None:
+                opened.append(self._writer)
+                self._writer = None
         for conn in opened:
             conn.close()
 
     @contextlib.contextmanager
     def tx(self) -> Iterator[Db]:
-        """A write transaction: committed when the block ends, rolled back on any exception."""
-        with self._borrowed() as conn, self._transaction(conn) as db:
-            yield db
-
-    @contextlib.contextmanager
-    def _transaction(self, conn: sqlite3.Connection) -> Iterator[Db]:
-        conn.execute("BEGIN IMMEDIATE")
-        db = Db(conn)
+        """A write transaction: committed before the block's caller goes on, also when the
+        block raises CommittedError; rolled back on any other exception."""
+        if getattr(self._local, "writing", False):
+            raise RuntimeError("A write transaction inside another one would wait for itself")
+        batch = self._join_batch()
+        committed_error = None
         try:
-            yield db
-        except CommittedError:
+            conn = self._writer
+            conn.execute("SAVEPOINT request")
+            db = Db(conn)
+            try:
+                yield db
+            except CommittedError as error:
+                committed_error = error
+            except BaseException as error:
+                self._roll_back_request(conn, batch, error)
+                raise
+            conn.execute("RELEASE request")
+            batch.events.update(db.appended_events)
+        finally:
+            self._leave_batch(batch)
+        batch.wait()
+        if committed_error is not None:
+            raise committed_error
+
+    def _join_batch(self) -> _Batch:
+        """Queue for the write lock; the first writer of a batch begins its transaction."""
+        with self._queue_lock:
+            self._queued += 1
+        self._write_lock.acquire()
+        self._local.writing = True
+        if self._batch is None:
+            try:
+                if self._writer is None:
+                    self._writer = self.connect()
+                self._writer.execute("BEGIN IMMEDIATE")
+            except BaseException:
+                self._leave_queue()
+                raise
+            self._batch = _Batch()
+        return self._batch
+
+    @staticmethod
+    def _roll_back_request(conn: sqlite3.Connection, batch: _Batch, error: BaseException) -> None:
+        try:
+            conn.execute("ROLLBACK TO request")
+            conn.execute("RELEASE request")
+        except sqlite3.Error:  # SQLite rolled the whole transaction back itself (disk full, I/O error)
+            batch.broken = error
+
+    def _leave_batch(self, batch: _Batch) -> None:
+        """Commit the batch if no writer is queued behind this one, or it is full or old."""
+        batch.requests += 1
+        try:
+            if (self._leave_queue(release=False) or batch.requests >= self.BATCH_MAX_REQUESTS
+                    or time.monotonic() - batch.started >= self.BATCH_MAX_SECONDS or batch.broken):
+                self._batch = None
+                self._commit(batch)
+        finally:
+            self._local.writing = False
+            self._write_lock.release()
+
+    def _leave_queue(self, release: bool = True) -> bool:
+        """Leave the writers' queue; True if it is empty now."""
+        with self._queue_lock:
+            self._queued -= 1
+            empty = self._queued == 0
+        if release:
+            self._local.writing = False
+            self._write_lock.release()
+        return empty
+
+    def _commit(self, batch: _Batch) -> None:
+        conn = self._writer
+        try:
+            if batch.broken is not None or not conn.in_transaction:
+                raise sqlite3.OperationalError(f"the transaction was lost: {batch.broken}")
             conn.execute("COMMIT")
-            raise
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+        except BaseException as error:
+            batch.error = error
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            log.error("A batch of %d write transactions failed: %s", batch.requests, error)
+        else:
+            self._announce(batch.events)
+        finally:
+            batch.done.set()
+
+    def _announce(self, events: dict[int, str]) -> None:
+        """Tell the commit hooks, in commit order (still under the write lock)."""
         for hook in self.on_commit:
-            hook(db.appended_events)
+            try:
+                hook(events)
+            except Exception:
+                log.exception("A commit hook failed (the data is committed)")
 
     @contextlib.contextmanager
     def snapshot(self) -> Iterator[Db]:
