@@ -21,6 +21,7 @@ config, errors and helpers, storage, study model, study flow, archives, web, CLI
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import csv
 import dataclasses
@@ -564,12 +565,26 @@ MIGRATIONS: list[str] = [
 ]
 
 
+@dataclasses.dataclass(frozen=True)
+class ChannelEvent:
+    """A row of channel_events as appended (the message not yet serialised)."""
+
+    id: int
+    scope: str
+    recipient: str | None
+    exclude: str | None
+    message: dict
+
+
 class Db:
-    """One connection inside one transaction, with short query helpers."""
+    """One connection inside one transaction, with short query helpers. It also notes what
+    the commit hooks must hear: the channel events appended, and whether a channel conn was
+    opened, moved, closed or deleted."""
 
     def __init__(self, conn: sqlite3.Connection):
         self.conn = conn
-        self.appended_events: dict[int, str] = {}  # channel event id -> scope
+        self.appended_events: list[ChannelEvent] = []
+        self.conns_changed = False
 
     def one(self, sql: str, *args: Any) -> sqlite3.Row | None:
         return self.conn.execute(sql, args).fetchone()
@@ -594,7 +609,8 @@ class _Batch:
     def __init__(self) -> None:
         self.started = time.monotonic()
         self.requests = 0
-        self.events: dict[int, str] = {}
+        self.events: list[ChannelEvent] = []
+        self.conns_changed = False
         self.broken: BaseException | None = None
         self.error: BaseException | None = None
         self.done = threading.Event()
@@ -635,7 +651,7 @@ class Store:
         self._opened: list[sqlite3.Connection] = []
         self._opened_lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(self.MAX_CONNECTIONS)
-        self.on_commit: list[Callable[[dict[int, str]], None]] = []
+        self.on_commit: list[Callable[[list[ChannelEvent], bool], None]] = []
         self._write_lock = threading.Lock()
         self._queue_lock = threading.Lock()
         self._queued = 0  # writers waiting for the write lock or holding it
@@ -702,7 +718,8 @@ class Store:
                 self._roll_back_request(conn, batch, error)
                 raise
             conn.execute("RELEASE request")
-            batch.events.update(db.appended_events)
+            batch.events += db.appended_events
+            batch.conns_changed |= db.conns_changed
         finally:
             self._leave_batch(batch)
         batch.wait()
@@ -769,15 +786,15 @@ class Store:
                     conn.execute("ROLLBACK")
             log.error("A batch of %d write transactions failed: %s", batch.requests, error)
         else:
-            self._announce(batch.events)
+            self._announce(batch)
         finally:
             batch.done.set()
 
-    def _announce(self, events: dict[int, str]) -> None:
+    def _announce(self, batch: _Batch) -> None:
         """Tell the commit hooks, in commit order (still under the write lock)."""
         for hook in self.on_commit:
             try:
-                hook(events)
+                hook(batch.events, batch.conns_changed)
             except Exception:
                 log.exception("A commit hook failed (the data is committed)")
 
@@ -1322,7 +1339,7 @@ def append_event(db: Db, scope: str, message: dict, recipient: str | None = None
                  exclude: str | None = None) -> int:
     event_id = db.insert("INSERT INTO channel_events(scope, recipient, exclude, payload, created) "
                          "VALUES (?, ?, ?, ?, ?)", scope, recipient, exclude, to_json(message), time.time())
-    db.appended_events[event_id] = scope
+    db.appended_events.append(ChannelEvent(event_id, scope, recipient, exclude, message))
     return event_id
 
 
@@ -1335,11 +1352,13 @@ def conn_scope(db: Db, conn_id: str) -> str | None:
 
 
 def _end_conn_scope(db: Db, conn_id: str) -> None:
+    db.conns_changed = True
     db.run("UPDATE channel_conn_scopes SET to_id = ? WHERE conn = ? AND to_id IS NULL", last_event_id(db), conn_id)
 
 
 def listen(db: Db, conn_id: str, scope: str) -> None:
     """From now on the conn receives the events of `scope` (and none before)."""
+    db.conns_changed = True
     db.run("INSERT INTO channel_conn_scopes(conn, scope, from_id) VALUES (?, ?, ?)", conn_id, scope,
            last_event_id(db))
 
@@ -1375,6 +1394,7 @@ def close_conn(db: Db, conn: sqlite3.Row, reason: str, terminate: bool) -> None:
         append_event(db, scope, {"action": "CLOSED"}, recipient=conn["id"])
     db.run("UPDATE channel_conns SET state = 'closed', close_reason = ?, closed_at = ? WHERE id = ?",
            reason, time.time(), conn["id"])
+    db.conns_changed = True
     _end_conn_scope(db, conn["id"])
     if conn["kind"] == "group" and scope is not None:
         group = group_row(db, int(scope[2:]))
@@ -2271,11 +2291,9 @@ GROUP_CLEANER_INTERVAL_SECONDS = 60.0
 GROUP_MEMBER_IDLE_MS = 90_000
 EVENT_RETENTION_SECONDS = 600.0
 MAX_EVENTS_PER_POLL = 500
+RECENT_EVENTS_KEPT = 2000  # in memory, for answering woken polls without reading the database
 HELD_POLLS_PER_BROWSER = 4
 POLL_RETRY_AFTER_MS = 1000  # a poll released to make room asks its page to wait before the next
-# A woken poll waits this long for more events before answering: under a busy group it
-# answers with several events at once instead of one poll per event per member.
-POLL_GATHER_SECONDS = 0.01
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2603,6 +2621,29 @@ def conn_events(db: Db, sr_uuid: str, conn_id: str, cursor: int) -> dict:
     return {"cursor": cursor, "events": []}
 
 
+_POLLED_CONNS = """
+    SELECT c.id, c.state, c.last_seen, s.scope, s.from_id,
+           (SELECT value FROM settings WHERE key = 'events_pruned_upto') AS pruned,
+           (SELECT seq FROM sqlite_sequence WHERE name = 'channel_events') AS last_event
+    FROM channel_conns c JOIN study_results r ON r.id = c.study_result_id
+    LEFT JOIN channel_conn_scopes s ON s.conn = c.id AND s.to_id IS NULL
+    WHERE c.id IN (SELECT value FROM json_each(?)) AND r.uuid = ?
+"""
+
+
+def polled_conns(db: Db, sr_uuid: str, conn_ids: list[str]) -> dict[str, sqlite3.Row]:
+    """The run's conns among `conn_ids`, with their open scope, in one query."""
+    return {row["id"]: row for row in db.all(_POLLED_CONNS, to_json(conn_ids), sr_uuid)}
+
+
+def memory_can_answer(conn: sqlite3.Row | None, cursor: int) -> bool:
+    """Whether the events a conn gets after `cursor` are all in its open scope (and not pruned):
+    then the hub's memory can pick them. A conn's earlier scopes all ended before its open
+    scope began, so a cursor from that beginning on needs none of them."""
+    return (conn is not None and conn["state"] == "open" and conn["scope"] is not None
+            and conn["from_id"] <= cursor and cursor >= int(conn["pruned"] or 0))
+
+
 def conns_to_refresh(db: Db, sr_uuid: str, conn_ids: list[str]) -> list[str]:
     """The run's open conns among `conn_ids` whose last_seen is old enough to be written again."""
     return [row[0] for row in db.all(
@@ -2642,7 +2683,13 @@ def clean_idle_group_members(db: Db) -> None:
 class ChannelHub:
     """Wakes the held polls of a channel scope when events were appended to it, in this process
     (commit hook) or another one (PRAGMA data_version, checked every 25 ms); limits how many
-    polls are held; runs the periodic channel maintenance."""
+    polls are held; runs the periodic channel maintenance.
+
+    It also keeps the latest events this process committed, so that a woken poll can answer
+    without reading the database: the memory holds every event with an id in
+    (recent_from, recent_upto]. Events of another process leave a gap in the ids, or are
+    found by the watcher; either empties the memory, and polls read the database again.
+    """
 
     def __init__(self, store: Store, max_held: int):
         self.store = store
@@ -2654,6 +2701,10 @@ class ChannelHub:
         self._released: set[int] = set()
         self._waiting: dict[int, tuple[set[str], threading.Event]] = {}  # ticket -> (scopes, wake-up)
         self._announced: set[int] = set()  # events of our own commits the watcher need not wake for
+        self._recent: collections.deque[ChannelEvent] = collections.deque()
+        self._recent_from = 0
+        self._recent_upto = 0
+        self.conn_changes = 0  # how many commits opened, moved, closed or deleted conns
         self._tickets = itertools.count()
         self._watcher: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -2661,14 +2712,66 @@ class ChannelHub:
         self._cleaning_due = time.time() + GROUP_CLEANER_INTERVAL_SECONDS
         store.on_commit.append(self.notify)
 
-    def notify(self, events: dict[int, str]) -> None:
-        """Wake the polls held on the scopes of events this process committed."""
-        if not events:
+    def notify(self, events: list[ChannelEvent], conns_changed: bool) -> None:
+        """(A commit hook, called in commit order.) Keep the events and wake the polls held on
+        their scopes."""
+        if not events and not conns_changed:
             return
         with self._lock:
+            self.conn_changes += conns_changed
+            if not events:
+                return
             if self._watcher is not None:
-                self._announced.update(events)
-            self._wake(set(events.values()))
+                self._announced.update(event.id for event in events)
+            self._remember(events)
+            self._wake({event.scope for event in events})
+
+    def _remember(self, events: list[ChannelEvent]) -> None:
+        """(Under the lock.) Events of one commit, ids ascending."""
+        if events[0].id != self._recent_upto + 1:  # another process committed events in between
+            self._forget_upto(events[0].id - 1)
+        self._recent.extend(events)
+        self._recent_upto = events[-1].id
+        while len(self._recent) > RECENT_EVENTS_KEPT:
+            self._recent_from = self._recent.popleft().id
+
+    def _forget_upto(self, event_id: int) -> None:
+        """(Under the lock.) From now on the memory can answer only for events after `event_id`."""
+        self._recent.clear()
+        self._recent_from = self._recent_upto = max(event_id, self._recent_upto)
+
+    def recent_answer(self, cursors: dict[str, tuple[str, int]], conn_changes: int, known_upto: int = 0) -> dict | None:
+        """What a poll's conns (id -> (scope, cursor)) get from memory, or None if only the
+        database can tell: a conn changed since the poll read it, a cursor is outside the memory,
+        or the memory lacks events up to `known_upto` (committed by another process)."""
+        with self._lock:
+            if conn_changes != self.conn_changes or known_upto > self._recent_upto or not all(
+                    self._recent_from <= cursor <= self._recent_upto for _, cursor in cursors.values()):
+                return None
+            return {conn_id: self._events_for(conn_id, scope, cursor) for conn_id, (scope, cursor) in cursors.items()}
+
+    def poll_from_memory(self, sr_uuid: str, wanted: list[tuple[str, int]], conn_changes: int
+                         ) -> tuple[dict, dict[str, str], list[str]] | None:
+        """A poll's first answer from one query and the memory: each conn's answer, its scope, and
+        the conns whose last_seen is due to be written; None when only the database can tell."""
+        with self.store.snapshot() as db:
+            conns = polled_conns(db, sr_uuid, [conn_id for conn_id, _ in wanted])
+        if not all(memory_can_answer(conns.get(conn_id), cursor) for conn_id, cursor in wanted):
+            return None
+        known_upto = max(conn["last_event"] or 0 for conn in conns.values())
+        answer = self.recent_answer({c: (conns[c]["scope"], cursor) for c, cursor in wanted}, conn_changes,
+                                    known_upto)
+        if answer is None:
+            return None
+        due = time.time() - LAST_SEEN_REFRESH_SECONDS
+        return answer, {c: conns[c]["scope"] for c in conns}, [c for c in conns if conns[c]["last_seen"] < due]
+
+    def _events_for(self, conn_id: str, scope: str, cursor: int) -> dict:
+        newer = itertools.takewhile(lambda event: event.id > cursor, reversed(self._recent))
+        events = [{"id": e.id, "msg": e.message} for e in newer
+                  if e.scope == scope and e.recipient in (None, conn_id) and e.exclude != conn_id]
+        events = events[::-1][:MAX_EVENTS_PER_POLL]
+        return {"cursor": events[-1]["id"] if events else cursor, "events": events}
 
     def _wake(self, scopes: set[str]) -> None:
         """(Under the lock.) Only the polls waiting on these scopes wake, not every held thread."""
@@ -2720,6 +2823,7 @@ class ChannelHub:
                 foreign = {row["scope"] for row in rows if row["id"] not in self._announced}
                 self._announced.difference_update(row["id"] for row in rows)
                 if foreign:
+                    self._forget_upto(rows[-1]["id"])
                     self._wake(foreign)
             seen = rows[-1]["id"]
         return current, seen
@@ -3504,6 +3608,7 @@ def delete_runs(db: Db, config: Config, where: str, *args: Any) -> None:
     delete_results(db, config, [r[0] for r in db.all(
         "SELECT id FROM component_results WHERE study_result_id IN (SELECT value FROM json_each(?))", ids)])
     conns = "SELECT id FROM channel_conns WHERE study_result_id IN (SELECT value FROM json_each(?))"
+    db.conns_changed = True
     db.run(f"DELETE FROM channel_conn_scopes WHERE conn IN ({conns})", ids)
     db.run("DELETE FROM channel_conns WHERE study_result_id IN (SELECT value FROM json_each(?))", ids)
     db.run("DELETE FROM applied_requests WHERE study_result_id IN (SELECT value FROM json_each(?))", ids)
@@ -4241,13 +4346,14 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
                                                                    http_only=True, same_site="Lax"))
         return key
 
-    def poll_all(sr: str, wanted: list[tuple[str, int]]) -> tuple[dict, set[str], list[str]]:
-        """Each conn's answer, the scopes whose events would change it, and the conns whose
+    def poll_all(sr: str, wanted: list[tuple[str, int]]) -> tuple[dict, dict[str, str], list[str]]:
+        """Each conn's answer, the scope whose events would change it, and the conns whose
         last_seen is due to be written."""
         conn_ids = [conn_id for conn_id, _ in wanted]
         with store.snapshot() as db:
             answer = {conn_id: conn_events(db, sr, conn_id, cursor) for conn_id, cursor in wanted}
-            return answer, {conn_scope(db, conn_id) or "" for conn_id in conn_ids}, conns_to_refresh(db, sr, conn_ids)
+            scopes = {conn_id: conn_scope(db, conn_id) or "" for conn_id in conn_ids}
+            return answer, scopes, conns_to_refresh(db, sr, conn_ids)
 
     @app.get("/publix/<sr>/channels/poll")
     def channel_poll(sr: str) -> str:
@@ -4259,8 +4365,8 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
         deadline = time.monotonic() + hold
         page = _query().get("page") or " ".join(sorted(c for c, _ in wanted))
         with hub.hold(browser_key(), page) as ticket:
-            generation = hub.generation
-            answer, scopes, seen = poll_all(sr, wanted)
+            generation, conn_changes = hub.generation, hub.conn_changes
+            answer, scopes, seen = hub.poll_from_memory(sr, wanted, conn_changes) or poll_all(sr, wanted)
             if seen:  # the page is there now (not necessarily when the answer leaves); most polls write nothing
                 with store.tx() as db:
                     refresh_conns(db, seen)
@@ -4271,10 +4377,12 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
                     answer["retryAfter"] = POLL_RETRY_AFTER_MS
                 if news or "retryAfter" in answer or remaining <= 0:
                     break
-                if hub.wait(ticket, generation, scopes, remaining):
-                    time.sleep(POLL_GATHER_SECONDS)
+                hub.wait(ticket, generation, set(scopes.values()), remaining)
                 generation = hub.generation
-                answer, scopes, _ = poll_all(sr, wanted)  # a held page is seen at its next poll, not now
+                answer = hub.recent_answer({c: (scopes[c], answer[c]["cursor"]) for c in scopes}, conn_changes)
+                if answer is None:
+                    conn_changes = hub.conn_changes
+                    answer, scopes, _ = poll_all(sr, wanted)  # a held page is seen at its next poll, not now
         return json_answer(answer)
 
     @app.post("/publix/<sr>/channels/<conn>/send")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.cookiejar
 import json
+import random
 import subprocess
 import sys
 import threading
@@ -457,6 +458,97 @@ def test_two_server_processes_deliver_each_others_events(lab: Lab, live_server: 
             started = time.monotonic()
             assert receiver.poll("group", wait=10) == [{"msg": f"from {sender.sr_id}"}]
             assert time.monotonic() - started < 1.5
+        c, = lab.members(study_id, 1)  # on this process, which remembers its own events: the other's
+        c.open("group")                # event between them must not be skipped
+        c.drain("group")
+        received: list[str] = []
+
+        def listen() -> None:  # held polls, woken by each event
+            while len(received) < 10:
+                received.extend(m["msg"] for m in c.poll("group", wait=5) if "msg" in m)
+
+        listener = threading.Thread(target=listen)
+        listener.start()
+        for turn in range(5):
+            time.sleep(0.05)
+            b.send("group", {"msg": f"b{turn}"})
+            a.send("group", {"msg": f"a{turn}"})
+        listener.join(timeout=20)
+        assert received == [f"{who}{turn}" for turn in range(5) for who in "ba"]
     finally:
         second.kill()
         second.wait(timeout=10)
+    
+
+def test_a_woken_poll_answered_from_memory_gets_exactly_what_the_database_holds(lab: Lab,
+                                                                                  live_server: LiveServer) -> None:
+    """The hub answers woken polls from the events it remembers. After every kind of action,
+    what it would answer each conn equals the database's answer, or it declines (a conn
+    changed); it must answer most of the time, or the memory is not used."""
+    hub = live_server.app.config["jatos_lite.hub"]
+    store = live_server.app.config["jatos_lite.store"]
+    study_id, batch_id = lab.study(group=True, maxActiveMembers=3)
+    members = lab.members(study_id, 5)
+    for member in members:
+        member.open("batch")
+        member.open("group")
+    rng = random.Random(7)
+
+    def broadcast(m: Member) -> None:
+        m.send("group", {"msg": {"n": rng.random()}})
+
+    def direct(m: Member) -> None:
+        m.send("group", {"recipient": rng.choice(members).sr_id, "msg": "psst"})
+
+    def group_patch(m: Member) -> None:
+        m.patch("group", rng.randrange(1000), None, {"op": "add", "path": f"/k{rng.randrange(5)}", "value": 1},
+                versioning=False)
+
+    def batch_patch(m: Member) -> None:
+        m.patch("batch", rng.randrange(1000), None, {"op": "add", "path": "/n", "value": rng.randrange(9)},
+                versioning=False)
+
+    def heartbeat(m: Member) -> None:
+        m.send(rng.choice(["batch", "group"]), {"heartbeat": "ping"})
+
+    def reopen(m: Member) -> None:
+        kind = rng.choice(["batch", "group"])
+        m.call("POST", f"channels/{m.conn[kind]}/close")
+        m.open(kind)
+
+    def reassign(m: Member) -> None:
+        m.call("GET", "group/reassign")
+
+    def admin_edit(m: Member) -> None:
+        lab.api("PATCH", f"/batches/{batch_id}/session", {"n": rng.randrange(9)})
+
+    def database_answer(cursors: dict[str, int]) -> dict:
+        srs = {m.conn[kind]: m.sr for m in members for kind in ("batch", "group")}
+        with store.snapshot() as db:
+            return {c: jatos_lite.conn_events(db, srs[c], c, cursor) for c, cursor in cursors.items()}
+
+    woken = arriving = 0
+    for step in range(120):
+        changes = hub.conn_changes
+        with store.snapshot() as db:
+            cursors = {m.conn[kind]: (jatos_lite.conn_scope(db, m.conn[kind]), m.cursor[kind])
+                       for m in members for kind in ("batch", "group")}
+        action = rng.choice([broadcast] * 4 + [direct, group_patch, batch_patch, heartbeat, reopen, reassign,
+                                               admin_edit])
+        action(rng.choice(members))
+        memory = hub.recent_answer(cursors, changes)
+        if memory is not None:  # the poll was held while the action happened
+            woken += 1
+            assert json.loads(jatos_lite.to_json(memory)) == database_answer(
+                {c: cursor for c, (_, cursor) in cursors.items()}), (step, action.__name__)
+        for member in members:  # a poll arriving now
+            kind = rng.choice(["batch", "group"])
+            wanted = [(member.conn[kind], member.cursor[kind] - rng.choice([0, 0, 1, 3]))]
+            first = hub.poll_from_memory(member.sr, wanted, hub.conn_changes)
+            if first is not None:
+                arriving += 1
+                assert json.loads(jatos_lite.to_json(first[0])) == database_answer(dict(wanted)), (step, member.sr)
+        for member in members:
+            member.drain("batch")
+            member.drain("group")
+    assert woken > 80 and arriving > 300
