@@ -798,6 +798,11 @@ class Store:
             except Exception:
                 log.exception("A commit hook failed (the data is committed)")
 
+    def query(self, sql: str, *args: Any) -> list[sqlite3.Row]:
+        """One read statement, outside a transaction: a single statement sees one consistent state."""
+        with self._borrowed() as conn:
+            return conn.execute(sql, args).fetchall()
+
     @contextlib.contextmanager
     def snapshot(self) -> Iterator[Db]:
         """A read transaction: one consistent view of the data, no write lock taken."""
@@ -2417,7 +2422,9 @@ def leave_group_of(db: Db, sr_uuid: str, session: AdminSession | None) -> None:
 
 
 def own_conn(db: Db, sr_uuid: str, conn_id: str) -> sqlite3.Row:
-    conn = db.one("SELECT c.* FROM channel_conns c JOIN study_results s ON s.id = c.study_result_id "
+    """The run's conn, with its open scope (if any) as column `scope`."""
+    conn = db.one("SELECT c.*, cs.scope FROM channel_conns c JOIN study_results s ON s.id = c.study_result_id "
+                  "LEFT JOIN channel_conn_scopes cs ON cs.conn = c.id AND cs.to_id IS NULL "
                   "WHERE c.id = ? AND s.uuid = ?", conn_id, sr_uuid)
     if conn is None:
         raise JatosError(404, f"Channel {conn_id} doesn't exist for study result {sr_uuid}.")
@@ -2492,25 +2499,26 @@ def _group_conn_of_member(db: Db, scope: str, member: str) -> str | None:
 
 
 def _group_frame(db: Db, conn: sqlite3.Row, scope: str, frame: Any) -> None:
-    group = group_row(db, int(scope[2:]))
-    context = {"groupResultId": str(group["id"]), "groupState": group["state"]}
+    group_id = scope[2:]
 
     def reply(message: dict) -> None:
         append_event(db, scope, message, recipient=conn["id"])
 
     if not isinstance(frame, dict):
-        return reply({"action": "ERROR", "errorMsg": "Malformed message", "groupResultId": str(group["id"])})
+        return reply({"action": "ERROR", "errorMsg": "Malformed message", "groupResultId": group_id})
     if "heartbeat" in frame:
         return reply({"heartbeat": "pong"})
     action = frame.get("action")
     if action == "SESSION":
-        return _session_patch(db, GROUP_SESSION, group["id"], scope, conn["id"], frame, context)
+        group = group_row(db, int(group_id))
+        return _session_patch(db, GROUP_SESSION, group["id"], scope, conn["id"], frame,
+                              {"groupResultId": group_id, "groupState": group["state"]})
     if action == "FIXED":
-        db.run("UPDATE group_results SET state = 'FIXED' WHERE id = ?", group["id"])
-        return reply({"action": "FIXED", "groupResultId": str(group["id"]), "groupState": "FIXED",
-                      "sessionVersion": group["session_version"]})
+        db.run("UPDATE group_results SET state = 'FIXED' WHERE id = ?", int(group_id))
+        return reply({"action": "FIXED", "groupResultId": group_id, "groupState": "FIXED",
+                      "sessionVersion": group_row(db, int(group_id))["session_version"]})
     if action is not None:
-        return reply({"action": "ERROR", "errorMsg": f"Unknown action {action}", "groupResultId": str(group["id"])})
+        return reply({"action": "ERROR", "errorMsg": f"Unknown action {action}", "groupResultId": group_id})
     forwarded = {"msg": frame["msg"]} if "msg" in frame else {}
     if "recipient" not in frame:
         append_event(db, scope, forwarded, exclude=conn["id"])
@@ -2519,7 +2527,7 @@ def _group_frame(db: Db, conn: sqlite3.Row, scope: str, frame: Any) -> None:
     target = _group_conn_of_member(db, scope, recipient)
     if target is None:
         return reply({"action": "ERROR", "errorMsg": f"Recipient {recipient} isn't member of this group.",
-                      "groupResultId": str(group["id"])})
+                      "groupResultId": group_id})
     append_event(db, scope, {"recipient": recipient, **forwarded}, recipient=target)
 
 
@@ -2532,10 +2540,9 @@ def channel_send(db: Db, sr_uuid: str, conn_id: str, cseq: Any, frames: Any) -> 
         return
     if cseq != conn["last_cseq"] + 1:
         raise JatosError(409, f"Frames must be sent in order: expected cseq {conn['last_cseq'] + 1}")
-    scope = conn_scope(db, conn_id)
     handle = _batch_frame if conn["kind"] == "batch" else _group_frame
     for frame in frames:
-        handle(db, conn, scope, frame)
+        handle(db, conn, conn["scope"], frame)
     db.run("UPDATE channel_conns SET last_cseq = ?, last_seen = ? WHERE id = ?", cseq, time.time(), conn_id)
 
 
@@ -2629,11 +2636,6 @@ _POLLED_CONNS = """
     LEFT JOIN channel_conn_scopes s ON s.conn = c.id AND s.to_id IS NULL
     WHERE c.id IN (SELECT value FROM json_each(?)) AND r.uuid = ?
 """
-
-
-def polled_conns(db: Db, sr_uuid: str, conn_ids: list[str]) -> dict[str, sqlite3.Row]:
-    """The run's conns among `conn_ids`, with their open scope, in one query."""
-    return {row["id"]: row for row in db.all(_POLLED_CONNS, to_json(conn_ids), sr_uuid)}
 
 
 def memory_can_answer(conn: sqlite3.Row | None, cursor: int) -> bool:
@@ -2754,8 +2756,7 @@ class ChannelHub:
                          ) -> tuple[dict, dict[str, str], list[str]] | None:
         """A poll's first answer from one query and the memory: each conn's answer, its scope, and
         the conns whose last_seen is due to be written; None when only the database can tell."""
-        with self.store.snapshot() as db:
-            conns = polled_conns(db, sr_uuid, [conn_id for conn_id, _ in wanted])
+        conns = {row["id"]: row for row in self.store.query(_POLLED_CONNS, to_json([c for c, _ in wanted]), sr_uuid)}
         if not all(memory_can_answer(conns.get(conn_id), cursor) for conn_id, cursor in wanted):
             return None
         known_upto = max(conn["last_event"] or 0 for conn in conns.values())

@@ -44,6 +44,8 @@ RELAY = textwrap.dedent('''
                 changed.notify_all()
             return answer(start_response, {"cseq": frame["cseq"]})
         query = dict(urllib.parse.parse_qsl(environ.get("QUERY_STRING", "")))
+        if "c" not in query:  # the start-up check (GET /ping)
+            return answer(start_response, {})
         cursor = int(query.get("c", "x:0").split(":")[1])
         with changed:
             changed.wait_for(lambda: len(messages) > cursor, timeout=float(query.get("wait", 20)))
