@@ -2682,6 +2682,11 @@ def clean_idle_group_members(db: Db) -> None:
         _finish_run(db, _run_of(db, sr), False, GROUP_CLEANER_MESSAGE)
 
 
+def _delivered_to(conn_id: str, scope: str, event: ChannelEvent) -> bool:
+    """Whether a conn listening on `scope` gets the event."""
+    return event.scope == scope and event.recipient in (None, conn_id) and event.exclude != conn_id
+
+
 class ChannelHub:
     """Wakes the held polls of a channel scope when events were appended to it, in this process
     (commit hook) or another one (PRAGMA data_version, checked every 25 ms); limits how many
@@ -2701,7 +2706,7 @@ class ChannelHub:
         self._lock = threading.Lock()
         self._held: dict[int, tuple[str, str]] = {}  # ticket -> (browser, page)
         self._released: set[int] = set()
-        self._waiting: dict[int, tuple[set[str], threading.Event]] = {}  # ticket -> (scopes, wake-up)
+        self._waiting: dict[int, tuple[dict[str, str], threading.Event]] = {}  # ticket -> (conn -> scope, wake-up)
         self._announced: set[int] = set()  # events of our own commits the watcher need not wake for
         self._recent: collections.deque[ChannelEvent] = collections.deque()
         self._recent_from = 0
@@ -2726,7 +2731,7 @@ class ChannelHub:
             if self._watcher is not None:
                 self._announced.update(event.id for event in events)
             self._remember(events)
-            self._wake({event.scope for event in events})
+            self._wake({event.scope for event in events}, None if conns_changed else events)
 
     def _remember(self, events: list[ChannelEvent]) -> None:
         """(Under the lock.) Events of one commit, ids ascending."""
@@ -2769,17 +2774,19 @@ class ChannelHub:
 
     def _events_for(self, conn_id: str, scope: str, cursor: int) -> dict:
         newer = itertools.takewhile(lambda event: event.id > cursor, reversed(self._recent))
-        events = [{"id": e.id, "msg": e.message} for e in newer
-                  if e.scope == scope and e.recipient in (None, conn_id) and e.exclude != conn_id]
+        events = [{"id": e.id, "msg": e.message} for e in newer if _delivered_to(conn_id, scope, e)]
         events = events[::-1][:MAX_EVENTS_PER_POLL]
         return {"cursor": events[-1]["id"] if events else cursor, "events": events}
 
-    def _wake(self, scopes: set[str]) -> None:
-        """(Under the lock.) Only the polls waiting on these scopes wake, not every held thread."""
+    def _wake(self, scopes: set[str], events: list[ChannelEvent] | None = None) -> None:
+        """(Under the lock.) Only the polls waiting on these scopes wake, not every held thread;
+        given the events, only those with an event for one of their conns (a broadcast does
+        not wake its sender's poll)."""
         self.generation += 1
         self._scope_generation.update(dict.fromkeys(scopes, self.generation))
-        for waiting_for, wake_up in self._waiting.values():
-            if waiting_for & scopes:
+        for conns, wake_up in self._waiting.values():
+            if events is None and not scopes.isdisjoint(conns.values()) or events is not None and any(
+                    _delivered_to(conn_id, scope, event) for event in events for conn_id, scope in conns.items()):
                 wake_up.set()
 
     def _release(self, ticket: int) -> None:
@@ -2859,17 +2866,17 @@ class ChannelHub:
                 self._held.pop(ticket, None)
                 self._released.discard(ticket)
 
-    def wait(self, ticket: int, generation: int, scopes: set[str], timeout: float) -> bool:
-        """Until one of `scopes` got events after `generation` (True), the ticket is released or
-        the timeout passed (False)."""
+    def wait(self, ticket: int, generation: int, conns: dict[str, str], timeout: float) -> bool:
+        """Until the scope of one of `conns` (id -> scope) got events after `generation` (True),
+        the ticket is released or the timeout passed (False)."""
         def news() -> bool:
-            return any(self._scope_generation.get(s, 0) > generation for s in scopes)
+            return any(self._scope_generation.get(s, 0) > generation for s in conns.values())
 
         wake_up = threading.Event()
         with self._lock:
             if ticket in self._released or news():
                 return news()
-            self._waiting[ticket] = (scopes, wake_up)
+            self._waiting[ticket] = (conns, wake_up)
         wake_up.wait(timeout)
         with self._lock:
             self._waiting.pop(ticket, None)
@@ -4327,9 +4334,9 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
         no_store()
         return ""
 
-    def poll_request() -> list[tuple[str, int]]:
+    def poll_request(pairs: list[tuple[str, str]]) -> list[tuple[str, int]]:
         wanted = []
-        for key, value in _query_pairs():
+        for key, value in pairs:
             if key == "c":
                 conn_id, _, cursor = value.partition(":")
                 if not conn_id or not cursor.isdigit():
@@ -4358,13 +4365,14 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
 
     @app.get("/publix/<sr>/channels/poll")
     def channel_poll(sr: str) -> str:
-        wanted = poll_request()
-        wait_text = _query().get("wait", "")
+        pairs = _query_pairs()
+        wanted, query = poll_request(pairs), dict(reversed(pairs))
+        wait_text = query.get("wait", "")
         hold = min(float(wait_text), CHANNEL_HOLD_SECONDS) if re.fullmatch(r"\d+(\.\d+)?", wait_text) \
             else CHANNEL_HOLD_SECONDS
         hub.start_watching()
         deadline = time.monotonic() + hold
-        page = _query().get("page") or " ".join(sorted(c for c, _ in wanted))
+        page = query.get("page") or " ".join(sorted(c for c, _ in wanted))
         with hub.hold(browser_key(), page) as ticket:
             generation, conn_changes = hub.generation, hub.conn_changes
             answer, scopes, seen = hub.poll_from_memory(sr, wanted, conn_changes) or poll_all(sr, wanted)
@@ -4378,7 +4386,7 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
                     answer["retryAfter"] = POLL_RETRY_AFTER_MS
                 if news or "retryAfter" in answer or remaining <= 0:
                     break
-                hub.wait(ticket, generation, set(scopes.values()), remaining)
+                hub.wait(ticket, generation, scopes, remaining)
                 generation = hub.generation
                 answer = hub.recent_answer({c: (scopes[c], answer[c]["cursor"]) for c in scopes}, conn_changes)
                 if answer is None:

@@ -44,7 +44,7 @@ def test_a_commit_wakes_only_the_polls_of_its_scopes(store) -> None:
     def wait(scope: str) -> None:
         with channels.hold(scope, scope) as ticket:
             start = time.monotonic()
-            channels.wait(ticket, channels.generation, {scope}, timeout=1.0)
+            channels.wait(ticket, channels.generation, {"conn": scope}, timeout=1.0)
             woke[scope] = time.monotonic() - start
 
     threads = [threading.Thread(target=wait, args=(scope,)) for scope in ("b:1", "b:2")]
@@ -65,4 +65,52 @@ def test_a_commit_without_channel_events_wakes_nobody(store) -> None:
         with store.tx() as db:
             db.run("INSERT OR REPLACE INTO settings(key, value) VALUES ('x', 'y')")
         assert channels.generation == generation
-        channels.wait(ticket, generation, {"b:1"}, timeout=0.01)
+        channels.wait(ticket, generation, {"conn": "b:1"}, timeout=0.01)
+
+
+def woken_within(channels: jatos_lite.ChannelHub, conns: dict[str, str], commit, timeout: float = 1.0) -> bool:
+    """Whether a poll waiting on `conns` wakes before `timeout` when `commit` runs meanwhile."""
+    woke = []
+
+    def wait() -> None:
+        with channels.hold("browser " + " ".join(conns), "page " + " ".join(conns)) as ticket:
+            start = time.monotonic()
+            channels.wait(ticket, channels.generation, conns, timeout=timeout)
+            woke.append(time.monotonic() - start < timeout * 0.9)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    time.sleep(0.1)
+    commit()
+    waiter.join()
+    return woke[0]
+
+
+def test_an_event_wakes_only_the_polls_of_conns_that_get_it(store) -> None:
+    channels = hub(store)
+
+    def broadcast_from_a() -> None:
+        with store.tx() as db:
+            jatos_lite.append_event(db, "g:1", {"msg": "hi"}, exclude="a")
+
+    def direct_to_b() -> None:
+        with store.tx() as db:
+            jatos_lite.append_event(db, "g:1", {"msg": "psst"}, recipient="b")
+
+    assert not woken_within(channels, {"a": "g:1"}, broadcast_from_a)
+    assert woken_within(channels, {"b": "g:1"}, broadcast_from_a)
+    assert not woken_within(channels, {"c": "g:1"}, direct_to_b)
+    assert woken_within(channels, {"c": "g:1", "b": "g:1"}, direct_to_b)
+
+
+def test_a_commit_that_moved_a_conn_wakes_every_poll_of_its_scopes(store) -> None:
+    """A conn moved to another group hears nothing in its old scope, yet its poll must wake:
+    its events are now in a scope the poll does not know yet."""
+    channels = hub(store)
+
+    def move() -> None:
+        with store.tx() as db:
+            db.conns_changed = True
+            jatos_lite.append_event(db, "g:1", {"action": "LEFT"}, exclude="a")
+
+    assert woken_within(channels, {"a": "g:1"}, move)
