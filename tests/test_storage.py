@@ -1,5 +1,6 @@
 """The store (DESIGN.md §4): WAL mode with full syncs, a schema versioned by forward
-migrations, a database from a newer jatos-lite refused untouched, appends done in SQL."""
+migrations, a database from a newer jatos-lite refused untouched, and group commit
+(writers queued together share one COMMIT; each is answered only after it)."""
 
 from __future__ import annotations
 
