@@ -1011,6 +1011,7 @@
 
   var groupCallbacks = {};
   var groupJoining = null, groupLeaving = false, groupReassigning = false, groupFixing = null;
+  var onOwnGroupOpened = null;  // set while a reassignment waits for its new group's OPENED
   var groupKeeper = new ChannelKeeper("group", function () {
     call(groupCallbacks.onError, "Group channel heartbeat fail");
     reopenGroupChannel();
@@ -1075,8 +1076,11 @@
     var self = message.memberId === jatos.groupMemberId;
     switch (message.action) {
       case "OPENED":
-        if (self) call(groupCallbacks.onOpen, message.memberId);
-        else memberEvent(groupCallbacks.onMemberOpen, message.memberId);
+        if (!self) memberEvent(groupCallbacks.onMemberOpen, message.memberId);
+        else {
+          call(groupCallbacks.onOpen, message.memberId);
+          if (onOwnGroupOpened) onOwnGroupOpened();
+        }
         break;
       case "CLOSED":
         if (message.memberId !== undefined && !self) memberEvent(groupCallbacks.onMemberClose, message.memberId);
@@ -1186,7 +1190,7 @@
         if (response.status === 200) {
           // Beyond JATOS: succeed once the channel has brought the new group (its OPENED), so
           // jatos.groupResultId and jatos.groupMembers are the new group's in the callbacks.
-          return groupChange(oldGroup).then(function () {
+          return newGroupOpened(oldGroup).then(function () {
             groupReassigning = false;
             call(onSuccess);
             resolve();
@@ -1204,13 +1208,20 @@
     });
   };
 
-  function groupChange(oldGroup) {
+  // Resolves when this member's OPENED of a group other than oldGroup has arrived (or after
+  // channelSendingTimeoutTime, if the channel never brings it).
+  function newGroupOpened(oldGroup) {
     return new Promise(function (resolve) {
-      var deadline = Date.now() + jatos.channelSendingTimeoutTime;
-      (function check() {
-        if (jatos.groupResultId !== oldGroup || Date.now() > deadline) resolve();
-        else setTimeout(check, 20);
-      })();
+      var timer = setTimeout(done, jatos.channelSendingTimeoutTime);
+      function done() {
+        clearTimeout(timer);
+        onOwnGroupOpened = null;
+        resolve();
+      }
+      if (jatos.groupResultId !== oldGroup) return done();
+      onOwnGroupOpened = function () {
+        if (jatos.groupResultId !== oldGroup) done();
+      };
     });
   }
 
