@@ -574,6 +574,7 @@ class ChannelEvent:
     recipient: str | None
     exclude: str | None
     message: dict
+    size: int  # of the message as JSON
 
 
 class Db:
@@ -1342,9 +1343,10 @@ def last_event_id(db: Db) -> int:
 
 def append_event(db: Db, scope: str, message: dict, recipient: str | None = None,
                  exclude: str | None = None) -> int:
+    payload = to_json(message)
     event_id = db.insert("INSERT INTO channel_events(scope, recipient, exclude, payload, created) "
-                         "VALUES (?, ?, ?, ?, ?)", scope, recipient, exclude, to_json(message), time.time())
-    db.appended_events.append(ChannelEvent(event_id, scope, recipient, exclude, message))
+                         "VALUES (?, ?, ?, ?, ?)", scope, recipient, exclude, payload, time.time())
+    db.appended_events.append(ChannelEvent(event_id, scope, recipient, exclude, message, len(payload)))
     return event_id
 
 
@@ -2296,7 +2298,9 @@ GROUP_CLEANER_INTERVAL_SECONDS = 60.0
 GROUP_MEMBER_IDLE_MS = 90_000
 EVENT_RETENTION_SECONDS = 600.0
 MAX_EVENTS_PER_POLL = 500
-RECENT_EVENTS_KEPT = 2000  # in memory, for answering woken polls without reading the database
+# The latest events are kept in memory for answering polls without reading the database, up
+# to this much JSON: an OPENED or a resync carries a whole session, which may be large.
+RECENT_EVENTS_BYTES = 2_000_000
 HELD_POLLS_PER_BROWSER = 4
 POLL_RETRY_AFTER_MS = 1000  # a poll released to make room asks its page to wait before the next
 
@@ -2709,6 +2713,7 @@ class ChannelHub:
         self._waiting: dict[int, tuple[dict[str, str], threading.Event]] = {}  # ticket -> (conn -> scope, wake-up)
         self._announced: set[int] = set()  # events of our own commits the watcher need not wake for
         self._recent: collections.deque[ChannelEvent] = collections.deque()
+        self._recent_bytes = 0
         self._recent_from = 0
         self._recent_upto = 0
         self.conn_changes = 0  # how many commits opened, moved, closed or deleted conns
@@ -2738,13 +2743,17 @@ class ChannelHub:
         if events[0].id != self._recent_upto + 1:  # another process committed events in between
             self._forget_upto(events[0].id - 1)
         self._recent.extend(events)
+        self._recent_bytes += sum(event.size for event in events)
         self._recent_upto = events[-1].id
-        while len(self._recent) > RECENT_EVENTS_KEPT:
-            self._recent_from = self._recent.popleft().id
+        while self._recent_bytes > RECENT_EVENTS_BYTES:
+            dropped = self._recent.popleft()
+            self._recent_bytes -= dropped.size
+            self._recent_from = dropped.id
 
     def _forget_upto(self, event_id: int) -> None:
         """(Under the lock.) From now on the memory can answer only for events after `event_id`."""
         self._recent.clear()
+        self._recent_bytes = 0
         self._recent_from = self._recent_upto = max(event_id, self._recent_upto)
 
     def recent_answer(self, cursors: dict[str, tuple[str, int]], conn_changes: int, known_upto: int = 0) -> dict | None:

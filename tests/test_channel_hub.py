@@ -114,3 +114,17 @@ def test_a_commit_that_moved_a_conn_wakes_every_poll_of_its_scopes(store) -> Non
             jatos_lite.append_event(db, "g:1", {"action": "LEFT"}, exclude="a")
 
     assert woken_within(channels, {"a": "g:1"}, move)
+
+
+def test_the_memory_keeps_a_bounded_amount_of_events_and_older_cursors_go_to_the_database(store, monkeypatch) -> None:
+    monkeypatch.setattr(jatos_lite, "RECENT_EVENTS_BYTES", 10_000)
+    channels = hub(store)
+    ids = []
+    for _ in range(30):  # an OPENED with a large session each
+        with store.tx() as db:
+            ids.append(jatos_lite.append_event(db, "b:1", {"action": "OPENED", "data": {"big": "x" * 1000}}))
+    kept = sum(event.size for event in channels._recent)
+    assert kept <= 10_000 and len(channels._recent) < 30
+    assert channels.recent_answer({"c": ("b:1", ids[0])}, channels.conn_changes) is None
+    newest = channels.recent_answer({"c": ("b:1", ids[-3])}, channels.conn_changes)
+    assert [event["id"] for event in newest["c"]["events"]] == ids[-2:]
