@@ -172,7 +172,8 @@ def test_a_stale_version_fails_and_the_page_catches_up(lab: Lab) -> None:
             route.continue_()
 
     a = lab.participant(lab.code(study_id), route=("**/channels/poll*", hold))
-    wait_until(lambda: held, message="a poll to hold")
+    # playwright runs route handlers only inside its own calls: make one each time round
+    wait_until(lambda: a.js("true") and held, message="a poll to hold")
     lab.api("PATCH", f"/batches/{batch_id}/session", {"admin": 1})
     a.js("void (window.outcome = jatos.batchSession.set('mine', 1).then(() => 'ok', r => String(r)))")
     for route in held:
