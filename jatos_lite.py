@@ -740,6 +740,8 @@ class Store:
                 self._writer.execute("BEGIN IMMEDIATE")
             except BaseException:
                 self._leave_queue()
+                self._local.writing = False
+                self._write_lock.release()
                 raise
             self._batch = _Batch()
         return self._batch
@@ -756,7 +758,7 @@ class Store:
         """Commit the batch if no writer is queued behind this one, or it is full or old."""
         batch.requests += 1
         try:
-            if (self._leave_queue(release=False) or batch.requests >= self.BATCH_MAX_REQUESTS
+            if (self._leave_queue() or batch.requests >= self.BATCH_MAX_REQUESTS
                     or time.monotonic() - batch.started >= self.BATCH_MAX_SECONDS or batch.broken):
                 self._batch = None
                 self._commit(batch)
@@ -764,15 +766,11 @@ class Store:
             self._local.writing = False
             self._write_lock.release()
 
-    def _leave_queue(self, release: bool = True) -> bool:
+    def _leave_queue(self) -> bool:
         """Leave the writers' queue; True if it is empty now."""
         with self._queue_lock:
             self._queued -= 1
-            empty = self._queued == 0
-        if release:
-            self._local.writing = False
-            self._write_lock.release()
-        return empty
+            return self._queued == 0
 
     def _commit(self, batch: _Batch) -> None:
         conn = self._writer
@@ -2650,13 +2648,13 @@ def memory_can_answer(conn: sqlite3.Row | None, cursor: int) -> bool:
             and conn["from_id"] <= cursor and cursor >= int(conn["pruned"] or 0))
 
 
-def conns_to_refresh(db: Db, sr_uuid: str, conn_ids: list[str]) -> list[str]:
-    """The run's open conns among `conn_ids` whose last_seen is old enough to be written again."""
-    return [row[0] for row in db.all(
-        "SELECT id FROM channel_conns WHERE state = 'open' AND last_seen < ? "
-        "AND id IN (SELECT value FROM json_each(?)) "
-        "AND study_result_id = (SELECT id FROM study_results WHERE uuid = ?)",
-        time.time() - LAST_SEEN_REFRESH_SECONDS, to_json(conn_ids), sr_uuid)]
+def polled_conns(rows: Iterable[sqlite3.Row]) -> tuple[dict[str, sqlite3.Row], dict[str, str], list[str]]:
+    """Rows of _POLLED_CONNS as: the conns by id, each conn's open scope ('' if none), and the
+    open conns whose last_seen is old enough to be written again."""
+    conns = {row["id"]: row for row in rows}
+    due = time.time() - LAST_SEEN_REFRESH_SECONDS
+    return (conns, {c: row["scope"] or "" for c, row in conns.items()},
+            [c for c, row in conns.items() if row["state"] == "open" and row["last_seen"] < due])
 
 
 def refresh_conns(db: Db, conn_ids: list[str]) -> None:
@@ -2770,16 +2768,12 @@ class ChannelHub:
                          ) -> tuple[dict, dict[str, str], list[str]] | None:
         """A poll's first answer from one query and the memory: each conn's answer, its scope, and
         the conns whose last_seen is due to be written; None when only the database can tell."""
-        conns = {row["id"]: row for row in self.store.query(_POLLED_CONNS, to_json([c for c, _ in wanted]), sr_uuid)}
+        conns, scopes, due = polled_conns(self.store.query(_POLLED_CONNS, to_json([c for c, _ in wanted]), sr_uuid))
         if not all(memory_can_answer(conns.get(conn_id), cursor) for conn_id, cursor in wanted):
             return None
         known_upto = max(conn["last_event"] or 0 for conn in conns.values())
-        answer = self.recent_answer({c: (conns[c]["scope"], cursor) for c, cursor in wanted}, conn_changes,
-                                    known_upto)
-        if answer is None:
-            return None
-        due = time.time() - LAST_SEEN_REFRESH_SECONDS
-        return answer, {c: conns[c]["scope"] for c in conns}, [c for c in conns if conns[c]["last_seen"] < due]
+        answer = self.recent_answer({c: (scopes[c], cursor) for c, cursor in wanted}, conn_changes, known_upto)
+        return None if answer is None else (answer, scopes, due)
 
     def _events_for(self, conn_id: str, scope: str, cursor: int) -> dict:
         newer = itertools.takewhile(lambda event: event.id > cursor, reversed(self._recent))
@@ -2794,8 +2788,12 @@ class ChannelHub:
         self.generation += 1
         self._scope_generation.update(dict.fromkeys(scopes, self.generation))
         for conns, wake_up in self._waiting.values():
-            if events is None and not scopes.isdisjoint(conns.values()) or events is not None and any(
-                    _delivered_to(conn_id, scope, event) for event in events for conn_id, scope in conns.items()):
+            if events is None:
+                wakes = not scopes.isdisjoint(conns.values())
+            else:
+                wakes = any(_delivered_to(conn_id, scope, event)
+                            for event in events for conn_id, scope in conns.items())
+            if wakes:
                 wake_up.set()
 
     def _release(self, ticket: int) -> None:
@@ -4366,11 +4364,10 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
     def poll_all(sr: str, wanted: list[tuple[str, int]]) -> tuple[dict, dict[str, str], list[str]]:
         """Each conn's answer, the scope whose events would change it, and the conns whose
         last_seen is due to be written."""
-        conn_ids = [conn_id for conn_id, _ in wanted]
         with store.snapshot() as db:
             answer = {conn_id: conn_events(db, sr, conn_id, cursor) for conn_id, cursor in wanted}
-            scopes = {conn_id: conn_scope(db, conn_id) or "" for conn_id in conn_ids}
-            return answer, scopes, conns_to_refresh(db, sr, conn_ids)
+            _, scopes, due = polled_conns(db.all(_POLLED_CONNS, to_json([c for c, _ in wanted]), sr))
+            return answer, scopes, due
 
     @app.get("/publix/<sr>/channels/poll")
     def channel_poll(sr: str) -> str:
