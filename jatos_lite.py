@@ -2296,6 +2296,9 @@ GROUP_CLEANER_INTERVAL_SECONDS = 60.0
 GROUP_MEMBER_IDLE_MS = 90_000
 EVENT_RETENTION_SECONDS = 600.0
 MAX_EVENTS_PER_POLL = 500
+# How long the hub trusts the conn rows a poll read: a conn change of this process forgets them
+# at once, one of another process (which only the database shows) is seen after this long.
+POLLED_CONN_MEMORY_SECONDS = 1.0
 # The latest events are kept in memory for answering polls without reading the database, up
 # to this much JSON: an OPENED or a resync carries a whole session, which may be large.
 RECENT_EVENTS_BYTES = 2_000_000
@@ -2714,6 +2717,7 @@ class ChannelHub:
         self._recent_bytes = 0
         self._recent_from = 0
         self._recent_upto = 0
+        self._polled: dict[tuple[str, str], tuple[int, float, sqlite3.Row]] = {}  # (run, conn) -> (conn_changes, read at, row)
         self.conn_changes = 0  # how many commits opened, moved, closed or deleted conns
         self._tickets = itertools.count()
         self._watcher: threading.Thread | None = None
@@ -2749,7 +2753,9 @@ class ChannelHub:
             self._recent_from = dropped.id
 
     def _forget_upto(self, event_id: int) -> None:
-        """(Under the lock.) From now on the memory can answer only for events after `event_id`."""
+        """(Under the lock.) From now on the memory can answer only for events after `event_id`.
+        Another process committed: the conn rows polls read may be stale too."""
+        self._polled.clear()
         self._recent.clear()
         self._recent_bytes = 0
         self._recent_from = self._recent_upto = max(event_id, self._recent_upto)
@@ -2768,12 +2774,35 @@ class ChannelHub:
                          ) -> tuple[dict, dict[str, str], list[str]] | None:
         """A poll's first answer from one query and the memory: each conn's answer, its scope, and
         the conns whose last_seen is due to be written; None when only the database can tell."""
-        conns, scopes, due = polled_conns(self.store.query(_POLLED_CONNS, to_json([c for c, _ in wanted]), sr_uuid))
+        conns, scopes, due = polled_conns(self._polled_rows(sr_uuid, [c for c, _ in wanted]))
         if not all(memory_can_answer(conns.get(conn_id), cursor) for conn_id, cursor in wanted):
             return None
         known_upto = max(conn["last_event"] or 0 for conn in conns.values())
         answer = self.recent_answer({c: (scopes[c], cursor) for c, cursor in wanted}, conn_changes, known_upto)
         return None if answer is None else (answer, scopes, due)
+
+    def _polled_rows(self, sr_uuid: str, conn_ids: list[str]) -> list[sqlite3.Row]:
+        """The _POLLED_CONNS rows of a poll's conns, read again only when a conn of this process
+        changed since, or after POLLED_CONN_MEMORY_SECONDS (a page polls many times a second in
+        a busy group). The rows' last event id and pruning mark may be older than the
+        database's; both only grow, and the memory is checked against the ids it holds."""
+        now = time.monotonic()
+        with self._lock:
+            known = [self._polled.get((sr_uuid, conn_id)) for conn_id in conn_ids]
+            if all(k is not None and k[0] == self.conn_changes and now - k[1] < POLLED_CONN_MEMORY_SECONDS
+                   for k in known):
+                return [k[2] for k in known]
+            changes = self.conn_changes  # read before the query: a change committed meanwhile makes the rows stale
+        rows = self.store.query(_POLLED_CONNS, to_json(conn_ids), sr_uuid)
+        with self._lock:
+            self._polled.update(((sr_uuid, row["id"]), (changes, now, row)) for row in rows)
+        return rows
+
+    def forget_polled(self, sr_uuid: str, conn_ids: list[str]) -> None:
+        """The conns' rows changed in a way that no conn change counts (their last_seen)."""
+        with self._lock:
+            for conn_id in conn_ids:
+                self._polled.pop((sr_uuid, conn_id), None)
 
     def _events_for(self, conn_id: str, scope: str, cursor: int) -> dict:
         newer = itertools.takewhile(lambda event: event.id > cursor, reversed(self._recent))
@@ -2892,11 +2921,17 @@ class ChannelHub:
     def released(self, ticket: int) -> bool:
         return ticket in self._released
 
+    def _forget_old_polled(self) -> None:
+        oldest = time.monotonic() - POLLED_CONN_MEMORY_SECONDS
+        with self._lock:
+            self._polled = {key: known for key, known in self._polled.items() if known[1] >= oldest}
+
     def maintain(self) -> None:
         now = time.time()
         if now < self._maintenance_due:
             return
         self._maintenance_due = now + MAINTENANCE_INTERVAL_SECONDS
+        self._forget_old_polled()
         with self.store.tx() as db:
             sweep_channels(db, now)
             if now >= self._cleaning_due:
@@ -4385,6 +4420,7 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
             if seen:  # the page is there now (not necessarily when the answer leaves); most polls write nothing
                 with store.tx() as db:
                     refresh_conns(db, seen)
+                hub.forget_polled(sr, seen)
             while True:
                 news = any("closed" in a or a["events"] for a in answer.values())
                 remaining = deadline - time.monotonic()

@@ -411,8 +411,25 @@ def test_a_member_that_stops_polling_is_closed_for_the_others(lab: Lab, live_ser
         db.run("UPDATE channel_conns SET last_seen = last_seen - ? WHERE id = ?",
                jatos_lite.CONN_STALE_SECONDS + 1, b.conn["group"])
         jatos_lite.sweep_channels(db, time.time())
-    closed = [m for m in a.drain("group") if m.get("action") == "CLOSED"]
+    closed = [m for m in a.poll("group", wait=5) if m.get("action") == "CLOSED"]  # another process: the watcher tells
     assert [m["memberId"] for m in closed] == [b.sr_id] and b.sr_id not in closed[0]["channels"]
+
+
+def test_a_page_polling_often_writes_its_last_seen_once_per_interval(lab: Lab, monkeypatch) -> None:
+    """Polls reuse the conn rows they read (POLLED_CONN_MEMORY_SECONDS); the one that writes
+    last_seen must forget them, or every poll after the interval would write again."""
+    monkeypatch.setattr(jatos_lite, "LAST_SEEN_REFRESH_SECONDS", 0.25)
+    writes: list[list[str]] = []
+    refresh = jatos_lite.refresh_conns
+    monkeypatch.setattr(jatos_lite, "refresh_conns", lambda db, conn_ids: writes.append(conn_ids) or refresh(db, conn_ids))
+    study_id, _ = lab.study(group=True)
+    member, = lab.members(study_id, 1)
+    member.open("group")
+    started = time.monotonic()
+    while time.monotonic() - started < 0.9:
+        member.poll("group")
+        time.sleep(0.01)
+    assert 2 <= len(writes) <= 4 and all(w == [member.conn["group"]] for w in writes)
 
 
 def test_a_page_closing_tells_the_others_at_once(lab: Lab) -> None:
