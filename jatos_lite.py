@@ -3806,6 +3806,13 @@ def _query_pairs() -> list[tuple[str, str]]:
     return urllib.parse.parse_qsl(bottle.request.environ.get("QUERY_STRING", ""), keep_blank_values=True)
 
 
+def _cookie_header() -> str:
+    """The Cookie header, read from the environ: bottle's header dict keeps itself in the
+    environ it refers to, a reference cycle per request that only the garbage collector
+    frees (whose pauses then hold every thread). UTF-8 as bottle reads it."""
+    return bottle.request.environ.get("HTTP_COOKIE", "").encode("latin-1").decode("utf-8")
+
+
 def _wants_html() -> bool:
     accept = bottle.request.get_header("Accept", "") or ""
     return any(part.split(";")[0].strip().lower() == "text/html" for part in accept.split(","))
@@ -4235,14 +4242,14 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
     app.config["jatos_lite.hub"] = hub
 
     def browser() -> Browser:
-        return Browser(bottle.request.get_header("Cookie", "") or "", config.id_cookie_limit)
+        return Browser(_cookie_header(), config.id_cookie_limit)
 
     def send_cookies(visitor: Browser) -> None:
         for header in visitor.outgoing.values():
             bottle.response.add_header("Set-Cookie", header)
 
     def admin_session(db: Db) -> AdminSession | None:
-        secret = parse_cookie_header(bottle.request.get_header("Cookie", "") or "").get(SESSION_COOKIE)
+        secret = parse_cookie_header(_cookie_header()).get(SESSION_COOKIE)
         if not secret:
             return None
         row = db.one("SELECT * FROM admin_sessions WHERE token_hash = ?", hash_secret(secret))
@@ -4394,7 +4401,7 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
         return wanted
 
     def browser_key() -> str:
-        key = parse_cookie_header(bottle.request.get_header("Cookie", "") or "").get(BROWSER_COOKIE, "")
+        key = parse_cookie_header(_cookie_header()).get(BROWSER_COOKIE, "")
         if not re.fullmatch(r"[0-9a-f]{32}", key):
             key = secrets.token_hex(16)
             bottle.response.add_header("Set-Cookie", cookie_header(BROWSER_COOKIE, key, COOKIE_MAX_AGE,

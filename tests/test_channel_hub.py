@@ -4,10 +4,14 @@
 from __future__ import annotations
 
 import contextlib
+import gc
+import io
+import json
 import threading
 import time
 
 import jatos_lite
+from conftest import AUTH, make_jzip
 
 
 def hub(store: jatos_lite.Store, max_held: int = 10) -> jatos_lite.ChannelHub:
@@ -128,3 +132,39 @@ def test_the_memory_keeps_a_bounded_amount_of_events_and_older_cursors_go_to_the
     assert channels.recent_answer({"c": ("b:1", ids[0])}, channels.conn_changes) is None
     newest = channels.recent_answer({"c": ("b:1", ids[-3])}, channels.conn_changes)
     assert [event["id"] for event in newest["c"]["events"]] == ids[-2:]
+
+
+def test_polls_and_sends_leave_no_garbage_for_the_collector(client, app) -> None:
+    """A busy group makes hundreds of requests a second. Each reference cycle a request leaves
+    waits for the garbage collector, whose pauses hold every thread (bottle's header dict,
+    which refers to the environ that holds it, was one)."""
+    study_id = client.post("/jatos/api/v1/studies", make_jzip(groupStudy=True, dir_name="g"),
+                           headers={**AUTH, "Content-Type": "application/zip"}).json["data"]["id"]
+    code = client.post_json(f"/jatos/api/v1/studies/{study_id}/studyCodes", {"type": "gm"},
+                            headers=AUTH).json["data"][0]
+    prefix = "/".join(client.get(f"/publix/{code}").maybe_follow().request.path.split("/")[:3])
+    conn = client.post_json(f"{prefix}/group/join", {}).json["conn"]
+    cookies = "; ".join(f"{c.name}={c.value}" for c in client.cookiejar) + "; JATOS_LITE_BROWSER=" + "a" * 32
+
+    def call(method: str, path: str, query: str = "", body: bytes = b"") -> None:
+        environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": query, "SERVER_NAME": "x",
+                   "SERVER_PORT": "80", "wsgi.url_scheme": "http", "HTTP_HOST": "x", "HTTP_COOKIE": cookies,
+                   "CONTENT_TYPE": "application/json", "CONTENT_LENGTH": str(len(body)),
+                   "wsgi.input": io.BytesIO(body), "wsgi.errors": io.StringIO()}
+        statuses = []
+        b"".join(app(environ, lambda status, headers, exc_info=None: statuses.append(status)))
+        assert statuses[0].startswith("200"), statuses
+
+    def requests(first_cseq: int) -> None:
+        for cseq in range(first_cseq, first_cseq + 20):
+            call("POST", f"{prefix}/channels/{conn}/send", body=json.dumps({"cseq": cseq, "frames": [{"msg": cseq}]}).encode())
+            call("GET", f"{prefix}/channels/poll", f"c={conn}:0&page=p&wait=0")
+
+    requests(1)  # warm up: caches, lazily built objects
+    gc.collect()
+    gc.disable()
+    try:
+        requests(21)
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
