@@ -2706,6 +2706,7 @@ class ChannelHub:
     without reading the database: the memory holds every event with an id in
     (recent_from, recent_upto]. Events of another process leave a gap in the ids, or are
     found by the watcher; either empties the memory, and polls read the database again.
+    Likewise it keeps, for a second, the conn rows an arriving poll read.
     """
 
     def __init__(self, store: Store, max_held: int):
@@ -2722,7 +2723,8 @@ class ChannelHub:
         self._recent_bytes = 0
         self._recent_from = 0
         self._recent_upto = 0
-        self._polled: dict[tuple[str, str], tuple[int, float, sqlite3.Row]] = {}  # (run, conn) -> (conn_changes, read at, row)
+        # (run, conn) -> (conn_changes when read, monotonic time read, _POLLED_CONNS row)
+        self._polled: dict[tuple[str, str], tuple[int, float, sqlite3.Row]] = {}
         self.conn_changes = 0  # how many commits opened, moved, closed or deleted conns
         self._tickets = itertools.count()
         self._watcher: threading.Thread | None = None
