@@ -627,7 +627,8 @@
     var controller = new AbortController();
     pollAbort = controller;
     var query = conns.map(function (conn) { return "c=" + conn + ":" + pollSockets[conn].cursor; }).join("&");
-    fetch(url("../channels/poll?" + query + "&page=" + pageId), {
+    pollNumber++;  // the server orders this page's polls by it: an aborted one may arrive after its successor
+    fetch(url("../channels/poll?" + query + "&page=" + pageId + "&n=" + pollNumber), {
       credentials: "same-origin", cache: "no-store", signal: controller.signal
     }).then(function (response) {
       if (response.status !== 200) throw new Error(String(response.status));
@@ -645,6 +646,7 @@
     });
   }
   var pollFailures = 0;
+  var pollNumber = 0;
 
   function handlePollAnswer(conn, answer) {
     var socket = pollSockets[conn];

@@ -2715,7 +2715,7 @@ class ChannelHub:
         self.generation = 0
         self._scope_generation: dict[str, int] = {}
         self._lock = threading.Lock()
-        self._held: dict[int, tuple[str, str]] = {}  # ticket -> (browser, page)
+        self._held: dict[int, tuple[str, str, int]] = {}  # ticket -> (browser, page, order within the page)
         self._released: set[int] = set()
         self._waiting: dict[int, tuple[dict[str, str], threading.Event]] = {}  # ticket -> (conn -> scope, wake-up)
         self._announced: set[int] = set()  # events of our own commits the watcher need not wake for
@@ -2886,28 +2886,40 @@ class ChannelHub:
                 self._watcher.start()
 
     @contextlib.contextmanager
-    def hold(self, browser: str, page: str) -> Iterator[int]:
-        """A ticket to hold a poll. Taking it releases (answers at once) the page's previous poll,
+    def hold(self, browser: str, page: str, number: int | None = None) -> Iterator[int]:
+        """A ticket to hold a poll. Taking it releases (answers at once) the page's earlier poll,
         the browser's oldest beyond four (browsers open about six connections per server, and
-        the page's data requests need some), and the server's oldest when it holds its maximum."""
+        the page's data requests need some), and the server's oldest when it holds its maximum.
+        A page's polls are ordered by the number it gives them, else by arrival: a poll the page
+        aborted can reach the server after its successor, and is then answered at once itself."""
         with self._lock:
             ticket = next(self._tickets)
-            for held, (_, held_page) in self._held.items():
-                if held_page == page:
-                    self._release(held)
-            holding = sorted(t for t in self._held if t not in self._released)
-            same_browser = [t for t in holding if self._held[t][0] == browser]
-            if len(same_browser) >= HELD_POLLS_PER_BROWSER:
-                self._release(same_browser[0])
-            if len(holding) >= self.max_held:
-                self._release(holding[0])
-            self._held[ticket] = (browser, page)
+            order = ticket if number is None else number
+            overtaken = any(held_page == page and held_order > order
+                            for _, held_page, held_order in self._held.values())
+            if overtaken:
+                self._released.add(ticket)
+            else:
+                self._make_room(browser, page)
+            self._held[ticket] = (browser, page, order)
         try:
             yield ticket
         finally:
             with self._lock:
                 self._held.pop(ticket, None)
                 self._released.discard(ticket)
+
+    def _make_room(self, browser: str, page: str) -> None:
+        """(Under the lock.) Release what a new held poll of `page` replaces or pushes out."""
+        for held, (_, held_page, _) in self._held.items():
+            if held_page == page:
+                self._release(held)
+        holding = sorted(t for t in self._held if t not in self._released)
+        same_browser = [t for t in holding if self._held[t][0] == browser]
+        if len(same_browser) >= HELD_POLLS_PER_BROWSER:
+            self._release(same_browser[0])
+        if len(holding) >= self.max_held:
+            self._release(holding[0])
 
     def wait(self, ticket: int, generation: int, conns: dict[str, str], timeout: float) -> bool:
         """Until the scope of one of `conns` (id -> scope) got events after `generation` (True),
@@ -4268,6 +4280,13 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
         bottle.response.content_type = "text/plain; charset=utf-8"
         return "pong"
 
+    @app.get("/favicon.ico")
+    def no_favicon() -> str:
+        """Browsers ask for it on every page; an empty answer keeps a 404 out of study consoles."""
+        bottle.response.status = 204
+        bottle.response.set_header("Cache-Control", "max-age=86400")
+        return ""
+
     @app.get("/publix/run")
     def entry_page() -> str:
         query = _query()
@@ -4428,7 +4447,8 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
         hub.start_watching()
         deadline = time.monotonic() + hold
         page = query.get("page") or " ".join(sorted(c for c, _ in wanted))
-        with hub.hold(browser_key(), page) as ticket:
+        number = int(query["n"]) if re.fullmatch(r"\d{1,15}", query.get("n", "")) else None
+        with hub.hold(browser_key(), page, number) as ticket:
             generation, conn_changes = hub.generation, hub.conn_changes
             answer, scopes, seen = hub.poll_from_memory(sr, wanted, conn_changes) or poll_all(sr, wanted)
             if seen:  # the page is there now (not necessarily when the answer leaves); most polls write nothing

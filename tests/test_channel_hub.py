@@ -24,6 +24,18 @@ def test_a_newer_poll_of_the_same_page_releases_the_older(store) -> None:
         assert channels.released(first) and not channels.released(second)
 
 
+def test_a_poll_the_page_aborted_that_arrives_after_its_successor_is_answered_at_once(store) -> None:
+    """jatos.js aborts its poll and polls again when a channel opens or closes; the aborted
+    request can reach the server second. It must not release the page's newer poll (that page
+    would then wait a retryAfter for nothing), nor push out any other held poll."""
+    channels = hub(store, max_held=2)
+    with channels.hold("browser", "other page") as other, channels.hold("browser", "page", 8) as newer, \
+            channels.hold("browser", "page", 7) as aborted:
+        assert channels.released(aborted) and not channels.released(newer) and not channels.released(other)
+        with channels.hold("browser", "page", 9) as next_one:
+            assert channels.released(newer) and not channels.released(next_one)
+
+
 def test_a_fifth_poll_of_one_browser_releases_its_oldest(store) -> None:
     channels = hub(store)
     with contextlib.ExitStack() as stack:

@@ -327,6 +327,25 @@ def test_a_poll_holds_until_an_event_arrives(lab: Lab) -> None:
     assert time.monotonic() - started < 1.5
 
 
+def test_an_aborted_poll_arriving_late_does_not_answer_its_successor(lab: Lab) -> None:
+    """A page numbers its polls (n); an older one reaching the server after a newer one of the
+    same page is answered at once, and the newer one stays held until an event comes."""
+    study_id, _ = lab.study()
+    a, b = lab.members(study_id, 2)
+    a.open(), b.open()
+    path = f"channels/poll?c={b.conn['batch']}:{b.cursor['batch']}&page=p&wait=10"
+    newer: list = []
+    holder = threading.Thread(target=lambda: newer.append(b.call("GET", path + "&n=2")))
+    holder.start()
+    time.sleep(0.3)
+    started = time.monotonic()
+    status, late = b.call("GET", path + "&n=1")
+    assert status == 200 and late["retryAfter"] and time.monotonic() - started < 1 and not newer
+    a.patch("batch", 0, 1, {"op": "add", "path": "/x", "value": 1})
+    holder.join(5)
+    assert [e["msg"]["action"] for e in newer[0][1][b.conn["batch"]]["events"]] == ["SESSION"]
+
+
 # --- groups (channels.md §4-§6) ------------------------------------------------------------
 
 

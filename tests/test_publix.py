@@ -921,6 +921,11 @@ def test_a_repeated_ajax_end_of_an_mturk_run_returns_the_stored_code(lab: Lab) -
 # --- §11.2-§11.3 headers ---------------------------------------------------------------------------
 
 
+def test_the_favicon_browsers_ask_for_is_an_empty_answer_not_an_error(lab: Lab) -> None:
+    answer = lab.client.get("/favicon.ico", status=204)
+    assert answer.body == b"" and "max-age" in answer.headers["Cache-Control"]
+
+
 def test_the_component_page_must_not_be_cached(lab: Lab) -> None:
     _, run = make_run(lab)
     assert run.page.content_type == "text/html" and run.page.charset.lower() == "utf-8"
