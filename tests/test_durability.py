@@ -9,6 +9,7 @@ acknowledged must be there.
 from __future__ import annotations
 
 import http.cookiejar
+import http.client
 import json
 import random
 import secrets
@@ -91,7 +92,7 @@ class Participant(threading.Thread):
                 self.in_flight = (kind, step)
                 try:
                     self.browser.open(send(), timeout=10).read()
-                except OSError:
+                except (OSError, http.client.HTTPException):  # the kill; an answer cut short is no acknowledgement
                     return
                 done.append(step)
             self.in_flight = None
