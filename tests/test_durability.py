@@ -8,8 +8,8 @@ acknowledged must be there.
 
 from __future__ import annotations
 
-import http.cookiejar
 import http.client
+import http.cookiejar
 import json
 import random
 import secrets
