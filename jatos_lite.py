@@ -2779,7 +2779,7 @@ class ChannelHub:
 
     def poll_from_memory(self, sr_uuid: str, wanted: list[tuple[str, int]], conn_changes: int
                          ) -> tuple[dict, dict[str, str], list[str]] | None:
-        """A poll's first answer from one query and the memory: each conn's answer, its scope, and
+        """A poll's first answer from the memory (and at most one query): each conn's answer, its scope, and
         the conns whose last_seen is due to be written; None when only the database can tell."""
         conns, scopes, due = polled_conns(self._polled_rows(sr_uuid, [c for c, _ in wanted]))
         if not all(memory_can_answer(conns.get(conn_id), cursor) for conn_id, cursor in wanted):
@@ -2796,8 +2796,7 @@ class ChannelHub:
         now = time.monotonic()
         with self._lock:
             known = [self._polled.get((sr_uuid, conn_id)) for conn_id in conn_ids]
-            if all(k is not None and k[0] == self.conn_changes and now - k[1] < POLLED_CONN_MEMORY_SECONDS
-                   for k in known):
+            if all(self._still_valid(k, now) for k in known):
                 return [k[2] for k in known]
             changes = self.conn_changes  # read before the query: a change committed meanwhile makes the rows stale
         rows = self.store.query(_POLLED_CONNS, to_json(conn_ids), sr_uuid)
@@ -2805,8 +2804,15 @@ class ChannelHub:
             self._polled.update(((sr_uuid, row["id"]), (changes, now, row)) for row in rows)
         return rows
 
-    def forget_polled(self, sr_uuid: str, conn_ids: list[str]) -> None:
-        """The conns' rows changed in a way that no conn change counts (their last_seen)."""
+    def _still_valid(self, known: tuple[int, float, sqlite3.Row] | None, now: float) -> bool:
+        """(Under the lock.) Whether remembered conn rows may still be used."""
+        return known is not None and known[0] == self.conn_changes and now - known[1] < POLLED_CONN_MEMORY_SECONDS
+
+    def mark_seen(self, sr_uuid: str, conn_ids: list[str]) -> None:
+        """A poll showed the conns' page is there: write their last_seen, and forget their rows,
+        which a conn change does not (their last_seen is older now than the database's)."""
+        with self.store.tx() as db:
+            refresh_conns(db, conn_ids)
         with self._lock:
             for conn_id in conn_ids:
                 self._polled.pop((sr_uuid, conn_id), None)
@@ -2941,9 +2947,9 @@ class ChannelHub:
         return ticket in self._released
 
     def _forget_old_polled(self) -> None:
-        oldest = time.monotonic() - POLLED_CONN_MEMORY_SECONDS
+        now = time.monotonic()
         with self._lock:
-            self._polled = {key: known for key, known in self._polled.items() if known[1] >= oldest}
+            self._polled = {key: known for key, known in self._polled.items() if self._still_valid(known, now)}
 
     def maintain(self) -> None:
         now = time.time()
@@ -4452,9 +4458,7 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
             generation, conn_changes = hub.generation, hub.conn_changes
             answer, scopes, seen = hub.poll_from_memory(sr, wanted, conn_changes) or poll_all(sr, wanted)
             if seen:  # the page is there now (not necessarily when the answer leaves); most polls write nothing
-                with store.tx() as db:
-                    refresh_conns(db, seen)
-                hub.forget_polled(sr, seen)
+                hub.mark_seen(sr, seen)
             while True:
                 news = any("closed" in a or a["events"] for a in answer.values())
                 remaining = deadline - time.monotonic()
