@@ -15,7 +15,15 @@ Embedding::
     app = jatos_lite.create_app(jatos_lite.Config(studies=Path("studies"), data=Path("data")))
 
 The file is cut into sections in data-flow order; each uses only what stands above it:
-config, errors and helpers, storage, study model, study flow, archives, web, CLI.
+config, errors and small helpers, storage, study log, study model, sign-in and tokens,
+groups and the channel event log, study flow, channels, archives, web, CLI.
+
+Where a change goes:
+- a new route: a handler (a plain function of a Call) in the Web section's part for its
+  kind, and a row in ROUTES, which also documents an API route for /openapi.yaml;
+- what a route does lives below the Web section, in plain functions of a database
+  transaction (`db`), testable without HTTP;
+- a new limit or timing: a field of Config.
 """
 
 from __future__ import annotations
@@ -54,7 +62,7 @@ import uuid
 import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import bottle
 import jsonpatch
@@ -682,6 +690,7 @@ class Store:
                 conn = self._idle.pop() if self._idle else None
             if conn is None:
                 conn = self.connect()
+                conn.execute("PRAGMA query_only=ON")  # reads only: every write goes through tx()
                 with self._opened_lock:
                     self._opened.append(conn)
             try:
@@ -1242,6 +1251,29 @@ def free_dir_name(db: Db, studies_root: Path, wanted: str) -> str:
     return f"{wanted}_{n}"
 
 
+def _dir_taken(db: Db, studies_root: Path, name: str, except_study: int | None = None) -> bool:
+    owner = db.value("SELECT id FROM studies WHERE dir_name = ?", name)
+    if owner is not None:
+        return owner != except_study
+    return (studies_root / name).exists() and except_study is None
+
+
+def create_study(db: Db, studies_root: Path, body: dict, rename_assets: bool) -> int:
+    """A new study from its JSON properties, with a default batch and an empty assets folder.
+    jatos-lite: a folder in studies/ that no study uses yet becomes the new study's assets."""
+    study_uuid = new_uuid()
+    fields = study_fields(body)
+    dir_name = validate_dir_name(body.get("dirName") or study_uuid)
+    if db.value("SELECT 1 FROM studies WHERE dir_name = ?", dir_name):
+        if not rename_assets:
+            raise JatosError(403, f"A study assets folder '{dir_name}' exists already.")
+        dir_name = free_dir_name(db, studies_root, dir_name)
+    study_id = insert_study(db, fields, study_uuid, dir_name, active=body.get("active") is not False)
+    insert_batch(db, study_id, batch_fields(DEFAULT_BATCH))
+    (studies_root / dir_name).mkdir(parents=True, exist_ok=True)
+    return study_id
+
+
 def new_study_code(db: Db) -> str:
     """11 alphanumeric characters from `secrets` (62^11, about 65 bits)."""
     while True:
@@ -1288,6 +1320,30 @@ def jatos_link(db: Db, batch: sqlite3.Row) -> str:
     return code or _insert_link(db, batch["id"], "Jatos", JATOS_WORKER_ID)
 
 
+def study_code_object(db: Db, code: str) -> dict:
+    link = db.one("SELECT l.*, w.comment FROM study_links l LEFT JOIN workers w ON w.id = l.worker_id "
+                  "WHERE l.code = ?", code)
+    if link is None:
+        raise JatosError(404, f"Study code {code} doesn't exist.")
+    return {"studyCode": code, "batchId": link["batch_id"], "type": link["worker_type"],
+            "comment": link["comment"], "active": bool(link["active"]),
+            "studyLinkPath": f"/publix/{code}", "studyEntryPath": f"/publix/run?code={code}"}
+
+
+def set_study_code_active(db: Db, code: str, active: bool) -> None:
+    if not db.run("UPDATE study_links SET active = ? WHERE code = ?", active, code):
+        raise JatosError(404, f"Study code {code} doesn't exist.")
+
+
+def study_links_of(db: Db, study_id: int) -> list[dict]:
+    """Every study link of a study (the JATOS GUI's study links page)."""
+    rows = db.all("SELECT l.*, w.comment FROM study_links l JOIN batches b ON b.id = l.batch_id "
+                  "LEFT JOIN workers w ON w.id = l.worker_id WHERE b.study_id = ? "
+                  "ORDER BY b.position, l.created, l.code", study_id)
+    return [{"code": r["code"], "type": r["worker_type"], "batchId": r["batch_id"], "comment": r["comment"],
+             "active": bool(r["active"]), "workerId": r["worker_id"]} for r in rows]
+
+
 def component_object(row: sqlite3.Row) -> dict:
     return {"id": row["id"], "uuid": row["uuid"], "title": row["title"], "htmlFilePath": row["html_file_path"],
             "reloadable": bool(row["reloadable"]), "active": bool(row["active"]), "comments": row["comments"],
@@ -1319,6 +1375,138 @@ def study_object(db: Db, row: sqlite3.Row, with_components: bool = False, with_b
         "batches": [batch_object(b) if with_batches else {"id": b["id"], "uuid": b["uuid"]} for b in batches],
         "members": [ADMIN_USER],
     }
+
+
+###############################################################################
+# Sign-in and tokens
+###############################################################################
+# API tokens in JATOS's format, of which only the SHA-256 is stored, and the admin page's
+# sessions: a signed-in browser holds a random secret in an HttpOnly cookie, and a change
+# it asks for must also carry the session's CSRF token in a header.
+
+ADMIN_SESSION_SECONDS = 7 * 86400
+
+
+@dataclasses.dataclass
+class AdminSession:
+    """A signed-in researcher (admin page session): what JATOS keeps in its Play session."""
+
+    token_hash: str
+    csrf_token: str
+    jatos_run: str | None = None
+    run_component_uuid: str | None = None
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def mint_api_token(db: Db, name: str, expires_after: int | None = None) -> tuple[int, str]:
+    """A new token in JATOS's format: 'jap_' + 31 random characters + 6-character MD5 checksum.
+    Only its SHA-256 is stored; the plain token is returned once."""
+    body = random_alnum(31)
+    token = f"jap_{body}{hashlib.md5(body.encode()).hexdigest()[:6]}"
+    token_id = db.insert("INSERT INTO api_tokens(name, token_hash, creation_date, expires_after) VALUES (?, ?, ?, ?)",
+                         name, hash_secret(token), now_ms(), expires_after)
+    return token_id, token
+
+
+def token_metadata(row: sqlite3.Row | dict) -> dict:
+    created, expires_after = row["creation_date"], row["expires_after"]
+    expiration = created + expires_after * 1000 if expires_after and expires_after > 0 else 0
+    return {"id": row["id"], "name": row["name"], "creationDate": created, "expiresAfter": expires_after,
+            "expirationDate": expiration, "isExpired": bool(expiration and expiration < now_ms()),
+            "active": bool(row["active"]), "username": ADMIN_USER["username"], "userId": ADMIN_USER["id"],
+            "roles": ["USER", "ADMIN"]}
+
+
+def _caller(name: str) -> dict:
+    return token_metadata({"id": 0, "name": name, "creation_date": 0, "expires_after": None, "active": True})
+
+
+SESSION_CALLER = _caller("admin session")  # what an API call made with the admin page's session is
+
+
+def check_api_token(db: Db, config: Config, token: str) -> dict | None:
+    """The token's metadata if it is valid and active (the fixed --api-token counts too)."""
+    if config.api_token and hmac.compare_digest(token.encode(), config.api_token.encode()):
+        return _caller("--api-token")
+    if not token.startswith("jap_") or len(token) != 41:
+        return None
+    body, checksum = token[4:35], token[35:]
+    if not hmac.compare_digest(hashlib.md5(body.encode()).hexdigest()[:6], checksum):
+        return None
+    row = db.one("SELECT * FROM api_tokens WHERE token_hash = ?", hash_secret(token))
+    if row is None or not row["active"]:
+        return None
+    metadata = token_metadata(row)
+    return None if metadata["isExpired"] else metadata
+
+
+def find_token(db: Db, token_id: str) -> sqlite3.Row:
+    """A token made for scripts (the sign-in link's token is not one), else 404."""
+    row = db.one("SELECT * FROM api_tokens WHERE id = ?", int(token_id)) if token_id.isdigit() else None
+    if row is None or row["name"] == SIGN_IN_TOKEN_NAME:
+        raise JatosError(404, f"Token {token_id} doesn't exist.", "NOT_FOUND")
+    return row
+
+
+def list_api_tokens(db: Db) -> list[dict]:
+    return [token_metadata(row) for row in
+            db.all("SELECT * FROM api_tokens WHERE name <> ? ORDER BY id", SIGN_IN_TOKEN_NAME)]
+
+
+def create_api_token(db: Db, name: Any, expires_after: Any) -> dict:
+    """A named token's metadata with the token itself, which is shown only this once."""
+    if not isinstance(name, str) or not name.strip() or name == SIGN_IN_TOKEN_NAME:
+        raise JatosError(400, "A token needs a 'name'", "INVALID_REQUEST")
+    if not isinstance(expires_after, int) or isinstance(expires_after, bool) or expires_after < 0:
+        raise JatosError(400, "'expiresAfter' is a number of seconds (0: never)", "INVALID_REQUEST")
+    token_id, secret = mint_api_token(db, name.strip(), expires_after or None)
+    return {**token_metadata(db.one("SELECT * FROM api_tokens WHERE id = ?", token_id)), "token": secret}
+
+
+def set_token_active(db: Db, token_id: str, active: bool) -> int:
+    row = find_token(db, token_id)
+    db.run("UPDATE api_tokens SET active = ? WHERE id = ?", active, row["id"])
+    return row["id"]
+
+
+def delete_api_token(db: Db, token_id: str) -> None:
+    db.run("DELETE FROM api_tokens WHERE id = ?", find_token(db, token_id)["id"])
+
+
+def renew_sign_in_token(db: Db) -> str:
+    """A fresh token for this server start's sign-in link; earlier sign-in tokens stop working."""
+    db.run("UPDATE api_tokens SET active = 0 WHERE name = ?", SIGN_IN_TOKEN_NAME)
+    return mint_api_token(db, SIGN_IN_TOKEN_NAME)[1]
+
+
+def open_admin_session(db: Db) -> str:
+    """A new admin session; returns the secret its browser keeps in the session cookie."""
+    secret = secrets.token_urlsafe(32)
+    db.run("INSERT INTO admin_sessions(token_hash, csrf_token, created) VALUES (?, ?, ?)",
+           hash_secret(secret), secrets.token_urlsafe(24), now_ms())
+    return secret
+
+
+def admin_session_of(db: Db, secret: str | None) -> AdminSession | None:
+    if not secret:
+        return None
+    row = db.one("SELECT * FROM admin_sessions WHERE token_hash = ?", hash_secret(secret))
+    return None if row is None else AdminSession(row["token_hash"], row["csrf_token"], row["jatos_run"],
+                                                 row["run_component_uuid"])
+
+
+def csrf_matches(session: AdminSession, header: str) -> bool:
+    return hmac.compare_digest(header, session.csrf_token)
+
+
+def start_test_run(db: Db, session: AdminSession, component_uuid: str | None) -> None:
+    """Remember in the session that its browser's next Jatos-worker run is a researcher's test
+    run of the whole study, or of one component."""
+    db.run("UPDATE admin_sessions SET jatos_run = ?, run_component_uuid = ? WHERE token_hash = ?",
+           "RUN_COMPONENT_START" if component_uuid else "RUN_STUDY", component_uuid, session.token_hash)
 
 
 ###############################################################################
@@ -1375,6 +1563,13 @@ def listen(db: Db, conn_id: str, scope: str) -> None:
 
 def group_row(db: Db, group_id: int) -> sqlite3.Row:
     return db.one("SELECT * FROM group_results WHERE id = ?", group_id)
+
+
+def find_group(db: Db, group_id: str) -> sqlite3.Row:
+    group = group_row(db, int(group_id)) if group_id.isdigit() else None
+    if group is None:
+        raise JatosError(404, f"Group {group_id} doesn't exist.")
+    return group
 
 
 def group_message(db: Db, group: sqlite3.Row, action: str | None, member_id: int | None = None,
@@ -1508,16 +1703,6 @@ _ID_COOKIE_NUMERIC = ("batchId", "componentId", "componentPos", "componentResult
 @dataclasses.dataclass
 class Redirect:
     location: str
-
-
-@dataclasses.dataclass
-class AdminSession:
-    """A signed-in researcher (admin page session): what JATOS keeps in its Play session."""
-
-    token_hash: str
-    csrf_token: str
-    jatos_run: str | None = None
-    run_component_uuid: str | None = None
 
 
 @dataclasses.dataclass
@@ -2267,6 +2452,23 @@ def end_page(db: Db, studies_root: Path, sr_uuid: str) -> Redirect | Path | None
     return page if page.is_file() else None
 
 
+def start_researcher_run(db: Db, session: AdminSession, study_key: str, batch_key: str | None,
+                         component_key: str | None) -> str:
+    """The Jatos-worker study code for a signed-in researcher's test run of a study, or of
+    one of its components."""
+    study = find_study(db, study_key)
+    batch = find_batch(db, batch_key, study["id"]) if batch_key else default_batch(db, study["id"])
+    component_uuid = None
+    if component_key:
+        component = db.one("SELECT * FROM components WHERE study_id = ? AND (id = ? OR uuid = ?)",
+                           study["id"], component_key, component_key)
+        if component is None:
+            raise JatosError(404, f"Component {component_key} doesn't exist.")
+        component_uuid = component["uuid"]
+    start_test_run(db, session, component_uuid)
+    return jatos_link(db, batch)
+
+
 def replay_or_apply(db: Db, sr_uuid: str, request_id: str | None, apply: Callable[[], str]) -> str:
     """Exactly-once writes: a request id already applied for this run answers the original
     body without doing anything; a new one is applied and remembered in the same transaction."""
@@ -2951,6 +3153,40 @@ class ChannelHub:
         with self._lock:
             self._polled = {key: known for key, known in self._polled.items() if self._still_valid(known, now)}
 
+    def poll(self, sr_uuid: str, wanted: list[tuple[str, int]], browser: str, page: str, number: int | None,
+             hold_seconds: float) -> dict:
+        """The answer to a page's poll for its conns (id, cursor): at once when there is news,
+        else when news comes, the hold ends, or the poll must make room (then with retryAfter)."""
+        self.start_watching()
+        deadline = time.monotonic() + hold_seconds
+        with self.hold(browser, page, number) as ticket:
+            generation, conn_changes = self.generation, self.conn_changes
+            answer, scopes, seen = self.poll_from_memory(sr_uuid, wanted, conn_changes) \
+                or self._poll_database(sr_uuid, wanted)
+            if seen:  # the page is there now (not necessarily when the answer leaves); most polls write nothing
+                self.mark_seen(sr_uuid, seen)
+            while True:
+                news = any("closed" in a or a["events"] for a in answer.values())
+                remaining = deadline - time.monotonic()
+                if not news and self.released(ticket):
+                    answer["retryAfter"] = POLL_RETRY_AFTER_MS
+                if news or "retryAfter" in answer or remaining <= 0:
+                    return answer
+                self.wait(ticket, generation, scopes, remaining)
+                generation = self.generation
+                answer = self.recent_answer({c: (scopes[c], answer[c]["cursor"]) for c in scopes}, conn_changes)
+                if answer is None:
+                    conn_changes = self.conn_changes
+                    answer, scopes, _ = self._poll_database(sr_uuid, wanted)  # a held page is seen at its next poll
+
+    def _poll_database(self, sr_uuid: str, wanted: list[tuple[str, int]]) -> tuple[dict, dict[str, str], list[str]]:
+        """Each conn's answer, the scope whose events would change it, and the conns whose
+        last_seen is due to be written."""
+        with self.store.snapshot() as db:
+            answer = {conn_id: conn_events(db, sr_uuid, conn_id, cursor) for conn_id, cursor in wanted}
+            _, scopes, due = polled_conns(db.all(_POLLED_CONNS, to_json([c for c, _ in wanted]), sr_uuid))
+            return answer, scopes, due
+
     def maintain(self) -> None:
         now = time.time()
         if now < self._maintenance_due:
@@ -3044,13 +3280,6 @@ def unpack_study_archive(source: Any, target: Path, max_bytes: int) -> StudyArch
             except (zipfile.BadZipFile, zlib.error, OSError) as exc:
                 raise _archive_error(f"Unpacking ZIP archive failed at {info.filename}: {exc}")
     return StudyArchive(data, assets, legacy)
-
-
-def _dir_taken(db: Db, studies_root: Path, name: str, except_study: int | None = None) -> bool:
-    owner = db.value("SELECT id FROM studies WHERE dir_name = ?", name)
-    if owner is not None:
-        return owner != except_study
-    return (studies_root / name).exists() and except_study is None
 
 
 def _move_assets_in(uploaded: Path, studies_root: Path, name: str, trash: Path) -> None:
@@ -3676,6 +3905,14 @@ def delete_results(db: Db, config: Config, cr_ids: list[int]) -> list[int]:
     return [cr_id for cr_id, _ in pairs]
 
 
+def delete_selected_results(db: Db, config: Config, cr_ids: list[int]) -> list[int]:
+    """DELETE of selected results: as delete_results, and their studies' logs say so."""
+    studies = studies_of_results(db, cr_ids)
+    deleted = delete_results(db, config, cr_ids)
+    log_for_studies(db, studies, "Removed result data and files")
+    return deleted
+
+
 def delete_runs(db: Db, config: Config, where: str, *args: Any) -> None:
     """Delete the study results matching `where` (SQL over study_results) with everything they hold."""
     sr_ids = [r[0] for r in db.all(f"SELECT id FROM study_results WHERE {where}", *args)]
@@ -3740,7 +3977,7 @@ def delete_study_rows(db: Db, config: Config, study: sqlite3.Row) -> None:
 
 
 ###############################################################################
-# Web: publix routes, study assets, jatos.js, admin sign-in, JATOS API v1
+# Web: the route table and its handlers (publix, study assets and jatos.js, admin, JATOS API v1)
 ###############################################################################
 
 SESSION_COOKIE = "JATOS_LITE_SESSION"
@@ -3764,46 +4001,6 @@ def content_type_for(path: Path | str) -> str:
     if str(path).endswith((".js", ".mjs")):
         return "application/javascript"
     return guessed or "application/octet-stream"
-
-
-def hash_secret(secret: str) -> str:
-    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
-
-
-def mint_api_token(db: Db, name: str, expires_after: int | None = None) -> tuple[int, str]:
-    """A new token in JATOS's format: 'jap_' + 31 random characters + 6-character MD5 checksum.
-    Only its SHA-256 is stored; the plain token is returned once."""
-    body = random_alnum(31)
-    token = f"jap_{body}{hashlib.md5(body.encode()).hexdigest()[:6]}"
-    token_id = db.insert("INSERT INTO api_tokens(name, token_hash, creation_date, expires_after) VALUES (?, ?, ?, ?)",
-                         name, hash_secret(token), now_ms(), expires_after)
-    return token_id, token
-
-
-def token_metadata(row: sqlite3.Row | dict) -> dict:
-    created, expires_after = row["creation_date"], row["expires_after"]
-    expiration = created + expires_after * 1000 if expires_after and expires_after > 0 else 0
-    return {"id": row["id"], "name": row["name"], "creationDate": created, "expiresAfter": expires_after,
-            "expirationDate": expiration, "isExpired": bool(expiration and expiration < now_ms()),
-            "active": bool(row["active"]), "username": ADMIN_USER["username"], "userId": ADMIN_USER["id"],
-            "roles": ["USER", "ADMIN"]}
-
-
-def check_api_token(db: Db, config: Config, token: str) -> dict | None:
-    """The token's metadata if it is valid and active (the fixed --api-token counts too)."""
-    if config.api_token and hmac.compare_digest(token.encode(), config.api_token.encode()):
-        return token_metadata({"id": 0, "name": "--api-token", "creation_date": 0, "expires_after": None,
-                               "active": True})
-    if not token.startswith("jap_") or len(token) != 41:
-        return None
-    body, checksum = token[4:35], token[35:]
-    if not hmac.compare_digest(hashlib.md5(body.encode()).hexdigest()[:6], checksum):
-        return None
-    row = db.one("SELECT * FROM api_tokens WHERE token_hash = ?", hash_secret(token))
-    if row is None or not row["active"]:
-        return None
-    metadata = token_metadata(row)
-    return None if metadata["isExpired"] else metadata
 
 
 def _flag(query: dict[str, str], name: str, default: bool) -> bool:
@@ -4126,98 +4323,1081 @@ def _operation(summary: str, *query: str, body: dict | None = None, answer: dict
     return operation
 
 
+# --- Web: how a route runs ----------------------------------------------------------------
+# A route is a row of ROUTES (at the end of this section): method, path, handler, kind and
+# transaction. A handler is a plain function of a Call and the path's parameters. The
+# route's kind says what runs around every handler of that kind:
+#   plain   nothing more (jatos.js, study assets, the admin page, sign-in)
+#   publix  a participant's request: no-store, the browser's ID cookies read and the
+#           changed ones sent back once the handler succeeded
+#   api     the JATOS API: the caller's token or admin session checked first (a change
+#           made with the session cookie also needs the CSRF header)
+# The transaction: "write" (the handler runs in a write transaction, committed before the
+# answer leaves), "read" (in a read snapshot) or None (the handler takes its own, e.g.
+# after reading a request body, so that no writer waits while a body is read). Every kind
+# answers a returned Redirect with 303.
+
+
+class Call:
+    """One request as its handler sees it: the app's config, store and hub, the route's
+    transaction (`db`), the API caller (`token`), and the request's query and cookies,
+    parsed when first used."""
+
+    def __init__(self, app: bottle.Bottle):
+        self.config: Config = app.config["jatos_lite.config"]
+        self.store: Store = app.config["jatos_lite.store"]
+        self.hub: ChannelHub = app.config["jatos_lite.hub"]
+        self.db: Db = None  # type: ignore[assignment]  # set when the route takes a transaction
+        self.token: dict = {}
+
+    @functools.cached_property
+    def query(self) -> dict[str, str]:
+        return _query()
+
+    @functools.cached_property
+    def browser(self) -> Browser:
+        return Browser(_cookie_header(), self.config.id_cookie_limit)
+
+    def admin(self, db: Db | None = None) -> AdminSession | None:
+        """The signed-in researcher whose browser this is (their test runs), if any."""
+        return admin_session_of(db or self.db, _cookie_value(SESSION_COOKIE))
+
+    def cookies_to_send(self) -> Iterable[str]:
+        return self.__dict__["browser"].outgoing.values() if "browser" in self.__dict__ else ()
+
+
+class Route(NamedTuple):
+    method: str
+    path: str
+    handler: Callable[..., Any]
+    kind: str = "plain"
+    tx: str | None = None
+    doc: dict | None = None  # an API route's OpenAPI operation
+
+
+@contextlib.contextmanager
+def _route_transaction(call: Call, tx: str | None) -> Iterator[None]:
+    if tx is None:
+        yield
+        return
+    with call.store.tx() if tx == "write" else call.store.snapshot() as db:
+        call.db = db
+        yield
+
+
+def _plain(call: Call, tx: str | None, run: Callable[[Call], Any]) -> Any:
+    with _route_transaction(call, tx):
+        return run(call)
+
+
+def _publix(call: Call, tx: str | None, run: Callable[[Call], Any]) -> Any:
+    bottle.response.set_header("Cache-Control", "no-store")  # a handler serving a file may say otherwise
+    with _route_transaction(call, tx):
+        answer = run(call)
+    for header in call.cookies_to_send():
+        bottle.response.add_header("Set-Cookie", header)
+    return answer
+
+
+def _api(call: Call, tx: str | None, run: Callable[[Call], Any]) -> Any:
+    if tx is None:
+        with call.store.snapshot() as db:
+            call.token = authenticate(db, call.config)
+        return run(call)
+    with _route_transaction(call, tx):
+        call.token = authenticate(call.db, call.config)
+        return run(call)
+
+
+_KINDS = {"plain": _plain, "publix": _publix, "api": _api}
+
+
+class RouteKinds:
+    """The bottle plugin that runs each route's handler with its Call, inside its kind."""
+
+    name = "jatos_lite_route_kinds"
+    api = 2
+
+    def apply(self, handler: Callable, route: bottle.Route) -> Callable:
+        around, tx = _KINDS[route.config["kind"]], route.config["tx"]
+
+        def callback(**params: Any) -> Any:
+            answer = around(Call(route.app), tx, lambda call: handler(call, **params))
+            return _redirect(answer.location) if isinstance(answer, Redirect) else answer
+        return callback
+
+
+def _cookie_value(name: str) -> str | None:
+    return parse_cookie_header(_cookie_header()).get(name)
+
+
+def authenticate(db: Db, config: Config) -> dict:
+    """Bearer token, or the admin session cookie (state changes then need the CSRF header)."""
+    header = bottle.request.get_header("Authorization", "") or ""
+    if "Bearer" in header:
+        metadata = check_api_token(db, config, header.replace("Bearer", "", 1).strip())
+        if metadata is None:
+            raise JatosError(401, "Invalid api token", "INVALID_API_TOKEN")
+        return metadata
+    session = admin_session_of(db, _cookie_value(SESSION_COOKIE))
+    if session is None:
+        raise JatosError(401, "Not signed in: send 'Authorization: Bearer <token>'", "AUTH_ERROR")
+    if bottle.request.method not in ("GET", "HEAD") and not csrf_matches(
+            session, bottle.request.get_header("X-CSRF-Token", "") or ""):
+        raise JatosError(403, "Missing or wrong X-CSRF-Token header", "FORBIDDEN")
+    return SESSION_CALLER
+
+
+def signed_in(session: AdminSession | None) -> AdminSession:
+    if session is None:
+        raise JatosError(401, "Please sign in with the link printed when jatos-lite started.")
+    return session
+
+
+def _unmatched(error: bottle.HTTPError) -> str:
+    """Bottle's own 404 and 405 (no route), answered like every other error."""
+    request = bottle.request
+    return _render_error(JatosError(error.status_code if error.status_code == 405 else 404,
+                                    f"Requested page {request.method} {request.fullpath} couldn't be found."))
+
+
+def _crashed(error: bottle.HTTPError) -> str:
+    log.error("internal error during %s %s", bottle.request.method, bottle.request.fullpath,
+              exc_info=error.exception)
+    return _render_error(JatosError(500, f"Internal JATOS error during {bottle.request.method} "
+                                         f"{bottle.request.fullpath}. Check logs to get more information."))
+
+
+def _json_answer(value: Any) -> str:
+    bottle.response.content_type = "application/json"
+    return to_json(value)
+
+
+def _request_id() -> str | None:
+    return bottle.request.get_header("X-Request-Id")
+
+
+# --- Web: publix, starting and ending runs --------------------------------------------------
+
+def ping(call: Call) -> str:
+    bottle.response.content_type = "text/plain; charset=utf-8"
+    return "pong"
+
+
+def no_favicon(call: Call) -> str:
+    """Browsers ask for it on every page; an empty answer keeps a 404 out of study consoles."""
+    bottle.response.status = 204
+    bottle.response.set_header("Cache-Control", "max-age=86400")
+    return ""
+
+
+def publix_entry_page(call: Call) -> str:
+    return _entry_page(call.db, call.query.get("code"), call.query)
+
+
+def publix_multi_frame(call: Call) -> Any:
+    code = call.query.get("code", "").strip()
+    if not code:
+        raise JatosError(400, "Invalid study code")
+    if call.query.get("frames", "2").isdigit() and int(call.query.get("frames", "2")) <= 1:
+        return Redirect(f"/publix/{urllib.parse.quote(code)}")
+    return _multi_frame_page(code, call.query)
+
+
+def publix_legacy_start(call: Call, study_id: str) -> Redirect:
+    return legacy_start(call.db, study_id, call.query)
+
+
+def publix_start(call: Call, code: str) -> Redirect:
+    return start_run(call.db, code, call.query, call.browser, call.admin())
+
+
+def publix_end(call: Call, sr: str) -> Any:
+    successful = _flag(call.query, "successful", True)
+    run = end_run(call.db, sr, successful, call.query.get("message"), call.browser, call.admin())
+    code = run.sr["confirmation_code"]
+    if _is_ajax():
+        bottle.response.content_type = "text/plain; charset=utf-8"
+        return code if run.worker_type in MTURK_TYPES and code else ""
+    if run.worker_type == "Jatos":
+        return Redirect(f"/jatos/{run.study['id']}")
+    if not successful:
+        bottle.response.content_type = "text/html; charset=utf-8"
+        return _error_page(call.query.get("message") or "The study was finished unsuccessfully.")
+    suffix = f"?confirmationCode={code}" if code else ""
+    return Redirect(f"/publix/{run.sr['uuid']}/final/endPage.html{suffix}")
+
+
+def publix_abort(call: Call, sr: str) -> Any:
+    run = abort_run(call.db, call.config, sr, call.query.get("message"), call.browser, call.admin())
+    if _is_ajax():
+        return ""
+    if run.worker_type == "Jatos":
+        return Redirect(f"/jatos/{run.study['id']}")
+    return html_page("JATOS", "<h1>Cancelled Study</h1><p>All submitted data were deleted.</p>")
+
+
+def publix_end_page(call: Call, sr: str) -> Any:
+    page = end_page(call.db, call.config.studies, sr)
+    if isinstance(page, Redirect):
+        return page
+    code = call.query.get("confirmationCode")
+    if page is not None:
+        if code:
+            bottle.response.add_header("Set-Cookie", cookie_header("JATOS_CONFIRMATION_CODE",
+                                                                   urllib.parse.quote(code), 86400))
+        return send_file(page, "text/html; charset=utf-8")
+    if code:
+        text = (f"<p>Confirmation code: <b>{html.escape(code)}</b></p><p>(Copy and paste the confirmation "
+                "code to Amazon Mechanical Turk.)</p>")
+    else:
+        text = "<p>This study is finished. Thank you for your participation.</p>"
+    return html_page("JATOS", text)
+
+
+# --- Web: publix, inside a run ----------------------------------------------------------------
+
+def publix_component_start(call: Call, sr: str, comp: str) -> Any:
+    page = start_component(call.db, call.config.studies, sr, comp, call.query.get("message"), call.browser,
+                           call.admin())
+    if isinstance(page, Redirect):
+        return page
+    return send_file(page, "text/html; charset=utf-8", cache_control="no-cache, no-store")
+
+
+def publix_init_data(call: Call, sr: str, comp: str) -> Any:
+    data = init_data(call.db, sr, comp, call.admin())
+    return data if isinstance(data, Redirect) else _json_answer(data)
+
+
+def publix_heartbeat(call: Call, sr: str) -> str:
+    heartbeat(call.db, sr)
+    return ""
+
+
+def publix_study_session(call: Call, sr: str) -> str:
+    text = _text_body(call.config.max_result_data)
+    with call.store.tx() as db:
+        replay_or_apply(db, sr, _request_id(), lambda: set_study_session(db, sr, text, call.admin(db)) or "")
+    return ""
+
+
+def publix_result_data(call: Call, sr: str, comp: str, append: bool) -> str:
+    raw = _read_body(call.config.max_result_data)
+    with call.store.tx() as db:
+        replay_or_apply(db, sr, _request_id(), lambda: write_result_data(
+            db, call.config.max_result_data, sr, comp, raw, append, call.admin(db)) or "")
+    return ""
+
+
+def publix_log(call: Call, sr: str, comp: str) -> str:
+    text = _text_body(100_000)
+    with call.store.tx() as db:
+        replay_or_apply(db, sr, _request_id(), lambda: write_study_log(db, sr, comp, text, call.admin(db)) or "")
+    return ""
+
+
+def _uploaded_file(max_upload: int) -> Upload | None:
+    """The request's multipart part 'file', or only its size when it is far too large to parse."""
+    request = bottle.request
+    if request.content_length > max_upload + 1_000_000:
+        return Upload(request.content_length, None)
+    if not (request.content_type or "").startswith("multipart/form-data"):
+        return None
+    part = request.files.get("file")
+    if part is None:
+        return None
+    upload = Upload(part.file.seek(0, io.SEEK_END), part.file)
+    part.file.seek(0)
+    return upload
+
+
+def publix_upload(call: Call, sr: str, comp: str, filename: str) -> str:
+    upload = _uploaded_file(call.config.max_upload)
+    with call.store.tx() as db:
+        body = replay_or_apply(db, sr, _request_id(), lambda: store_result_file(
+            db, call.config, sr, comp, filename, upload, call.admin(db)) or "File uploaded")
+    bottle.response.content_type = "text/plain; charset=utf-8"
+    return body
+
+
+def publix_download(call: Call, sr: str, filename: str) -> Any:
+    path = find_result_file(call.db, call.config, sr, filename, call.query.get("componentId"), call.admin())
+    return send_file(path, content_type_for(path), "attachment", "no-store")
+
+
+def publix_component_asset(call: Call, sr: str, comp: str, file: str) -> Any:
+    if file in ("jatos.js", "jatos.min.js") or "jatos-publix" in file:
+        return jatos_js(call) if file == "jatos.js" or file.endswith("jatos-publix/javascripts/jatos.js") \
+            else _not_found(file)
+    sr_row = call.db.one("SELECT * FROM study_results WHERE uuid = ?", sr)
+    if sr_row is None:
+        raise JatosError(400, f"A study result {sr} doesn't exist.")
+    dir_name = call.db.value("SELECT dir_name FROM studies WHERE id = ?", sr_row["study_id"])
+    if confined_path(call.config.studies / dir_name, file) is None:  # not even into another study's folder
+        _not_found(file)
+    end_page_asset = comp == "final" and sr_row["state"] in SR_DONE
+    return study_asset(call, f"{dir_name}/{file}", check_cookie=not end_page_asset)
+
+
+# --- Web: publix, batch and group channels over HTTP long-polling ------------------------------
+
+def publix_websocket_refused(call: Call, sr: str) -> str:
+    raise JatosError(400, "jatos-lite carries batch and group channels over HTTP: open them with POST.")
+
+
+def publix_open_channel(call: Call, sr: str, opener: Callable[..., dict]) -> str:
+    body = _json_body(10_000)
+    open_id = body.get("openId") if isinstance(body, dict) else None
+    with call.store.tx() as db:
+        opened = opener(db, sr, str(open_id) if open_id else None, call.admin(db))
+    return _json_answer(opened)
+
+
+def publix_group_reassign(call: Call, sr: str) -> str:
+    moved = reassign_group(call.db, sr, call.admin())
+    bottle.response.status = 200 if moved else 204
+    return ""
+
+
+def publix_group_leave(call: Call, sr: str) -> str:
+    leave_group_of(call.db, sr, call.admin())
+    return ""
+
+
+def _poll_request(pairs: list[tuple[str, str]]) -> list[tuple[str, int]]:
+    wanted = []
+    for key, value in pairs:
+        if key == "c":
+            conn_id, _, cursor = value.partition(":")
+            if not conn_id or not cursor.isdigit():
+                raise JatosError(400, f"Malformed poll parameter c={value} (expected conn:cursor)")
+            wanted.append((conn_id, int(cursor)))
+    if not wanted or len(wanted) > 4:
+        raise JatosError(400, "A poll names one to four channels: c=conn:cursor")
+    return wanted
+
+
+def _browser_key() -> str:
+    """The browser's random key for sharing out held polls (a cookie, set when missing)."""
+    key = _cookie_value(BROWSER_COOKIE) or ""
+    if not re.fullmatch(r"[0-9a-f]{32}", key):
+        key = secrets.token_hex(16)
+        bottle.response.add_header("Set-Cookie", cookie_header(BROWSER_COOKIE, key, COOKIE_MAX_AGE,
+                                                               http_only=True, same_site="Lax"))
+    return key
+
+
+def publix_channel_poll(call: Call, sr: str) -> str:
+    pairs = _query_pairs()
+    wanted, query = _poll_request(pairs), dict(reversed(pairs))
+    wait_text = query.get("wait", "")
+    hold = min(float(wait_text), CHANNEL_HOLD_SECONDS) if re.fullmatch(r"\d+(\.\d+)?", wait_text) \
+        else CHANNEL_HOLD_SECONDS
+    page = query.get("page") or " ".join(sorted(c for c, _ in wanted))
+    number = int(query["n"]) if re.fullmatch(r"\d{1,15}", query.get("n", "")) else None
+    return _json_answer(call.hub.poll(sr, wanted, _browser_key(), page, number, hold))
+
+
+def publix_channel_send(call: Call, sr: str, conn: str) -> str:
+    body = _json_body(call.config.max_result_data, required=True)
+    if not isinstance(body, dict):
+        raise JatosError(400, "A send is a JSON object with 'cseq' and 'frames'")
+    with call.store.tx() as db:
+        channel_send(db, sr, conn, body.get("cseq"), body.get("frames"))
+    return _json_answer({"cseq": body.get("cseq")})
+
+
+def publix_channel_ping(call: Call, sr: str, conn: str) -> str:
+    channel_ping(call.db, sr, conn)
+    return _json_answer({"heartbeat": "pong"})
+
+
+def publix_channel_close(call: Call, sr: str, conn: str) -> str:
+    channel_close(call.db, sr, conn)
+    bottle.response.status = 204
+    return ""
+
+
+# --- Web: study assets and jatos.js -----------------------------------------------------------
+
+def _not_found(path: str) -> Any:
+    raise JatosError(404, f"Resource '{path}' couldn't be found.")
+
+
+def study_asset(call: Call, relative: str, check_cookie: bool = True) -> Any:
+    path = confined_path(call.config.studies, relative)
+    if path is None:
+        _not_found(relative)
+    dir_name = path.relative_to(call.config.studies).parts[0]
+    if check_cookie and not call.browser.has_study_assets(dir_name):
+        raise JatosError(403, f"You tried to access the file {relative} but it seems you have no access rights.")
+    if not path.is_file():
+        _not_found(relative)
+    return send_file(path, cache_control="private")
+
+
+def jatos_js(call: Call) -> Any:
+    path = resource_dir() / "jatos.js"
+    if not path.is_file():
+        _not_found("jatos.js")
+    # private as in JATOS (§11.2), and revalidated, so a new jatos-lite's jatos.js is used at once
+    return send_file(path, "application/javascript; charset=utf-8", cache_control="private, no-cache")
+
+
+# --- Web: the admin page, sign-in and researcher test runs (Jatos worker) ------------------------
+
+def admin_login(call: Call) -> Redirect:
+    if check_api_token(call.db, call.config, call.query.get("token", "")) is None:
+        raise JatosError(401, "Invalid or expired sign-in token.")
+    secret = open_admin_session(call.db)
+    bottle.response.add_header("Set-Cookie", cookie_header(SESSION_COOKIE, secret, ADMIN_SESSION_SECONDS,
+                                                           http_only=True, same_site="Lax"))
+    return Redirect("/jatos/")
+
+
+def admin_home(call: Call) -> Any:
+    page = resource_dir() / "admin.html"
+    if page.is_file():
+        return send_file(page, "text/html; charset=utf-8", cache_control="no-cache")
+    with call.store.snapshot() as db:
+        signed_in(call.admin(db))
+    return html_page("jatos-lite", "<h1>jatos-lite</h1><p>You are signed in. Use the JATOS API "
+                                   f"under <code>{API_PREFIX}</code> or the <code>jatos-lite</code> command.</p>")
+
+
+def admin_study_page(call: Call, study_id: str) -> Redirect:
+    return Redirect(f"/jatos/#/studies/{urllib.parse.quote(study_id)}")
+
+
+def admin_test_run(call: Call, study_id: str) -> Redirect:
+    """A researcher's test run (Jatos worker) of the whole study or of one component."""
+    code = start_researcher_run(call.db, signed_in(call.admin()), study_id, call.query.get("batchId"),
+                                call.query.get("componentId"))
+    return Redirect(f"/publix/{code}")
+
+
+def admin_csrf_token(call: Call) -> str:
+    """jatos-lite: the signed-in admin page learns its CSRF token here."""
+    return envelope({"signedIn": True, "csrfToken": signed_in(call.admin()).csrf_token})
+
+
+@functools.cache
+def _openapi_text() -> str:
+    return json.dumps(openapi_document(), indent=2)
+
+
+def openapi_yaml(call: Call) -> str:
+    """The API's description; public, as JATOS serves its own. JSON text is YAML too."""
+    bottle.response.content_type = "text/yaml"  # JATOS's type
+    return _openapi_text()
+
+
+def openapi_json(call: Call) -> str:
+    bottle.response.content_type = "application/json"
+    return _openapi_text()
+
+
+# --- Web: JATOS API v1, tokens -------------------------------------------------------------------
+
+def _check_user(user_id: str) -> None:
+    if user_id != str(ADMIN_USER["id"]):
+        raise JatosError(404, f"User {user_id} doesn't exist.", "NOT_FOUND")
+
+
+def api_caller_token(call: Call) -> str:
+    return envelope(call.token)
+
+
+def api_tokens(call: Call, user_id: str) -> str:
+    _check_user(user_id)
+    return envelope(list_api_tokens(call.db))
+
+
+def api_token_create(call: Call, user_id: str) -> str:
+    """As JATOS: tokens made through the API expire after an hour, unless (jatos-lite)
+    `expiresAfter` says otherwise in seconds (0: never)."""
+    _check_user(user_id)
+    body = strict_body(_json_body(required=True), {"name", "expiresAfter"}, "token")
+    created = create_api_token(call.db, body.get("name"), body.get("expiresAfter", API_TOKEN_SECONDS))
+    bottle.response.status = 201
+    return envelope(created)
+
+
+def api_token(call: Call, token_id: str) -> str:
+    return envelope(token_metadata(find_token(call.db, token_id)))
+
+
+def api_token_activate(call: Call, token_id: str) -> str:
+    active = _active_flag(_json_body(required=True))
+    return envelope({"id": set_token_active(call.db, token_id, active), "active": active})
+
+
+def api_token_delete(call: Call, token_id: str) -> str:
+    delete_api_token(call.db, token_id)
+    return envelope(message="Token deleted successfully")
+
+
+def _active_flag(body: Any) -> bool:
+    if not isinstance(body, dict) or not isinstance(body.get("active"), bool):
+        raise JatosError(400, 'Send {"active": true} or {"active": false}', "INVALID_REQUEST")
+    return body["active"]
+
+
+# --- Web: JATOS API v1, studies, components, batches ------------------------------------------------
+
+def _study_answer(db: Db, study_id: int, created: bool) -> str:
+    bottle.response.status = 201 if created else 200
+    return envelope(study_object(db, _row(db, "studies", study_id)))
+
+
+def api_studies_post(call: Call) -> str:
+    """An archive upload imports a study; a JSON body creates one."""
+    if (bottle.request.content_type or "").split(";")[0].strip().lower() == "application/json":
+        body = strict_body(_json_body(required=True), STUDY_KEYS, "study")
+        rename_assets = _flag(call.query, "renameAssets", True)
+        with call.store.tx() as db:
+            return _study_answer(db, create_study(db, call.config.studies, body, rename_assets), True)
+    return api_study_import(call)
+
+
+def api_study_import(call: Call) -> str:
+    flags = {name: _flag(call.query, name, default) for name, default in IMPORT_FLAG_DEFAULTS.items()}
+    study_id, created = import_study_file(call.store, call.config, _uploaded_archive(call.config), flags)
+    with call.store.snapshot() as db:
+        return _study_answer(db, study_id, created)
+
+
+def _uploaded_archive(config: Config) -> Any:
+    """The study archive in the request: a multipart part 'study' or the whole body."""
+    request = bottle.request
+    content_type = (request.content_type or "").split(";")[0].strip().lower()
+    if content_type == "multipart/form-data":
+        part = request.files.get("study")
+        source = part.file if part is not None else None
+    elif content_type in ("", "application/zip", "application/jzip", "application/octet-stream",
+                          "application/x-zip-compressed"):
+        source = request.body if request.content_length > 0 else None
+    else:
+        raise JatosError(415, f"Wrong content type {content_type}: send a .jzip", "WRONG_CONTENT_TYPE")
+    if source is None:
+        raise JatosError(400, "Missing study archive", "MISSING_FILE")
+    if request.content_length > config.max_archive:
+        raise JatosError(413, "The study archive is too large", "TOO_LARGE")
+    return source
+
+
+def _with_parts(query: dict[str, str]) -> tuple[bool, bool]:
+    return _flag(query, "withComponentProperties", False), _flag(query, "withBatchProperties", False)
+
+
+def api_studies(call: Call) -> str:
+    with_parts = _with_parts(call.query)
+    return envelope([study_object(call.db, row, *with_parts)
+                     for row in call.db.all("SELECT * FROM studies ORDER BY id")])
+
+
+def api_study(call: Call, study_id: str) -> str:
+    return envelope(study_object(call.db, find_study(call.db, study_id), *_with_parts(call.query)))
+
+
+def api_study_update(call: Call, study_id: str) -> str:
+    study = find_study(call.db, study_id)
+    update_study(call.db, call.config.studies, study, strict_body(_json_body(required=True), STUDY_KEYS, "study"))
+    return envelope(study_object(call.db, _row(call.db, "studies", study["id"])))
+
+
+def api_study_delete(call: Call, study_id: str) -> str:
+    with call.store.tx() as db:
+        study = find_study(db, study_id)
+        delete_study_rows(db, call.config, study)
+    shutil.rmtree(call.config.studies / study["dir_name"], ignore_errors=True)  # only once the rows are gone
+    return envelope(message="Study deleted successfully")
+
+
+def api_study_export(call: Call, study_id: str) -> Any:
+    study = find_study(call.db, study_id)
+    jas = study_jas(call.db, study)
+    bottle.response.content_type = "application/zip"
+    bottle.response.set_header("Content-Disposition", f'attachment; filename="jatos_study_{study["uuid"]}.jzip"')
+    return study_archive(call.config, jas)
+
+
+def api_study_log(call: Call, study_id: str) -> Any:
+    """As JATOS: the log file by default; `download=false`: a JSON array, newest first, of
+    at most `entryLimit` entries (default -1: all)."""
+    study_uuid = find_study(call.db, study_id)["uuid"]
+    if _flag(call.query, "download", True):
+        bottle.response.content_type = "application/octet-stream"
+        bottle.response.set_header("Content-Disposition", f'attachment; filename="jatos_studylog_{study_uuid}.log"')
+        return study_log_stream(call.store, study_uuid, None)
+    limit = call.query.get("entryLimit", "-1")
+    if not re.fullmatch(r"-?\d+", limit):
+        raise JatosError(400, "Bad request: 'entryLimit' must be a number")
+    bottle.response.content_type = "application/x-ndjson"  # JATOS's type, though the body is one JSON array
+    return study_log_stream(call.store, study_uuid, int(limit))
+
+
+class StudyPart(NamedTuple):
+    """What the API needs to list, create, read, change and delete a study's components or batches."""
+
+    table: str
+    noun: str
+    keys: set[str]
+    fields: Callable[[dict], dict]
+    to_object: Callable[[sqlite3.Row], dict]
+    find: Callable[[Db, str], sqlite3.Row]
+    insert: Callable[[Db, int, dict], int]
+    update: Callable[[Db, Path, sqlite3.Row, Any], None]
+    delete: Callable[[Db, Config, sqlite3.Row], None]
+
+
+COMPONENTS = StudyPart("components", "component", COMPONENT_KEYS, component_fields, component_object,
+                       find_component, insert_component, patch_component, delete_component)
+BATCHES = StudyPart("batches", "batch", BATCH_KEYS, batch_fields, batch_object, find_batch, add_batch,
+                    lambda db, studies, row, body: update_batch(db, row, strict_body(body, BATCH_KEYS, "batch")),
+                    delete_batch)
+
+
+def api_parts(part: StudyPart, call: Call, study_id: str) -> str:
+    rows = call.db.all(f"SELECT * FROM {part.table} WHERE study_id = ? ORDER BY position",
+                       find_study(call.db, study_id)["id"])
+    return envelope([part.to_object(row) for row in rows])
+
+
+def api_part_create(part: StudyPart, call: Call, study_id: str) -> str:
+    study = find_study(call.db, study_id)
+    row_id = part.insert(call.db, study["id"], part.fields(strict_body(_json_body(required=True), part.keys,
+                                                                       part.noun)))
+    return envelope(part.to_object(_row(call.db, part.table, row_id)))
+
+
+def api_part(part: StudyPart, call: Call, key: str) -> str:
+    return envelope(part.to_object(part.find(call.db, key)))
+
+
+def api_part_update(part: StudyPart, call: Call, key: str) -> str:
+    row = part.find(call.db, key)
+    part.update(call.db, call.config.studies, row, _json_body(required=True))
+    return envelope(part.to_object(_row(call.db, part.table, row["id"])))
+
+
+def api_part_delete(part: StudyPart, call: Call, key: str) -> str:
+    part.delete(call.db, call.config, part.find(call.db, key))
+    return envelope(message=f"{part.noun.capitalize()} deleted successfully")
+
+
+# --- Web: JATOS API v1, study assets (formats-and-api.md §3.6) --------------------------------------
+
+def _assets_folder(call: Call, study_id: str) -> Path:
+    return call.config.studies / find_study(call.db, study_id)["dir_name"]
+
+
+def _asset_path(folder: Path, filepath: str) -> Path:
+    path = confined_path(folder, filepath)
+    if path is None:
+        raise JatosError(400, f"Invalid file path '{filepath}'", "CLIENT_ERROR")
+    return path
+
+
+def _existing_asset(call: Call, study_id: str, filepath: str) -> Path:
+    path = _asset_path(_assets_folder(call, study_id), filepath)
+    if not path.is_file():
+        raise JatosError(404, f"File '{filepath}' doesn't exist.", "NOT_FOUND")
+    return path
+
+
+def _asset_node(root: Path, path: Path) -> dict:
+    info = path.stat()
+    node = {"name": path.name, "path": path.relative_to(root).as_posix(),
+            "type": "directory" if path.is_dir() else "file" if path.is_file() else "other",
+            "creation": int(info.st_ctime * 1000), "lastModified": int(info.st_mtime * 1000),
+            "size": info.st_size}
+    if path.is_file():
+        with open(path, "rb") as source:
+            node["checksum"] = functools.reduce(lambda value, chunk: zlib.adler32(chunk, value),
+                                                read_chunks(source), 1)
+    elif path.is_dir():
+        node["content"] = [_asset_node(root, child) for child in sorted(path.iterdir())]
+    return node
+
+
+def api_assets_structure(call: Call, study_id: str) -> str:
+    folder = _assets_folder(call, study_id)
+    if _flag(call.query, "flatten", False):
+        return envelope([_asset_node(folder, path) for path in sorted(folder.rglob("*")) if path.is_file()])
+    return envelope(_asset_node(folder, folder))
+
+
+def api_asset_download(call: Call, study_id: str, filepath: str) -> Any:
+    path = _existing_asset(call, study_id, filepath)
+    return send_file(path, content_type_for(path), "attachment")
+
+
+def api_asset_upload(call: Call, study_id: str, filepath: str = "") -> str:
+    folder = _assets_folder(call, study_id)
+    part = bottle.request.files.get("studyAssetsFile") if (bottle.request.content_type or "").startswith(
+        "multipart/form-data") else None
+    if part is None:
+        raise JatosError(400, "Send the file as multipart part 'studyAssetsFile'", "MISSING_FILE")
+    target = _asset_path(folder, filepath + part.raw_filename if filepath in ("", "/") or filepath.endswith("/")
+                         else filepath)
+    if target.is_dir():
+        raise JatosError(400, f"'{filepath}' is a directory", "FILE_ALREADY_EXISTS")
+    existed = target.is_file()
+    write_file_durably(target, read_chunks(part.file))
+    bottle.response.status = 200 if existed else 201
+    return envelope(message="File overwritten successfully" if existed else "File uploaded successfully")
+
+
+def api_asset_delete(call: Call, study_id: str, filepath: str) -> str:
+    _existing_asset(call, study_id, filepath).unlink()
+    return envelope(message="File deleted successfully")
+
+
+# --- Web: JATOS API v1, study codes, sessions, groups --------------------------------------------
+
+def api_study_codes(call: Call, study_id: str) -> str:
+    study = find_study(call.db, study_id)
+    body = _json_body() if bottle.request.method == "POST" else None
+    params = {**(body if isinstance(body, dict) else {}), **call.query}
+    if not params.get("type"):
+        raise JatosError(400, "Parameter 'type' is required")
+    worker_type = worker_type_from_alias(params["type"])
+    batch = find_batch(call.db, params["batchId"], study["id"]) if params.get("batchId") not in (None, "") \
+        else default_batch(call.db, study["id"])
+    try:
+        amount = int(params.get("amount") or 1)
+    except (TypeError, ValueError):
+        raise JatosError(400, "Parameter 'amount' must be a number")
+    return envelope(study_links_for(call.db, batch, worker_type, amount, params.get("comment")))
+
+
+def api_study_code(call: Call, code: str) -> str:
+    return envelope(study_code_object(call.db, code))
+
+
+def api_study_code_update(call: Call, code: str) -> str:
+    set_study_code_active(call.db, code, _active_flag(_json_body(required=True)))
+    return envelope(study_code_object(call.db, code))
+
+
+def api_study_links(call: Call, study_id: str) -> str:
+    """jatos-lite: every study link of a study (the JATOS GUI's study links page)."""
+    return envelope(study_links_of(call.db, find_study(call.db, study_id)["id"]))
+
+
+class SessionOwner(NamedTuple):
+    words: SessionWords
+    find: Callable[[Db, str], sqlite3.Row]
+    noun: str
+
+
+BATCH_SESSIONS = SessionOwner(BATCH_SESSION, find_batch, "Batch")
+GROUP_SESSIONS = SessionOwner(GROUP_SESSION, find_group, "Group")
+
+
+def _expected_version(query: dict[str, str]) -> int | None:
+    text = query.get("version")
+    if text in (None, ""):
+        return None
+    if not text.isdigit():
+        raise JatosError(400, "Parameter 'version' must be a number")
+    return int(text)
+
+
+def api_session(owner: SessionOwner, call: Call, key: str) -> str:
+    return envelope(session_object(call.db, owner.words, owner.find(call.db, key)["id"],
+                                   _flag(call.query, "asText", False)))
+
+
+def api_session_replace(owner: SessionOwner, call: Call, key: str) -> str:
+    body = _json_body()
+    version = replace_session(call.db, owner.words, owner.find(call.db, key)["id"], {} if body is None else body,
+                              _expected_version(call.query))
+    return envelope({"version": version}, f"{owner.noun} session updated successfully")
+
+
+def api_batch_groups(call: Call, batch_id: str) -> str:
+    batch = find_batch(call.db, batch_id)
+    return envelope([group_object(call.db, g) for g in
+                     call.db.all("SELECT * FROM group_results WHERE batch_id = ? ORDER BY id", batch["id"])])
+
+
+# --- Web: JATOS API v1, results ---------------------------------------------------------------------
+
+def _selected_results(call: Call, exported: tuple[str, ...] = ()) -> list[int]:
+    """The selected component results; an export says so in their studies' logs."""
+    body = _json_body() if "json" in (bottle.request.content_type or "") else None
+    selection = parse_selection(_query_pairs(), body)
+    with call.store.tx() as db:
+        cr_ids = select_component_results(db, selection)
+        if exported:
+            log_for_studies(db, studies_of_results(db, cr_ids), *exported)
+        return cr_ids
+
+
+def _download(kind: str, extension: str) -> None:
+    bottle.response.set_header("Content-Disposition",
+                               f'attachment; filename="jatos_results_{kind}{timestamp_for_filename()}.{extension}"')
+
+
+def api_results(call: Call) -> Any:
+    cr_ids = _selected_results(call, RESULTS_EXPORTED)
+    bottle.response.content_type = "application/zip"
+    _download("", "zip")
+    return results_archive(call.store, call.config, cr_ids, _flag(call.query, "isApiCall", True))
+
+
+def api_results_metadata(call: Call) -> Any:
+    cr_ids = _selected_results(call)
+    if call.query.get("format") == "csv":
+        bottle.response.content_type = "text/csv; charset=utf-8"
+        _download("metadata_", "csv")
+        return results_metadata_csv(call.store, call.config, cr_ids)
+    bottle.response.content_type = "application/json"
+    if _flag(call.query, "download", True):
+        _download("metadata_", "json")
+    return results_metadata(call.store, call.config, cr_ids, _flag(call.query, "isApiCall", True))
+
+
+def api_results_data(call: Call) -> Any:
+    query = call.query
+    as_text = query.get("format") != "csv" and _flag(query, "asPlainText", False)
+    cr_ids = _selected_results(call, DATA_EXPORTED if as_text else RESULTS_EXPORTED)
+    if query.get("format") == "csv":
+        bottle.response.content_type = "text/csv; charset=utf-8"
+        _download("data_", "csv")
+        return results_csv(call.store, cr_ids)
+    if as_text:
+        bottle.response.content_type = "text/plain; charset=UTF-8"
+        if _flag(query, "download", False):
+            _download("data_", "txt")
+        return results_plain_text(call.store, cr_ids)
+    bottle.response.content_type = "application/zip"
+    _download("data_", "zip")
+    return results_zip(call.store, call.config, cr_ids, with_data=True, with_files=False)
+
+
+def api_results_files(call: Call) -> Any:
+    cr_ids = _selected_results(call, RESULTS_EXPORTED)
+    bottle.response.content_type = "application/zip"
+    _download("files_", "zip")
+    return results_zip(call.store, call.config, cr_ids, with_data=False, with_files=True)
+
+
+def api_results_delete(call: Call) -> str:
+    cr_ids = _selected_results(call)
+    with call.store.tx() as db:
+        return envelope(delete_selected_results(db, call.config, cr_ids))
+
+
+def api_result_file(call: Call, filename: str) -> Any:
+    path = result_file(call.db, call.config, filename, call.query.get("componentResultId"))
+    return send_file(path, content_type_for(path), "attachment")
+
+
+# --- Web: the route table ------------------------------------------------------------------------
+# Every route the app serves, in matching order (bottle tries a path's patterns in this order,
+# so a specific pattern stands before a general one such as <comp>/<file:path>). API routes
+# carry their OpenAPI operation; the document at /openapi.yaml is built from this table.
+
 _SELECTORS = tuple(SELECTORS)
-API_OPERATIONS: list[tuple[str, str, dict]] = [  # (method, path under API_PREFIX, operation)
-    ("get", "/admin/token", _operation("The calling token's metadata")),
-    ("get", "/users/{user_id}/tokens", _operation("All API tokens")),
-    ("post", "/users/{user_id}/tokens", _operation(
+
+
+def _results_doc(summary: str, method: str, query: tuple[str, ...], answer: dict) -> dict:
+    return _operation(summary, *_SELECTORS, *query, answer=answer,
+                      body=_SELECTION_BODY if method == "POST" else None)
+
+
+def _results_delete_doc(method: str) -> dict:
+    return _operation("Delete component results (and study results left empty)", *_SELECTORS,
+                      body=_SELECTION_BODY, deprecated=method == "PUT")
+
+
+_METADATA_ANSWER = {**_ENVELOPE_ANSWER, "text/csv": _TEXT}
+_DATA_ANSWER = {**_ZIP_ANSWER, "text/plain": _TEXT, "text/csv": _TEXT}
+_DATA_QUERY = ("asPlainText", "textDownload", "format")
+_STUDY_CODES_QUERY = ("type", "batchId", "comment", "amount")
+
+ROUTES: tuple[Route, ...] = (
+    Route("GET", "/ping", ping),
+    Route("GET", "/favicon.ico", no_favicon),
+    # publix: starting and ending runs
+    Route("GET", "/publix/run", publix_entry_page, "publix", "read"),
+    Route("GET", "/publix/runx", publix_multi_frame, "publix"),
+    Route("GET", "/publix/<study_id>/start", publix_legacy_start, "publix", "write"),
+    Route("GET", "/publix/<code>", publix_start, "publix", "write"),
+    Route("GET", "/publix/<sr>/end", publix_end, "publix", "write"),
+    Route("GET", "/publix/<sr>/abort", publix_abort, "publix", "write"),
+    Route("GET", "/publix/<sr>/final/endPage.html", publix_end_page, "publix", "read"),
+    # publix: channels
+    Route("GET", "/publix/<sr>/group/join", publix_websocket_refused, "publix"),
+    Route("GET", "/publix/<sr>/batch/open", publix_websocket_refused, "publix"),
+    Route("POST", "/publix/<sr>/batch/open", functools.partial(publix_open_channel, opener=open_batch_channel),
+          "publix"),
+    Route("POST", "/publix/<sr>/group/join", functools.partial(publix_open_channel, opener=join_group_channel),
+          "publix"),
+    Route("GET", "/publix/<sr>/group/reassign", publix_group_reassign, "publix", "write"),
+    Route("GET", "/publix/<sr>/group/leave", publix_group_leave, "publix", "write"),
+    Route("GET", "/publix/<sr>/channels/poll", publix_channel_poll, "publix"),
+    Route("POST", "/publix/<sr>/channels/<conn>/send", publix_channel_send, "publix"),
+    Route("POST", "/publix/<sr>/channels/<conn>/ping", publix_channel_ping, "publix", "write"),
+    Route("POST", "/publix/<sr>/channels/<conn>/close", publix_channel_close, "publix", "write"),
+    # publix: inside a run
+    Route("GET", "/publix/<sr>/files/<filename:path>", publix_download, "publix", "read"),
+    Route("POST", "/publix/<sr>/studySessionData", publix_study_session, "publix"),
+    Route("POST", "/publix/<sr>/heartbeat", publix_heartbeat, "publix", "write"),
+    Route("GET", "/publix/<sr>/<comp>/start", publix_component_start, "publix", "write"),
+    Route("GET", "/publix/<sr>/<comp>/initData", publix_init_data, "publix", "write"),
+    Route("PUT", "/publix/<sr>/<comp>/resultData", functools.partial(publix_result_data, append=False), "publix"),
+    Route("POST", "/publix/<sr>/<comp>/resultData", functools.partial(publix_result_data, append=True), "publix"),
+    Route("POST", "/publix/<sr>/<comp>/log", publix_log, "publix"),
+    Route("POST", "/publix/<sr>/<comp>/files/<filename:path>", publix_upload, "publix"),
+    Route("GET", "/publix/<sr>/<comp>/<file:path>", publix_component_asset, "publix", "read"),
+    # study assets and jatos.js
+    Route("GET", "/study_assets_root/<relative:path>", study_asset),
+    Route("GET", "/study_assets/<relative:path>", study_asset),
+    Route("GET", "/assets/javascripts/jatos.js", jatos_js),
+    Route("GET", "/assets/lib/jatos-publix/javascripts/jatos.js", jatos_js),
+    # the admin page, sign-in, test runs
+    Route("GET", "/jatos/login", admin_login, tx="write"),
+    Route("GET", "/jatos/", admin_home),
+    Route("GET", "/jatos/<study_id>", admin_study_page),
+    Route("GET", "/jatos/<study_id>/run", admin_test_run, tx="write"),
+    Route("GET", "/openapi.yaml", openapi_yaml),
+    Route("GET", "/openapi.json", openapi_json),
+    # JATOS API v1: tokens
+    Route("GET", "/jatos/api/v1/admin/token", api_caller_token, "api", "read",
+          _operation("The calling token's metadata")),
+    Route("GET", "/jatos/api/v1/users/<user_id>/tokens", api_tokens, "api", "read", _operation("All API tokens")),
+    Route("POST", "/jatos/api/v1/users/<user_id>/tokens", api_token_create, "api", "write", _operation(
         "Create an API token; the token is in the answer only this once (expiresAfter: seconds, 0: never)",
         body=_object_body({"name": {"type": "string"}, "expiresAfter": {"type": "integer"}}, ["name"]),
         statuses=("201",))),
-    ("get", "/tokens/{token_id}", _operation("One API token's metadata")),
-    ("patch", "/tokens/{token_id}", _operation("Activate or deactivate an API token", body=_ACTIVE_BODY)),
-    ("delete", "/tokens/{token_id}", _operation("Delete an API token")),
-    ("get", "/admin/session", _operation("jatos-lite: the admin page's CSRF token (session cookie only)",
-                                         security=[{"adminSession": []}])),
-    ("post", "/studies", _operation(
+    Route("GET", "/jatos/api/v1/tokens/<token_id>", api_token, "api", "read",
+          _operation("One API token's metadata")),
+    Route("PATCH", "/jatos/api/v1/tokens/<token_id>", api_token_activate, "api", "write",
+          _operation("Activate or deactivate an API token", body=_ACTIVE_BODY)),
+    Route("DELETE", "/jatos/api/v1/tokens/<token_id>", api_token_delete, "api", "write",
+          _operation("Delete an API token")),
+    Route("GET", "/jatos/api/v1/admin/session", admin_csrf_token, "plain", "read", _operation(
+        "jatos-lite: the admin page's CSRF token (session cookie only)", security=[{"adminSession": []}])),
+    # JATOS API v1: studies
+    Route("POST", "/jatos/api/v1/studies", api_studies_post, "api", None, _operation(
         "Import a study archive (.jzip), or create a study from a JSON body", *IMPORT_FLAG_DEFAULTS,
         body={"required": True, "content": {**_ARCHIVE_BODY["content"],
                                              **_keys_body(STUDY_KEYS, ["title"])["content"]}},
         statuses=("201", "200"))),
-    ("post", "/study", _operation("Import a study archive (deprecated: use POST /studies)", *IMPORT_FLAG_DEFAULTS,
-                                  body=_ARCHIVE_BODY, statuses=("201", "200"), deprecated=True)),
-    ("get", "/studies/properties", _operation("All studies", "withComponentProperties", "withBatchProperties")),
-    ("get", "/studies/{study_id}/properties", _operation("One study", "withComponentProperties",
-                                                         "withBatchProperties")),
-    ("patch", "/studies/{study_id}/properties", _operation("Change a study's properties",
-                                                           body=_keys_body(STUDY_KEYS))),
-    ("delete", "/studies/{study_id}", _operation("Delete a study with its assets and results")),
-    ("get", "/studies/{study_id}/log", _operation(
+    Route("POST", "/jatos/api/v1/study", api_study_import, "api", None, _operation(
+        "Import a study archive (deprecated: use POST /studies)", *IMPORT_FLAG_DEFAULTS, body=_ARCHIVE_BODY,
+        statuses=("201", "200"), deprecated=True)),
+    Route("GET", "/jatos/api/v1/studies/properties", api_studies, "api", "read",
+          _operation("All studies", "withComponentProperties", "withBatchProperties")),
+    Route("GET", "/jatos/api/v1/studies/<study_id>/properties", api_study, "api", "read",
+          _operation("One study", "withComponentProperties", "withBatchProperties")),
+    Route("PATCH", "/jatos/api/v1/studies/<study_id>/properties", api_study_update, "api", "write",
+          _operation("Change a study's properties", body=_keys_body(STUDY_KEYS))),
+    Route("DELETE", "/jatos/api/v1/studies/<study_id>", api_study_delete, "api", None,
+          _operation("Delete a study with its assets and results")),
+    Route("GET", "/jatos/api/v1/studies/<study_id>/log", api_study_log, "api", "read", _operation(
         "The study log", "logDownload", "entryLimit",
         answer={**_FILE_ANSWER, "application/x-ndjson": {"schema": {"type": "array", "items": {}}}})),
-    ("get", "/studies/{study_id}/assets/structure", _operation("The study assets as a tree", "flatten")),
-    ("get", "/studies/{study_id}/assets/{filepath}", _operation("Download a study assets file",
-                                                                answer=_FILE_ANSWER)),
-    ("post", "/studies/{study_id}/assets", _operation("Upload a file to the top of the study assets",
-                                                      body=_multipart_body("studyAssetsFile"),
-                                                      statuses=("201", "200"))),
-    ("post", "/studies/{study_id}/assets/{filepath}", _operation(
-        "Upload a study assets file (a path ending in '/': into that folder)",
-        body=_multipart_body("studyAssetsFile"), statuses=("201", "200"))),
-    ("delete", "/studies/{study_id}/assets/{filepath}", _operation("Delete a study assets file")),
-    ("get", "/studies/{study_id}", _operation("Export the study archive (.jzip)", answer=_ZIP_ANSWER)),
-    ("get", "/studies/{study_id}/components", _operation("A study's components")),
-    ("post", "/studies/{study_id}/components", _operation("Add a component",
-                                                          body=_keys_body(COMPONENT_KEYS, ["title"]))),
-    ("get", "/components/{key}", _operation("One component")),
-    ("patch", "/components/{key}", _operation("Change a component (htmlFileRename; jatos-lite: position)",
-                                              body=_keys_body(COMPONENT_KEYS | {"htmlFileRename", "position"}))),
-    ("delete", "/components/{key}", _operation("Delete a component and its results")),
-    ("get", "/studies/{study_id}/batches", _operation("A study's batches")),
-    ("post", "/studies/{study_id}/batches", _operation("Add a batch", body=_keys_body(BATCH_KEYS, ["title"]))),
-    ("get", "/batches/{key}", _operation("One batch")),
-    ("patch", "/batches/{key}", _operation("Change a batch", body=_keys_body(BATCH_KEYS))),
-    ("delete", "/batches/{key}", _operation("Delete a batch and its results")),
-    ("get", "/studies/{study_id}/studyCodes", _operation("Study codes (deprecated: use POST)", "type", "batchId",
-                                                         "comment", "amount", deprecated=True)),
-    ("post", "/studies/{study_id}/studyCodes", _operation(
-        "Get or generate study codes", "type", "batchId", "comment", "amount",
+    # JATOS API v1: study assets
+    Route("GET", "/jatos/api/v1/studies/<study_id>/assets/structure", api_assets_structure, "api", "read",
+          _operation("The study assets as a tree", "flatten")),
+    Route("GET", "/jatos/api/v1/studies/<study_id>/assets/<filepath:path>", api_asset_download, "api", "read",
+          _operation("Download a study assets file", answer=_FILE_ANSWER)),
+    Route("POST", "/jatos/api/v1/studies/<study_id>/assets", api_asset_upload, "api", "read", _operation(
+        "Upload a file to the top of the study assets", body=_multipart_body("studyAssetsFile"),
+        statuses=("201", "200"))),
+    Route("POST", "/jatos/api/v1/studies/<study_id>/assets/<filepath:path>", api_asset_upload, "api", "read",
+          _operation("Upload a study assets file (a path ending in '/': into that folder)",
+                     body=_multipart_body("studyAssetsFile"), statuses=("201", "200"))),
+    Route("DELETE", "/jatos/api/v1/studies/<study_id>/assets/<filepath:path>", api_asset_delete, "api", "read",
+          _operation("Delete a study assets file")),
+    Route("GET", "/jatos/api/v1/studies/<study_id>", api_study_export, "api", "read",
+          _operation("Export the study archive (.jzip)", answer=_ZIP_ANSWER)),
+    # JATOS API v1: components and batches
+    Route("GET", "/jatos/api/v1/studies/<study_id>/components", functools.partial(api_parts, COMPONENTS), "api",
+          "read", _operation("A study's components")),
+    Route("POST", "/jatos/api/v1/studies/<study_id>/components", functools.partial(api_part_create, COMPONENTS),
+          "api", "write", _operation("Add a component", body=_keys_body(COMPONENT_KEYS, ["title"]))),
+    Route("GET", "/jatos/api/v1/components/<key>", functools.partial(api_part, COMPONENTS), "api", "read",
+          _operation("One component")),
+    Route("PATCH", "/jatos/api/v1/components/<key>", functools.partial(api_part_update, COMPONENTS), "api",
+          "write", _operation("Change a component (htmlFileRename; jatos-lite: position)",
+                              body=_keys_body(COMPONENT_KEYS | {"htmlFileRename", "position"}))),
+    Route("DELETE", "/jatos/api/v1/components/<key>", functools.partial(api_part_delete, COMPONENTS), "api",
+          "write", _operation("Delete a component and its results")),
+    Route("GET", "/jatos/api/v1/studies/<study_id>/batches", functools.partial(api_parts, BATCHES), "api", "read",
+          _operation("A study's batches")),
+    Route("POST", "/jatos/api/v1/studies/<study_id>/batches", functools.partial(api_part_create, BATCHES), "api",
+          "write", _operation("Add a batch", body=_keys_body(BATCH_KEYS, ["title"]))),
+    Route("GET", "/jatos/api/v1/batches/<key>", functools.partial(api_part, BATCHES), "api", "read",
+          _operation("One batch")),
+    Route("PATCH", "/jatos/api/v1/batches/<key>", functools.partial(api_part_update, BATCHES), "api", "write",
+          _operation("Change a batch", body=_keys_body(BATCH_KEYS))),
+    Route("DELETE", "/jatos/api/v1/batches/<key>", functools.partial(api_part_delete, BATCHES), "api", "write",
+          _operation("Delete a batch and its results")),
+    # JATOS API v1: study codes, sessions, groups
+    Route("GET", "/jatos/api/v1/studies/<study_id>/studyCodes", api_study_codes, "api", "write", _operation(
+        "Study codes (deprecated: use POST)", *_STUDY_CODES_QUERY, deprecated=True)),
+    Route("POST", "/jatos/api/v1/studies/<study_id>/studyCodes", api_study_codes, "api", "write", _operation(
+        "Get or generate study codes", *_STUDY_CODES_QUERY,
         body={**_keys_body(["type", "batchId", "comment", "amount"]), "required": False})),
-    ("get", "/studyCodes/{code}", _operation("One study code")),
-    ("get", "/batches/{key}/session", _operation("A batch session", "asText")),
-    ("patch", "/batches/{key}/session", _operation("Replace a batch session", "version", body=_SESSION_BODY)),
-    ("get", "/groups/{key}/session", _operation("A group session", "asText")),
-    ("patch", "/groups/{key}/session", _operation("Replace a group session", "version", body=_SESSION_BODY)),
-    ("get", "/batches/{batch_id}/groups", _operation("A batch's groups")),
-    ("patch", "/studyCodes/{code}", _operation("Activate or deactivate a study code", body=_ACTIVE_BODY)),
-    ("get", "/studies/{study_id}/studyLinks", _operation("jatos-lite: all study links of a study")),
-    *[(method, path, _operation(summary, *_SELECTORS, *query, answer=answer,
-                                body=_SELECTION_BODY if method == "post" else None))
-      for path, summary, query, answer in (
-          ("/results", "The results archive (data, files, metadata)", ("isApiCall",), _ZIP_ANSWER),
-          ("/results/metadata", "The results metadata", ("download", "isApiCall", "format"),
-           {**_ENVELOPE_ANSWER, "text/csv": _TEXT}),
-          ("/results/data", "The result data as a ZIP, plain text or (jatos-lite) CSV",
-           ("asPlainText", "textDownload", "format"), {**_ZIP_ANSWER, "text/plain": _TEXT, "text/csv": _TEXT}),
-          ("/results/files", "The uploaded result files as a ZIP", (), _ZIP_ANSWER))
-      for method in ("get", "post")],
-    *[(method, "/results/delete", _operation("Delete component results (and study results left empty)",
-                                             *_SELECTORS, body=_SELECTION_BODY, deprecated=method == "put"))
-      for method in ("post", "put")],
-    ("get", "/results/files/{filename}", _operation("One uploaded result file", "componentResultId",
-                                                    answer=_FILE_ANSWER)),
-]
+    Route("GET", "/jatos/api/v1/studyCodes/<code>", api_study_code, "api", "read", _operation("One study code")),
+    Route("GET", "/jatos/api/v1/batches/<key>/session", functools.partial(api_session, BATCH_SESSIONS), "api",
+          "read", _operation("A batch session", "asText")),
+    Route("PATCH", "/jatos/api/v1/batches/<key>/session", functools.partial(api_session_replace, BATCH_SESSIONS),
+          "api", "write", _operation("Replace a batch session", "version", body=_SESSION_BODY)),
+    Route("GET", "/jatos/api/v1/groups/<key>/session", functools.partial(api_session, GROUP_SESSIONS), "api",
+          "read", _operation("A group session", "asText")),
+    Route("PATCH", "/jatos/api/v1/groups/<key>/session", functools.partial(api_session_replace, GROUP_SESSIONS),
+          "api", "write", _operation("Replace a group session", "version", body=_SESSION_BODY)),
+    Route("GET", "/jatos/api/v1/batches/<batch_id>/groups", api_batch_groups, "api", "read",
+          _operation("A batch's groups")),
+    Route("PATCH", "/jatos/api/v1/studyCodes/<code>", api_study_code_update, "api", "write",
+          _operation("Activate or deactivate a study code", body=_ACTIVE_BODY)),
+    Route("GET", "/jatos/api/v1/studies/<study_id>/studyLinks", api_study_links, "api", "read",
+          _operation("jatos-lite: all study links of a study")),
+    # JATOS API v1: results (each export and the deletion take their own transactions)
+    Route("GET", "/jatos/api/v1/results", api_results, "api", None, _results_doc(
+        "The results archive (data, files, metadata)", "GET", ("isApiCall",), _ZIP_ANSWER)),
+    Route("POST", "/jatos/api/v1/results", api_results, "api", None, _results_doc(
+        "The results archive (data, files, metadata)", "POST", ("isApiCall",), _ZIP_ANSWER)),
+    Route("GET", "/jatos/api/v1/results/metadata", api_results_metadata, "api", None, _results_doc(
+        "The results metadata", "GET", ("download", "isApiCall", "format"), _METADATA_ANSWER)),
+    Route("POST", "/jatos/api/v1/results/metadata", api_results_metadata, "api", None, _results_doc(
+        "The results metadata", "POST", ("download", "isApiCall", "format"), _METADATA_ANSWER)),
+    Route("GET", "/jatos/api/v1/results/data", api_results_data, "api", None, _results_doc(
+        "The result data as a ZIP, plain text or (jatos-lite) CSV", "GET", _DATA_QUERY, _DATA_ANSWER)),
+    Route("POST", "/jatos/api/v1/results/data", api_results_data, "api", None, _results_doc(
+        "The result data as a ZIP, plain text or (jatos-lite) CSV", "POST", _DATA_QUERY, _DATA_ANSWER)),
+    Route("GET", "/jatos/api/v1/results/files", api_results_files, "api", None, _results_doc(
+        "The uploaded result files as a ZIP", "GET", (), _ZIP_ANSWER)),
+    Route("POST", "/jatos/api/v1/results/files", api_results_files, "api", None, _results_doc(
+        "The uploaded result files as a ZIP", "POST", (), _ZIP_ANSWER)),
+    Route("POST", "/jatos/api/v1/results/delete", api_results_delete, "api", None, _results_delete_doc("POST")),
+    Route("PUT", "/jatos/api/v1/results/delete", api_results_delete, "api", None, _results_delete_doc("PUT")),
+    Route("GET", "/jatos/api/v1/results/files/<filename:path>", api_result_file, "api", "write", _operation(
+        "One uploaded result file", "componentResultId", answer=_FILE_ANSWER)),
+)
 
 
 def openapi_document() -> dict:
-    """The OpenAPI 3.0 description of API_OPERATIONS, with the envelopes and auth as components."""
+    """The OpenAPI 3.0 description of the API routes in ROUTES, with the envelopes and auth as
+    components."""
     paths: dict[str, dict] = {}
-    for method, path, operation in API_OPERATIONS:
-        entry = paths.setdefault(API_PREFIX + path, {})
+    for route in ROUTES:
+        if route.doc is None:
+            continue
+        path = re.sub(r"<(\w+)(?::\w+)?>", r"{\1}", route.path)
+        entry = paths.setdefault(path, {})
         names = re.findall(r"{(\w+)}", path)
         if names:
             entry["parameters"] = [{"$ref": f"#/components/parameters/{name}"} for name in names]
-        entry[method] = operation
+        entry[route.method.lower()] = route.doc
     error = {"type": "object", "required": ["code", "message"],
              "properties": {"code": {"type": "string", "example": "NOT_FOUND"}, "message": {"type": "string"}}}
     return {
@@ -4252,924 +5432,16 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
     store = store or Store(config.db_path)
     config.studies.mkdir(parents=True, exist_ok=True)
     config.uploads.mkdir(parents=True, exist_ok=True)
-    resources = resource_dir()
     app = bottle.Bottle(catchall=True)
-    app.install(_catch_jatos_errors)
-    app.add_hook("after_request", _security_headers)
-    app.config["jatos_lite.store"] = store
     app.config["jatos_lite.config"] = config
-    hub = ChannelHub(store, max_held=max(4, config.threads * 4 // 5))
-    app.config["jatos_lite.hub"] = hub
-
-    def browser() -> Browser:
-        return Browser(_cookie_header(), config.id_cookie_limit)
-
-    def send_cookies(visitor: Browser) -> None:
-        for header in visitor.outgoing.values():
-            bottle.response.add_header("Set-Cookie", header)
-
-    def admin_session(db: Db) -> AdminSession | None:
-        secret = parse_cookie_header(_cookie_header()).get(SESSION_COOKIE)
-        if not secret:
-            return None
-        row = db.one("SELECT * FROM admin_sessions WHERE token_hash = ?", hash_secret(secret))
-        return None if row is None else AdminSession(row["token_hash"], row["csrf_token"], row["jatos_run"],
-                                                     row["run_component_uuid"])
-
-    def no_store() -> None:
-        bottle.response.set_header("Cache-Control", "no-store")
-
-    # --- publix: starting runs ------------------------------------------------
-
-    @app.get("/ping")
-    def ping() -> str:
-        bottle.response.content_type = "text/plain; charset=utf-8"
-        return "pong"
-
-    @app.get("/favicon.ico")
-    def no_favicon() -> str:
-        """Browsers ask for it on every page; an empty answer keeps a 404 out of study consoles."""
-        bottle.response.status = 204
-        bottle.response.set_header("Cache-Control", "max-age=86400")
-        return ""
-
-    @app.get("/publix/run")
-    def entry_page() -> str:
-        query = _query()
-        with store.snapshot() as db:
-            return _entry_page(db, query.get("code"), query)
-
-    @app.get("/publix/runx")
-    def multi_frame() -> str:
-        query = _query()
-        code = query.get("code", "").strip()
-        if not code:
-            raise JatosError(400, "Invalid study code")
-        if query.get("frames", "2").isdigit() and int(query.get("frames", "2")) <= 1:
-            return _redirect(f"/publix/{urllib.parse.quote(code)}")
-        return _multi_frame_page(code, query)
-
-    @app.get("/publix/<study_id>/start")
-    def legacy_run_link(study_id: str) -> str:
-        query = _query()
-        with store.tx() as db:
-            return _redirect(legacy_start(db, study_id, query).location)
-
-    @app.get("/publix/<code>")
-    def start_study_run(code: str) -> str:
-        visitor = browser()
-        with store.tx() as db:
-            target = start_run(db, code, _query(), visitor, admin_session(db))
-        send_cookies(visitor)
-        return _redirect(target.location)
-
-    # --- publix: ending runs --------------------------------------------------
-
-    @app.get("/publix/<sr>/end")
-    def end_study(sr: str) -> str:
-        query = _query()
-        successful = _flag(query, "successful", True)
-        visitor = browser()
-        with store.tx() as db:
-            run = end_run(db, sr, successful, query.get("message"), visitor, admin_session(db))
-        send_cookies(visitor)
-        no_store()
-        code = run.sr["confirmation_code"]
-        if _is_ajax():
-            bottle.response.content_type = "text/plain; charset=utf-8"
-            return code if run.worker_type in MTURK_TYPES and code else ""
-        if run.worker_type == "Jatos":
-            return _redirect(f"/jatos/{run.study['id']}")
-        if not successful:
-            bottle.response.content_type = "text/html; charset=utf-8"
-            return _error_page(query.get("message") or "The study was finished unsuccessfully.")
-        suffix = f"?confirmationCode={code}" if code else ""
-        return _redirect(f"/publix/{run.sr['uuid']}/final/endPage.html{suffix}")
-
-    @app.get("/publix/<sr>/abort")
-    def abort_study(sr: str) -> str:
-        visitor = browser()
-        with store.tx() as db:
-            run = abort_run(db, config, sr, _query().get("message"), visitor, admin_session(db))
-        send_cookies(visitor)
-        no_store()
-        if _is_ajax():
-            return ""
-        if run.worker_type == "Jatos":
-            return _redirect(f"/jatos/{run.study['id']}")
-        return html_page("JATOS", "<h1>Cancelled Study</h1><p>All submitted data were deleted.</p>")
-
-    @app.get("/publix/<sr>/final/endPage.html")
-    def final_page(sr: str) -> Any:
-        with store.snapshot() as db:
-            page = end_page(db, config.studies, sr)
-        if isinstance(page, Redirect):
-            return _redirect(page.location)
-        code = _query().get("confirmationCode")
-        if page is not None:
-            if code:
-                bottle.response.add_header("Set-Cookie", cookie_header("JATOS_CONFIRMATION_CODE",
-                                                                       urllib.parse.quote(code), 86400))
-            return send_file(page, "text/html; charset=utf-8")
-        if code:
-            text = (f"<p>Confirmation code: <b>{html.escape(code)}</b></p><p>(Copy and paste the confirmation "
-                    "code to Amazon Mechanical Turk.)</p>")
-        else:
-            text = "<p>This study is finished. Thank you for your participation.</p>"
-        return html_page("JATOS", text)
-
-    # --- publix: batch and group channels over HTTP long-polling ----------------
-
-    @app.get("/publix/<sr>/batch/open")
-    @app.get("/publix/<sr>/group/join")
-    def websocket_refused(sr: str) -> str:
-        raise JatosError(400, "jatos-lite carries batch and group channels over HTTP: open them with POST.")
-
-    def json_answer(value: Any) -> str:
-        no_store()
-        bottle.response.content_type = "application/json"
-        return to_json(value)
-
-    def open_channel(sr: str, opener: Callable[..., dict]) -> str:
-        body = _json_body(10_000)
-        open_id = body.get("openId") if isinstance(body, dict) else None
-        with store.tx() as db:
-            opened = opener(db, sr, str(open_id) if open_id else None, admin_session(db))
-        return json_answer(opened)
-
-    app.route("/publix/<sr>/batch/open", "POST", lambda sr: open_channel(sr, open_batch_channel))
-    app.route("/publix/<sr>/group/join", "POST", lambda sr: open_channel(sr, join_group_channel))
-
-    @app.get("/publix/<sr>/group/reassign")
-    def group_reassign(sr: str) -> str:
-        with store.tx() as db:
-            moved = reassign_group(db, sr, admin_session(db))
-        no_store()
-        bottle.response.status = 200 if moved else 204
-        return ""
-
-    @app.get("/publix/<sr>/group/leave")
-    def group_leave(sr: str) -> str:
-        with store.tx() as db:
-            leave_group_of(db, sr, admin_session(db))
-        no_store()
-        return ""
-
-    def poll_request(pairs: list[tuple[str, str]]) -> list[tuple[str, int]]:
-        wanted = []
-        for key, value in pairs:
-            if key == "c":
-                conn_id, _, cursor = value.partition(":")
-                if not conn_id or not cursor.isdigit():
-                    raise JatosError(400, f"Malformed poll parameter c={value} (expected conn:cursor)")
-                wanted.append((conn_id, int(cursor)))
-        if not wanted or len(wanted) > 4:
-            raise JatosError(400, "A poll names one to four channels: c=conn:cursor")
-        return wanted
-
-    def browser_key() -> str:
-        key = parse_cookie_header(_cookie_header()).get(BROWSER_COOKIE, "")
-        if not re.fullmatch(r"[0-9a-f]{32}", key):
-            key = secrets.token_hex(16)
-            bottle.response.add_header("Set-Cookie", cookie_header(BROWSER_COOKIE, key, COOKIE_MAX_AGE,
-                                                                   http_only=True, same_site="Lax"))
-        return key
-
-    def poll_all(sr: str, wanted: list[tuple[str, int]]) -> tuple[dict, dict[str, str], list[str]]:
-        """Each conn's answer, the scope whose events would change it, and the conns whose
-        last_seen is due to be written."""
-        with store.snapshot() as db:
-            answer = {conn_id: conn_events(db, sr, conn_id, cursor) for conn_id, cursor in wanted}
-            _, scopes, due = polled_conns(db.all(_POLLED_CONNS, to_json([c for c, _ in wanted]), sr))
-            return answer, scopes, due
-
-    @app.get("/publix/<sr>/channels/poll")
-    def channel_poll(sr: str) -> str:
-        pairs = _query_pairs()
-        wanted, query = poll_request(pairs), dict(reversed(pairs))
-        wait_text = query.get("wait", "")
-        hold = min(float(wait_text), CHANNEL_HOLD_SECONDS) if re.fullmatch(r"\d+(\.\d+)?", wait_text) \
-            else CHANNEL_HOLD_SECONDS
-        hub.start_watching()
-        deadline = time.monotonic() + hold
-        page = query.get("page") or " ".join(sorted(c for c, _ in wanted))
-        number = int(query["n"]) if re.fullmatch(r"\d{1,15}", query.get("n", "")) else None
-        with hub.hold(browser_key(), page, number) as ticket:
-            generation, conn_changes = hub.generation, hub.conn_changes
-            answer, scopes, seen = hub.poll_from_memory(sr, wanted, conn_changes) or poll_all(sr, wanted)
-            if seen:  # the page is there now (not necessarily when the answer leaves); most polls write nothing
-                hub.mark_seen(sr, seen)
-            while True:
-                news = any("closed" in a or a["events"] for a in answer.values())
-                remaining = deadline - time.monotonic()
-                if not news and hub.released(ticket):
-                    answer["retryAfter"] = POLL_RETRY_AFTER_MS
-                if news or "retryAfter" in answer or remaining <= 0:
-                    break
-                hub.wait(ticket, generation, scopes, remaining)
-                generation = hub.generation
-                answer = hub.recent_answer({c: (scopes[c], answer[c]["cursor"]) for c in scopes}, conn_changes)
-                if answer is None:
-                    conn_changes = hub.conn_changes
-                    answer, scopes, _ = poll_all(sr, wanted)  # a held page is seen at its next poll, not now
-        return json_answer(answer)
-
-    @app.post("/publix/<sr>/channels/<conn>/send")
-    def channel_send_route(sr: str, conn: str) -> str:
-        body = _json_body(config.max_result_data, required=True)
-        if not isinstance(body, dict):
-            raise JatosError(400, "A send is a JSON object with 'cseq' and 'frames'")
-        with store.tx() as db:
-            channel_send(db, sr, conn, body.get("cseq"), body.get("frames"))
-        return json_answer({"cseq": body.get("cseq")})
-
-    @app.post("/publix/<sr>/channels/<conn>/ping")
-    def channel_ping_route(sr: str, conn: str) -> str:
-        with store.tx() as db:
-            channel_ping(db, sr, conn)
-        return json_answer({"heartbeat": "pong"})
-
-    @app.post("/publix/<sr>/channels/<conn>/close")
-    def channel_close_route(sr: str, conn: str) -> str:
-        with store.tx() as db:
-            channel_close(db, sr, conn)
-        bottle.response.status = 204
-        return ""
-
-    # --- publix: inside a run ---------------------------------------------------
-
-    @app.get("/publix/<sr>/files/<filename:path>")
-    def download_result_file(sr: str, filename: str) -> Any:
-        with store.snapshot() as db:
-            path = find_result_file(db, config, sr, filename, _query().get("componentId"), admin_session(db))
-        return send_file(path, content_type_for(path), "attachment", "no-store")
-
-    @app.post("/publix/<sr>/studySessionData")
-    def study_session(sr: str) -> str:
-        text = _text_body(config.max_result_data)
-        with store.tx() as db:
-            replay_or_apply(db, sr, bottle.request.get_header("X-Request-Id"),
-                            lambda: set_study_session(db, sr, text, admin_session(db)) or "")
-        no_store()
-        return ""
-
-    @app.post("/publix/<sr>/heartbeat")
-    def heartbeat_route(sr: str) -> str:
-        with store.tx() as db:
-            heartbeat(db, sr)
-        no_store()
-        return ""
-
-    @app.get("/publix/<sr>/<comp>/start")
-    def component_start(sr: str, comp: str) -> Any:
-        visitor = browser()
-        with store.tx() as db:
-            page = start_component(db, config.studies, sr, comp, _query().get("message"), visitor,
-                                   admin_session(db))
-        if isinstance(page, Redirect):
-            return _redirect(page.location)
-        send_cookies(visitor)
-        return send_file(page, "text/html; charset=utf-8", cache_control="no-cache, no-store")
-
-    @app.get("/publix/<sr>/<comp>/initData")
-    def init_data_route(sr: str, comp: str) -> Any:
-        with store.tx() as db:
-            data = init_data(db, sr, comp, admin_session(db))
-        if isinstance(data, Redirect):
-            return _redirect(data.location)
-        no_store()
-        bottle.response.content_type = "application/json"
-        return to_json(data)
-
-    def result_data(sr: str, comp: str, append: bool) -> str:
-        raw = _read_body(config.max_result_data)
-        with store.tx() as db:
-            replay_or_apply(db, sr, bottle.request.get_header("X-Request-Id"), lambda: write_result_data(
-                db, config.max_result_data, sr, comp, raw, append, admin_session(db)) or "")
-        no_store()
-        return ""
-
-    app.route("/publix/<sr>/<comp>/resultData", "PUT", lambda sr, comp: result_data(sr, comp, False))
-    app.route("/publix/<sr>/<comp>/resultData", "POST", lambda sr, comp: result_data(sr, comp, True))
-
-    @app.post("/publix/<sr>/<comp>/log")
-    def study_log(sr: str, comp: str) -> str:
-        text = _text_body(100_000)
-        with store.tx() as db:
-            replay_or_apply(db, sr, bottle.request.get_header("X-Request-Id"),
-                            lambda: write_study_log(db, sr, comp, text, admin_session(db)) or "")
-        no_store()
-        return ""
-
-    @app.post("/publix/<sr>/<comp>/files/<filename:path>")
-    def upload_result_file(sr: str, comp: str, filename: str) -> str:
-        upload = None
-        if bottle.request.content_length > config.max_upload + 1_000_000:
-            upload = Upload(bottle.request.content_length, None)  # too large to be worth parsing
-        elif (bottle.request.content_type or "").startswith("multipart/form-data"):
-            part = bottle.request.files.get("file")
-            if part is not None:
-                upload = Upload(part.file.seek(0, io.SEEK_END), part.file)
-                part.file.seek(0)
-        with store.tx() as db:
-            body = replay_or_apply(db, sr, bottle.request.get_header("X-Request-Id"), lambda: store_result_file(
-                db, config, sr, comp, filename, upload, admin_session(db)) or "File uploaded")
-        no_store()
-        bottle.response.content_type = "text/plain; charset=utf-8"
-        return body
-
-    @app.get("/publix/<sr>/<comp>/<file:path>")
-    def component_asset(sr: str, comp: str, file: str) -> Any:
-        if file in ("jatos.js", "jatos.min.js") or "jatos-publix" in file:
-            return jatos_js() if file == "jatos.js" or file.endswith("jatos-publix/javascripts/jatos.js") \
-                else _not_found(file)
-        with store.snapshot() as db:
-            sr_row = db.one("SELECT * FROM study_results WHERE uuid = ?", sr)
-            if sr_row is None:
-                raise JatosError(400, f"A study result {sr} doesn't exist.")
-            dir_name = db.value("SELECT dir_name FROM studies WHERE id = ?", sr_row["study_id"])
-        if confined_path(config.studies / dir_name, file) is None:  # not even into another study's folder
-            _not_found(file)
-        end_page_asset = comp == "final" and sr_row["state"] in SR_DONE
-        return study_asset(f"{dir_name}/{file}", check_cookie=not end_page_asset)
-
-    # --- study assets and jatos.js ---------------------------------------------
-
-    def _not_found(path: str) -> Any:
-        raise JatosError(404, f"Resource '{path}' couldn't be found.")
-
-    def study_asset(relative: str, check_cookie: bool = True) -> Any:
-        path = confined_path(config.studies, relative)
-        if path is None:
-            _not_found(relative)
-        dir_name = path.relative_to(config.studies).parts[0]
-        if check_cookie and not browser().has_study_assets(dir_name):
-            raise JatosError(403, f"You tried to access the file {relative} but it seems you have no access rights.")
-        if not path.is_file():
-            _not_found(relative)
-        return send_file(path, cache_control="private")
-
-    app.route("/study_assets_root/<relative:path>", "GET", study_asset)
-    app.route("/study_assets/<relative:path>", "GET", study_asset)
-
-    def jatos_js() -> Any:
-        path = resources / "jatos.js"
-        if not path.is_file():
-            _not_found("jatos.js")
-        # private as in JATOS (§11.2), and revalidated, so a new jatos-lite's jatos.js is used at once
-        return send_file(path, "application/javascript; charset=utf-8", cache_control="private, no-cache")
-
-    app.route("/assets/javascripts/jatos.js", "GET", jatos_js)
-    app.route("/assets/lib/jatos-publix/javascripts/jatos.js", "GET", jatos_js)
-
-    # --- admin sign-in and researcher test runs (Jatos worker) ------------------
-
-    @app.get("/jatos/login")
-    def login() -> str:
-        with store.tx() as db:
-            if check_api_token(db, config, _query().get("token", "")) is None:
-                raise JatosError(401, "Invalid or expired sign-in token.")
-            secret = secrets.token_urlsafe(32)
-            db.run("INSERT INTO admin_sessions(token_hash, csrf_token, created) VALUES (?, ?, ?)",
-                   hash_secret(secret), secrets.token_urlsafe(24), now_ms())
-        bottle.response.add_header("Set-Cookie", cookie_header(SESSION_COOKIE, secret, 7 * 86400, http_only=True,
-                                                               same_site="Lax"))
-        return _redirect("/jatos/")
-
-    def signed_in(db: Db) -> AdminSession:
-        session = admin_session(db)
-        if session is None:
-            raise JatosError(401, "Please sign in with the link printed when jatos-lite started.")
-        return session
-
-    @app.get("/jatos/")
-    def admin_home() -> Any:
-        page = resources / "admin.html"
-        if page.is_file():
-            return send_file(page, "text/html; charset=utf-8", cache_control="no-cache")
-        with store.snapshot() as db:
-            signed_in(db)
-        return html_page("jatos-lite", "<h1>jatos-lite</h1><p>You are signed in. Use the JATOS API "
-                                       f"under <code>{API_PREFIX}</code> or the <code>jatos-lite</code> command.</p>")
-
-    @app.get("/jatos/<study_id>")
-    def study_page(study_id: str) -> str:
-        return _redirect(f"/jatos/#/studies/{urllib.parse.quote(study_id)}")
-
-    @app.get("/jatos/<study_id>/run")
-    def researcher_run(study_id: str) -> str:
-        """A researcher's test run (Jatos worker) of the whole study or of one component."""
-        query = _query()
-        with store.tx() as db:
-            session = signed_in(db)
-            study = find_study(db, study_id)
-            batch = find_batch(db, query["batchId"], study["id"]) if query.get("batchId") \
-                else default_batch(db, study["id"])
-            component_uuid = None
-            if query.get("componentId"):
-                component = db.one("SELECT * FROM components WHERE study_id = ? AND (id = ? OR uuid = ?)",
-                                   study["id"], query["componentId"], query["componentId"])
-                if component is None:
-                    raise JatosError(404, f"Component {query['componentId']} doesn't exist.")
-                component_uuid = component["uuid"]
-            db.run("UPDATE admin_sessions SET jatos_run = ?, run_component_uuid = ? WHERE token_hash = ?",
-                   "RUN_COMPONENT_START" if component_uuid else "RUN_STUDY", component_uuid, session.token_hash)
-            code = jatos_link(db, batch)
-        return _redirect(f"/publix/{code}")
-
-    # --- JATOS API v1 -------------------------------------------------------------
-
-    openapi_text = json.dumps(openapi_document(), indent=2)
-
-    def openapi(content_type: str) -> str:
-        """The API's description; public, as JATOS serves its own."""
-        bottle.response.content_type = content_type
-        return openapi_text
-
-    app.route("/openapi.yaml", "GET", lambda: openapi("text/yaml"))  # JSON is YAML; JATOS's type
-    app.route("/openapi.json", "GET", lambda: openapi("application/json"))
-
-    def authenticate(db: Db) -> dict:
-        """Bearer token, or the admin session cookie (state changes then need the CSRF header)."""
-        header = bottle.request.get_header("Authorization", "") or ""
-        if "Bearer" in header:
-            metadata = check_api_token(db, config, header.replace("Bearer", "", 1).strip())
-            if metadata is None:
-                raise JatosError(401, "Invalid api token", "INVALID_API_TOKEN")
-            return metadata
-        session = admin_session(db)
-        if session is None:
-            raise JatosError(401, "Not signed in: send 'Authorization: Bearer <token>'", "AUTH_ERROR")
-        if bottle.request.method not in ("GET", "HEAD") and not hmac.compare_digest(
-                bottle.request.get_header("X-CSRF-Token", "") or "", session.csrf_token):
-            raise JatosError(403, "Missing or wrong X-CSRF-Token header", "FORBIDDEN")
-        return token_metadata({"id": 0, "name": "admin session", "creation_date": 0, "expires_after": None,
-                               "active": True})
-
-    def api(rule: str, methods: str | list[str] = "GET") -> Callable:
-        """Register an API route: authenticated, run in one transaction, answered in the envelope."""
-        def register(handler: Callable) -> Callable:
-            def route(**kwargs: Any) -> Any:
-                with store.tx() as db:
-                    token = authenticate(db)
-                    return handler(db, token, **kwargs)
-            app.route(API_PREFIX + rule, methods, route)
-            return handler
-        return register
-
-    @api("/admin/token")
-    def api_token(db: Db, token: dict) -> str:
-        return envelope(token)
-
-    def find_token(db: Db, token_id: str) -> sqlite3.Row:
-        row = db.one("SELECT * FROM api_tokens WHERE id = ?", int(token_id)) if token_id.isdigit() else None
-        if row is None or row["name"] == SIGN_IN_TOKEN_NAME:
-            raise JatosError(404, f"Token {token_id} doesn't exist.", "NOT_FOUND")
-        return row
-
-    def check_user(user_id: str) -> None:
-        if user_id != str(ADMIN_USER["id"]):
-            raise JatosError(404, f"User {user_id} doesn't exist.", "NOT_FOUND")
-
-    @api("/users/<user_id>/tokens")
-    def api_tokens_list(db: Db, token: dict, user_id: str) -> str:
-        check_user(user_id)
-        return envelope([token_metadata(row) for row in
-                         db.all("SELECT * FROM api_tokens WHERE name <> ? ORDER BY id", SIGN_IN_TOKEN_NAME)])
-
-    @api("/users/<user_id>/tokens", "POST")
-    def api_token_create(db: Db, token: dict, user_id: str) -> str:
-        """As JATOS: tokens made through the API expire after an hour, unless (jatos-lite)
-        `expiresAfter` says otherwise in seconds (0: never)."""
-        check_user(user_id)
-        body = strict_body(_json_body(required=True), {"name", "expiresAfter"}, "token")
-        name, expires_after = body.get("name"), body.get("expiresAfter", API_TOKEN_SECONDS)
-        if not isinstance(name, str) or not name.strip() or name == SIGN_IN_TOKEN_NAME:
-            raise JatosError(400, "A token needs a 'name'", "INVALID_REQUEST")
-        if not isinstance(expires_after, int) or isinstance(expires_after, bool) or expires_after < 0:
-            raise JatosError(400, "'expiresAfter' is a number of seconds (0: never)", "INVALID_REQUEST")
-        token_id, secret = mint_api_token(db, name.strip(), expires_after or None)
-        bottle.response.status = 201
-        return envelope({**token_metadata(_row(db, "api_tokens", token_id)), "token": secret})
-
-    @api("/tokens/<token_id>")
-    def api_token_read(db: Db, token: dict, token_id: str) -> str:
-        return envelope(token_metadata(find_token(db, token_id)))
-
-    @api("/tokens/<token_id>", "PATCH")
-    def api_token_activate(db: Db, token: dict, token_id: str) -> str:
-        body = _json_body(required=True)
-        if not isinstance(body, dict) or not isinstance(body.get("active"), bool):
-            raise JatosError(400, 'Send {"active": true} or {"active": false}', "INVALID_REQUEST")
-        row = find_token(db, token_id)
-        db.run("UPDATE api_tokens SET active = ? WHERE id = ?", body["active"], row["id"])
-        return envelope({"id": row["id"], "active": body["active"]})
-
-    @api("/tokens/<token_id>", "DELETE")
-    def api_token_delete(db: Db, token: dict, token_id: str) -> str:
-        db.run("DELETE FROM api_tokens WHERE id = ?", find_token(db, token_id)["id"])
-        return envelope(message="Token deleted successfully")
-
-    @app.get(API_PREFIX + "/admin/session")
-    def api_admin_session() -> str:
-        """jatos-lite: the signed-in admin page learns its CSRF token here."""
-        with store.snapshot() as db:
-            return envelope({"signedIn": True, "csrfToken": signed_in(db).csrf_token})
-
-    def import_response(db: Db, study_id: int, created: bool) -> str:
-        bottle.response.status = 201 if created else 200
-        return envelope(study_object(db, _row(db, "studies", study_id)))
-
-    def import_upload() -> str:
-        query = _query()
-        flags = {name: _flag(query, name, default) for name, default in IMPORT_FLAG_DEFAULTS.items()}
-        content_type = (bottle.request.content_type or "").split(";")[0].strip().lower()
-        if content_type == "multipart/form-data":
-            part = bottle.request.files.get("study")
-            source = part.file if part is not None else None
-        elif content_type in ("", "application/zip", "application/jzip", "application/octet-stream",
-                              "application/x-zip-compressed"):
-            source = bottle.request.body if bottle.request.content_length > 0 else None
-        else:
-            raise JatosError(415, f"Wrong content type {content_type}: send a .jzip", "WRONG_CONTENT_TYPE")
-        if source is None:
-            raise JatosError(400, "Missing study archive", "MISSING_FILE")
-        if bottle.request.content_length > config.max_archive:
-            raise JatosError(413, "The study archive is too large", "TOO_LARGE")
-        study_id, created = import_study_file(store, config, source, flags)
-        with store.snapshot() as db:
-            return import_response(db, study_id, created)
-
-    def create_study_from_json() -> str:
-        body = strict_body(_json_body(required=True), STUDY_KEYS, "study")
-        with store.tx() as db:
-            study_uuid = new_uuid()
-            fields = study_fields(body)
-            dir_name = validate_dir_name(body.get("dirName") or study_uuid)
-            # jatos-lite: a folder in studies/ that no study uses yet becomes the new study's assets
-            if db.value("SELECT 1 FROM studies WHERE dir_name = ?", dir_name):
-                if not _flag(_query(), "renameAssets", True):
-                    raise JatosError(403, f"A study assets folder '{dir_name}' exists already.")
-                dir_name = free_dir_name(db, config.studies, dir_name)
-            study_id = insert_study(db, fields, study_uuid, dir_name, active=body.get("active") is not False)
-            insert_batch(db, study_id, batch_fields(DEFAULT_BATCH))
-            (config.studies / dir_name).mkdir(parents=True, exist_ok=True)
-            return import_response(db, study_id, True)
-
-    def studies_post() -> str:
-        with store.tx() as db:
-            authenticate(db)
-        if (bottle.request.content_type or "").split(";")[0].strip().lower() == "application/json":
-            return create_study_from_json()
-        return import_upload()
-
-    def study_post() -> str:
-        with store.tx() as db:
-            authenticate(db)
-        return import_upload()
-
-    app.route(API_PREFIX + "/studies", "POST", studies_post)
-    app.route(API_PREFIX + "/study", "POST", study_post)
-
-    @api("/studies/properties")
-    def api_all_studies(db: Db, token: dict) -> str:
-        query = _query()
-        with_components = _flag(query, "withComponentProperties", False)
-        with_batches = _flag(query, "withBatchProperties", False)
-        return envelope([study_object(db, row, with_components, with_batches)
-                         for row in db.all("SELECT * FROM studies ORDER BY id")])
-
-    @api("/studies/<study_id>/properties")
-    def api_study(db: Db, token: dict, study_id: str) -> str:
-        query = _query()
-        return envelope(study_object(db, find_study(db, study_id), _flag(query, "withComponentProperties", False),
-                                     _flag(query, "withBatchProperties", False)))
-
-    @api("/studies/<study_id>/properties", "PATCH")
-    def api_study_update(db: Db, token: dict, study_id: str) -> str:
-        study = find_study(db, study_id)
-        update_study(db, config.studies, study, strict_body(_json_body(required=True), STUDY_KEYS, "study"))
-        return envelope(study_object(db, _row(db, "studies", study["id"])))
-
-    @app.delete(API_PREFIX + "/studies/<study_id>")
-    def api_study_delete(study_id: str) -> str:
-        with store.tx() as db:
-            authenticate(db)
-            study = find_study(db, study_id)
-            delete_study_rows(db, config, study)
-        shutil.rmtree(config.studies / study["dir_name"], ignore_errors=True)
-        return envelope(message="Study deleted successfully")
-
-    @api("/studies/<study_id>/log")
-    def api_study_log(db: Db, token: dict, study_id: str) -> Any:
-        """As JATOS: the log file by default; `download=false`: a JSON array, newest first, of
-        at most `entryLimit` entries (default -1: all)."""
-        study_uuid = find_study(db, study_id)["uuid"]
-        query = _query()
-        if _flag(query, "download", True):
-            bottle.response.content_type = "application/octet-stream"
-            bottle.response.set_header("Content-Disposition",
-                                       f'attachment; filename="jatos_studylog_{study_uuid}.log"')
-            return study_log_stream(store, study_uuid, None)
-        limit = query.get("entryLimit", "-1")
-        if not re.fullmatch(r"-?\d+", limit):
-            raise JatosError(400, "Bad request: 'entryLimit' must be a number")
-        bottle.response.content_type = "application/x-ndjson"  # JATOS's type, though the body is one JSON array
-        return study_log_stream(store, study_uuid, int(limit))
-
-    # --- API: study assets (formats-and-api.md §3.6) ---------------------------------
-
-    def assets_folder(study_id: str) -> Path:
-        """The study's folder, once the caller is authenticated (a change needs the CSRF header)."""
-        with store.snapshot() as db:
-            authenticate(db)
-            return config.studies / find_study(db, study_id)["dir_name"]
-
-    def asset_path(folder: Path, filepath: str) -> Path:
-        path = confined_path(folder, filepath)
-        if path is None:
-            raise JatosError(400, f"Invalid file path '{filepath}'", "CLIENT_ERROR")
-        return path
-
-    def existing_asset(study_id: str, filepath: str) -> Path:
-        path = asset_path(assets_folder(study_id), filepath)
-        if not path.is_file():
-            raise JatosError(404, f"File '{filepath}' doesn't exist.", "NOT_FOUND")
-        return path
-
-    def asset_node(root: Path, path: Path) -> dict:
-        info = path.stat()
-        node = {"name": path.name, "path": path.relative_to(root).as_posix(),
-                "type": "directory" if path.is_dir() else "file" if path.is_file() else "other",
-                "creation": int(info.st_ctime * 1000), "lastModified": int(info.st_mtime * 1000),
-                "size": info.st_size}
-        if path.is_file():
-            with open(path, "rb") as source:
-                node["checksum"] = functools.reduce(lambda value, chunk: zlib.adler32(chunk, value),
-                                                    read_chunks(source), 1)
-        elif path.is_dir():
-            node["content"] = [asset_node(root, child) for child in sorted(path.iterdir())]
-        return node
-
-    @app.get(API_PREFIX + "/studies/<study_id>/assets/structure")
-    def api_assets_structure(study_id: str) -> str:
-        folder = assets_folder(study_id)
-        if _flag(_query(), "flatten", False):
-            return envelope([asset_node(folder, path) for path in sorted(folder.rglob("*")) if path.is_file()])
-        return envelope(asset_node(folder, folder))
-
-    @app.get(API_PREFIX + "/studies/<study_id>/assets/<filepath:path>")
-    def api_asset_download(study_id: str, filepath: str) -> Any:
-        path = existing_asset(study_id, filepath)
-        return send_file(path, content_type_for(path), "attachment")
-
-    def api_asset_upload(study_id: str, filepath: str = "") -> str:
-        folder = assets_folder(study_id)
-        part = bottle.request.files.get("studyAssetsFile") if (bottle.request.content_type or "").startswith(
-            "multipart/form-data") else None
-        if part is None:
-            raise JatosError(400, "Send the file as multipart part 'studyAssetsFile'", "MISSING_FILE")
-        target = asset_path(folder, filepath + part.raw_filename if filepath in ("", "/") or filepath.endswith("/")
-                            else filepath)
-        if target.is_dir():
-            raise JatosError(400, f"'{filepath}' is a directory", "FILE_ALREADY_EXISTS")
-        existed = target.is_file()
-        write_file_durably(target, read_chunks(part.file))
-        bottle.response.status = 200 if existed else 201
-        return envelope(message="File overwritten successfully" if existed else "File uploaded successfully")
-
-    app.route(API_PREFIX + "/studies/<study_id>/assets", "POST", api_asset_upload)
-    app.route(API_PREFIX + "/studies/<study_id>/assets/<filepath:path>", "POST", api_asset_upload)
-
-    @app.delete(API_PREFIX + "/studies/<study_id>/assets/<filepath:path>")
-    def api_asset_delete(study_id: str, filepath: str) -> str:
-        existing_asset(study_id, filepath).unlink()
-        return envelope(message="File deleted successfully")
-
-    @app.get(API_PREFIX + "/studies/<study_id>")
-    def api_export_study(study_id: str) -> Any:
-        with store.snapshot() as db:
-            authenticate(db)
-            study = find_study(db, study_id)
-            jas = study_jas(db, study)
-        bottle.response.content_type = "application/zip"
-        bottle.response.set_header("Content-Disposition", f'attachment; filename="jatos_study_{study["uuid"]}.jzip"')
-        return study_archive(config, jas)
-
-    def study_part_routes(table: str, noun: str, keys: set[str], fields: Callable[[dict], dict],
-                          to_object: Callable[[sqlite3.Row], dict], find: Callable[[Db, str], sqlite3.Row],
-                          insert: Callable[[Db, int, dict], int], update: Callable[[Db, sqlite3.Row, Any], None],
-                          delete: Callable[[Db, Config, sqlite3.Row], None]) -> None:
-        """A study's components or batches: list and create under the study, read, update, delete."""
-        @api(f"/studies/<study_id>/{table}")
-        def listing(db: Db, token: dict, study_id: str) -> str:
-            rows = db.all(f"SELECT * FROM {table} WHERE study_id = ? ORDER BY position", find_study(db, study_id)["id"])
-            return envelope([to_object(row) for row in rows])
-
-        @api(f"/studies/<study_id>/{table}", "POST")
-        def create(db: Db, token: dict, study_id: str) -> str:
-            study = find_study(db, study_id)
-            row_id = insert(db, study["id"], fields(strict_body(_json_body(required=True), keys, noun)))
-            return envelope(to_object(_row(db, table, row_id)))
-
-        @api(f"/{table}/<key>")
-        def read(db: Db, token: dict, key: str) -> str:
-            return envelope(to_object(find(db, key)))
-
-        @api(f"/{table}/<key>", "PATCH")
-        def change(db: Db, token: dict, key: str) -> str:
-            row = find(db, key)
-            update(db, row, _json_body(required=True))
-            return envelope(to_object(_row(db, table, row["id"])))
-
-        @api(f"/{table}/<key>", "DELETE")
-        def remove(db: Db, token: dict, key: str) -> str:
-            delete(db, config, find(db, key))
-            return envelope(message=f"{noun.capitalize()} deleted successfully")
-
-    study_part_routes("components", "component", COMPONENT_KEYS, component_fields, component_object,
-                      find_component, insert_component,
-                      lambda db, row, body: patch_component(db, config.studies, row, body), delete_component)
-    study_part_routes("batches", "batch", BATCH_KEYS, batch_fields, batch_object, find_batch, add_batch,
-                      lambda db, row, body: update_batch(db, row, strict_body(body, BATCH_KEYS, "batch")),
-                      delete_batch)
-
-    @api("/studies/<study_id>/studyCodes", ["GET", "POST"])
-    def api_study_codes(db: Db, token: dict, study_id: str) -> str:
-        study = find_study(db, study_id)
-        body = _json_body() if bottle.request.method == "POST" else None
-        params = {**(body if isinstance(body, dict) else {}), **_query()}
-        if not params.get("type"):
-            raise JatosError(400, "Parameter 'type' is required")
-        worker_type = worker_type_from_alias(params["type"])
-        batch = find_batch(db, params["batchId"], study["id"]) if params.get("batchId") not in (None, "") \
-            else default_batch(db, study["id"])
-        try:
-            amount = int(params.get("amount") or 1)
-        except (TypeError, ValueError):
-            raise JatosError(400, "Parameter 'amount' must be a number")
-        return envelope(study_links_for(db, batch, worker_type, amount, params.get("comment")))
-
-    @api("/studyCodes/<code>")
-    def api_study_code(db: Db, token: dict, code: str) -> str:
-        link = db.one("SELECT l.*, w.comment FROM study_links l LEFT JOIN workers w ON w.id = l.worker_id "
-                      "WHERE l.code = ?", code)
-        if link is None:
-            raise JatosError(404, f"Study code {code} doesn't exist.")
-        return envelope({"studyCode": code, "batchId": link["batch_id"], "type": link["worker_type"],
-                         "comment": link["comment"], "active": bool(link["active"]),
-                         "studyLinkPath": f"/publix/{code}", "studyEntryPath": f"/publix/run?code={code}"})
-
-    # --- API: batch and group sessions -------------------------------------------------
-
-    def expected_version() -> int | None:
-        text = _query().get("version")
-        if text in (None, ""):
-            return None
-        if not text.isdigit():
-            raise JatosError(400, "Parameter 'version' must be a number")
-        return int(text)
-
-    def session_body() -> Any:
-        body = _json_body()
-        return {} if body is None else body
-
-    def find_group(db: Db, group_id: str) -> sqlite3.Row:
-        group = db.one("SELECT * FROM group_results WHERE id = ?", int(group_id)) if group_id.isdigit() else None
-        if group is None:
-            raise JatosError(404, f"Group {group_id} doesn't exist.")
-        return group
-
-    def session_routes(rule: str, words: SessionWords, find: Callable[[Db, str], sqlite3.Row], noun: str) -> None:
-        @api(rule)
-        def read(db: Db, token: dict, key: str) -> str:
-            return envelope(session_object(db, words, find(db, key)["id"], _flag(_query(), "asText", False)))
-
-        @api(rule, "PATCH")
-        def replace(db: Db, token: dict, key: str) -> str:
-            version = replace_session(db, words, find(db, key)["id"], session_body(), expected_version())
-            return envelope({"version": version}, f"{noun} session updated successfully")
-
-    session_routes("/batches/<key>/session", BATCH_SESSION, find_batch, "Batch")
-    session_routes("/groups/<key>/session", GROUP_SESSION, find_group, "Group")
-
-    @api("/batches/<batch_id>/groups")
-    def api_batch_groups(db: Db, token: dict, batch_id: str) -> str:
-        batch = find_batch(db, batch_id)
-        return envelope([group_object(db, g) for g in
-                         db.all("SELECT * FROM group_results WHERE batch_id = ? ORDER BY id", batch["id"])])
-
-    @api("/studyCodes/<code>", "PATCH")
-    def api_study_code_update(db: Db, token: dict, code: str) -> str:
-        body = _json_body(required=True)
-        if not isinstance(body, dict) or not isinstance(body.get("active"), bool):
-            raise JatosError(400, 'Send {"active": true} or {"active": false}', "INVALID_REQUEST")
-        if not db.run("UPDATE study_links SET active = ? WHERE code = ?", body["active"], code):
-            raise JatosError(404, f"Study code {code} doesn't exist.")
-        return api_study_code(db, token, code)
-
-    @api("/studies/<study_id>/studyLinks")
-    def api_study_links(db: Db, token: dict, study_id: str) -> str:
-        """jatos-lite: every study link of a study (the JATOS GUI's study links page)."""
-        rows = db.all("SELECT l.*, w.comment FROM study_links l JOIN batches b ON b.id = l.batch_id "
-                      "LEFT JOIN workers w ON w.id = l.worker_id WHERE b.study_id = ? "
-                      "ORDER BY b.position, l.created, l.code", find_study(db, study_id)["id"])
-        return envelope([{"code": r["code"], "type": r["worker_type"], "batchId": r["batch_id"],
-                          "comment": r["comment"], "active": bool(r["active"]), "workerId": r["worker_id"]}
-                         for r in rows])
-
-    # --- API: results ----------------------------------------------------------------
-
-    def selected_results(exported: tuple[str, ...] = ()) -> list[int]:
-        """The selected component results; an export says so in their studies' logs."""
-        body = _json_body() if "json" in (bottle.request.content_type or "") else None
-        selection = parse_selection(_query_pairs(), body)
-        with store.tx() as db:
-            authenticate(db)
-            cr_ids = select_component_results(db, selection)
-            if exported:
-                log_for_studies(db, studies_of_results(db, cr_ids), *exported)
-            return cr_ids
-
-    def download(kind: str, extension: str) -> None:
-        bottle.response.set_header("Content-Disposition",
-                                   f'attachment; filename="jatos_results_{kind}{timestamp_for_filename()}.{extension}"')
-
-    def api_results() -> Any:
-        cr_ids = selected_results(RESULTS_EXPORTED)
-        bottle.response.content_type = "application/zip"
-        download("", "zip")
-        return results_archive(store, config, cr_ids, _flag(_query(), "isApiCall", True))
-
-    def api_results_metadata() -> Any:
-        cr_ids = selected_results()
-        query = _query()
-        if query.get("format") == "csv":
-            bottle.response.content_type = "text/csv; charset=utf-8"
-            download("metadata_", "csv")
-            return results_metadata_csv(store, config, cr_ids)
-        bottle.response.content_type = "application/json"
-        if _flag(query, "download", True):
-            download("metadata_", "json")
-        return results_metadata(store, config, cr_ids, _flag(query, "isApiCall", True))
-
-    def api_results_data() -> Any:
-        query = _query()
-        as_text = query.get("format") != "csv" and _flag(query, "asPlainText", False)
-        cr_ids = selected_results(DATA_EXPORTED if as_text else RESULTS_EXPORTED)
-        if query.get("format") == "csv":
-            bottle.response.content_type = "text/csv; charset=utf-8"
-            download("data_", "csv")
-            return results_csv(store, cr_ids)
-        if as_text:
-            bottle.response.content_type = "text/plain; charset=UTF-8"
-            if _flag(query, "download", False):
-                download("data_", "txt")
-            return results_plain_text(store, cr_ids)
-        bottle.response.content_type = "application/zip"
-        download("data_", "zip")
-        return results_zip(store, config, cr_ids, with_data=True, with_files=False)
-
-    def api_results_files() -> Any:
-        cr_ids = selected_results(RESULTS_EXPORTED)
-        bottle.response.content_type = "application/zip"
-        download("files_", "zip")
-        return results_zip(store, config, cr_ids, with_data=False, with_files=True)
-
-    def api_results_delete() -> str:
-        cr_ids = selected_results()
-        with store.tx() as db:
-            studies = studies_of_results(db, cr_ids)
-            deleted = delete_results(db, config, cr_ids)
-            log_for_studies(db, studies, "Removed result data and files")
-            return envelope(deleted)
-
-    for rule, handler in (("/results", api_results), ("/results/metadata", api_results_metadata),
-                          ("/results/data", api_results_data), ("/results/files", api_results_files)):
-        app.route(API_PREFIX + rule, ["GET", "POST"], handler)
-    app.route(API_PREFIX + "/results/delete", ["POST", "PUT"], api_results_delete)
-
-    @app.get(API_PREFIX + "/results/files/<filename:path>")
-    def api_result_file(filename: str) -> Any:
-        with store.tx() as db:
-            authenticate(db)
-            path = result_file(db, config, filename, _query().get("componentResultId"))
-        return send_file(path, content_type_for(path), "attachment")
-
-    # --- errors bottle raises itself (unknown routes, crashes) ---------------------------
-
-    def unmatched(error: bottle.HTTPError) -> str:
-        request = bottle.request
-        return _render_error(JatosError(error.status_code if error.status_code == 405 else 404,
-                                        f"Requested page {request.method} {request.fullpath} couldn't be found."))
-
-    def crashed(error: bottle.HTTPError) -> str:
-        log.error("internal error during %s %s", bottle.request.method, bottle.request.fullpath,
-                  exc_info=error.exception)
-        return _render_error(JatosError(500, f"Internal JATOS error during {bottle.request.method} "
-                                             f"{bottle.request.fullpath}. Check logs to get more information."))
-
-    app.error_handler.update({404: unmatched, 405: unmatched, 500: crashed})
+    app.config["jatos_lite.store"] = store
+    app.config["jatos_lite.hub"] = ChannelHub(store, max_held=max(4, config.threads * 4 // 5))
+    app.install(_catch_jatos_errors)
+    app.install(RouteKinds())
+    app.add_hook("after_request", _security_headers)
+    for route in ROUTES:
+        app.route(route.path, route.method, route.handler, kind=route.kind, tx=route.tx)
+    app.error_handler.update({404: _unmatched, 405: _unmatched, 500: _crashed})
     return app
 
 
@@ -5303,13 +5575,6 @@ def _resolve_study(store: Store, key: str) -> sqlite3.Row:
         return find_study(db, key)
 
 
-def mint_sign_in_token(store: Store) -> str:
-    """A fresh token for this server start's sign-in link; earlier sign-in tokens stop working."""
-    with store.tx() as db:
-        db.run("UPDATE api_tokens SET active = 0 WHERE name = ?", SIGN_IN_TOKEN_NAME)
-        return mint_api_token(db, SIGN_IN_TOKEN_NAME)[1]
-
-
 def serve(config: Config) -> None:
     import waitress
 
@@ -5317,7 +5582,8 @@ def serve(config: Config) -> None:
     app = create_app(config, store)
     app.config["jatos_lite.hub"].start_watching()
     install_example_study(store, config)
-    token = mint_sign_in_token(store)
+    with store.tx() as db:
+        token = renew_sign_in_token(db)
     local = f"http://localhost:{config.port}"
     print(f"jatos-lite {__version__} is running.")
     print(f"  Admin page (sign in):  {local}/jatos/login?token={token}")
