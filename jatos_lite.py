@@ -97,6 +97,10 @@ class Config:
     max_archive: int = 2_000_000_000
     id_cookie_limit: int = 10
     uploads_enabled: bool = True
+    poll_hold_seconds: float = 20.0  # the longest a channel poll waits for news
+    presence_timeout_seconds: float = 30.0  # a page not heard of this long has left its channels
+    sweep_interval_seconds: float = 2.0  # how often the hub looks for pages that left
+    recent_events_bytes: int = 2_000_000  # the hub's memory of recent channel events (their JSON size)
 
     @property
     def db_path(self) -> Path:
@@ -123,6 +127,8 @@ def _field_parser(field: dataclasses.Field) -> Callable[[str], Any]:
     kind = str(field.type)
     if kind == "int":
         return int
+    if kind == "float":
+        return float
     if kind == "bool":
         return _parse_bool
     if kind == "Path":
@@ -179,19 +185,24 @@ def random_alnum(length: int) -> str:
     return "".join(secrets.choice(_ALNUM) for _ in range(length))
 
 
+MAX_TEXT_LENGTH = 255  # JATOS's columns for titles, names and messages (UTF-16 code units)
+MAX_NAME_BYTES = 255  # the longest file or folder name file systems store
+CHUNK_BYTES = 1 << 20  # files are read, copied and streamed in pieces of this size
+
+
 def java_length(text: str) -> int:
     """Length in UTF-16 code units, as Java counts it."""
     return len(text.encode("utf-16-le")) // 2
 
 
 def truncate_message(text: str | None) -> str | None:
-    """JATOS keeps at most 255 UTF-16 code units of a message (never splitting a character here)."""
+    """JATOS keeps at most MAX_TEXT_LENGTH UTF-16 code units of a message (never splitting a character)."""
     if text is None:
         return None
     out, units = [], 0
     for char in text:
         units += 2 if ord(char) > 0xFFFF else 1
-        if units > 255:
+        if units > MAX_TEXT_LENGTH:
             break
         out.append(char)
     return "".join(out)
@@ -270,7 +281,7 @@ _WINDOWS_DEVICE_NAMES = {"CON", "PRN", "AUX", "NUL"} | {f"{p}{i}" for p in ("COM
 
 def is_portable_name(name: str) -> bool:
     """True for a single file or folder name that JATOS accepts and every OS can store."""
-    if not name or name in (".", "..") or len(name.encode("utf-8")) > 255:
+    if not name or name in (".", "..") or len(name.encode("utf-8")) > MAX_NAME_BYTES:
         return False
     if any(c in _BAD_NAME_CHARS or c.isspace() or ord(c) < 32 for c in name):
         return False
@@ -342,7 +353,7 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def read_chunks(fileobj: Any, size: int = 1 << 20) -> Iterator[bytes]:
+def read_chunks(fileobj: Any, size: int = CHUNK_BYTES) -> Iterator[bytes]:
     while True:
         chunk = fileobj.read(size)
         if not chunk:
@@ -930,6 +941,7 @@ SINGLE_TYPES = ("PersonalSingle", "GeneralSingle")
 MTURK_TYPES = ("MT", "MTSandbox")
 JATOS_WORKER_ID = 1
 ADMIN_USER = {"id": 1, "username": "admin"}
+MAX_STUDY_CODES = 10_000  # personal study codes made by one request
 API_TOKEN_SECONDS = 3600  # JATOS's jatos.api.tokens.apiGeneration.expiresAfter
 SIGN_IN_TOKEN_NAME = "sign-in link"  # the token of the printed admin link, renewed at every start
 RESERVED_DIR_NAMES = {"jatos", "publix", "public", "assets", "study_assets_root", "study_assets"}
@@ -953,7 +965,7 @@ def _invalid(what: str, key: str, reason: str) -> JatosError:
     return JatosError(400, f"{what} is invalid: Error in field '{key}' - {reason}", "VALIDATION_ERROR")
 
 
-def _check_text(what: str, key: str, value: Any, required: bool = False, max_length: int | None = 255) -> None:
+def _check_text(what: str, key: str, value: Any, required: bool = False, max_length: int | None = MAX_TEXT_LENGTH) -> None:
     if value is None:
         if required:
             raise _invalid(what, key, "missing")
@@ -976,7 +988,7 @@ def _check_bool(what: str, key: str, value: Any) -> None:
 def validate_dir_name(name: Any) -> str:
     if not isinstance(name, str) or not name.strip():
         raise _invalid("Study", "dirName", "missing")
-    if java_length(name) > 255 or not is_portable_name(name) or name.lower() in RESERVED_DIR_NAMES:
+    if java_length(name) > MAX_TEXT_LENGTH or not is_portable_name(name) or name.lower() in RESERVED_DIR_NAMES:
         raise _invalid("Study", "dirName", f"'{name}' is not a valid folder name")
     return name
 
@@ -985,7 +997,7 @@ def study_fields(data: dict) -> dict:
     """The study columns from a JATOS study object (archive `data` or API body), validated."""
     for key in ("title", "description", "comments", "endRedirectUrl"):
         _check_text("Study", key, data.get(key), required=(key == "title"),
-                    max_length=255 if key == "title" else None)
+                    max_length=MAX_TEXT_LENGTH if key == "title" else None)
     _check_text("Study", "studyEntryMsg", data.get("studyEntryMsg"), max_length=None)
     if len((data.get("studyEntryMsg") or "").encode("utf-8")) > 1000:
         raise _invalid("Study", "studyEntryMsg", "longer than 1000 bytes")
@@ -1008,10 +1020,10 @@ def study_fields(data: dict) -> dict:
 def component_fields(data: dict) -> dict:
     for key in ("title", "comments"):
         _check_text("Component", key, data.get(key), required=(key == "title"),
-                    max_length=255 if key == "title" else None)
+                    max_length=MAX_TEXT_LENGTH if key == "title" else None)
     path = data.get("htmlFilePath")
     if path not in (None, ""):
-        if not isinstance(path, str) or len(path) > 255 or not _HTML_FILE_PATH.match(path):
+        if not isinstance(path, str) or len(path) > MAX_TEXT_LENGTH or not _HTML_FILE_PATH.match(path):
             raise _invalid("Component", "htmlFilePath", f"'{path}' is not a valid HTML file path")
     for key in ("reloadable", "active"):
         _check_bool("Component", key, data.get(key))
@@ -1034,7 +1046,7 @@ def _check_limit(key: str, value: Any) -> None:
 def batch_fields(data: dict) -> dict:
     for key in ("title", "comments"):
         _check_text("Batch", key, data.get(key), required=(key == "title"),
-                    max_length=255 if key == "title" else None)
+                    max_length=MAX_TEXT_LENGTH if key == "title" else None)
     _check_bool("Batch", "active", data.get("active"))
     for key in ("maxActiveMembers", "maxTotalMembers", "maxTotalWorkers"):
         _check_limit(key, data.get(key))
@@ -1202,32 +1214,34 @@ def update_batch(db: Db, batch: sqlite3.Row, changes: dict) -> None:
     _update_row(db, "batches", batch["id"], batch_fields(_merged(current, changes, "batchInput")))
 
 
-def find_study(db: Db, key: Any) -> sqlite3.Row:
-    """A study by numeric ID or UUID (as the API accepts either), else 404."""
+def find_row(db: Db, table: str, noun: str, key: Any, names: tuple[str, ...] = ("uuid",),
+             belongs: Callable[[sqlite3.Row], bool] = lambda row: True, within: str = "") -> sqlite3.Row:
+    """A row by numeric ID or by one of its `names` columns (the API accepts either), else 404.
+    A row that does not `belong` (e.g. to the study asked about) is not found either."""
     text = str(key).strip()
-    row = (db.one("SELECT * FROM studies WHERE id = ?", int(text)) if text.isdigit()
-           else db.one("SELECT * FROM studies WHERE uuid = ? OR dir_name = ?", text, text))
-    if row is None:
-        raise JatosError(404, f"Study {text} doesn't exist.")
+    if text.isdigit():
+        row = db.one(f"SELECT * FROM {table} WHERE id = ?", int(text))
+    else:
+        row = db.one(f"SELECT * FROM {table} WHERE " + " OR ".join(f"{name} = ?" for name in names),
+                     *[text] * len(names)) if names else None
+    if row is None or not belongs(row):
+        raise JatosError(404, f"{noun} {text} doesn't exist{within}.")
     return row
+
+
+def find_study(db: Db, key: Any) -> sqlite3.Row:
+    return find_row(db, "studies", "Study", key, ("uuid", "dir_name"))
 
 
 def find_batch(db: Db, key: Any, study_id: int | None = None) -> sqlite3.Row:
-    text = str(key).strip()
-    row = (db.one("SELECT * FROM batches WHERE id = ?", int(text)) if text.isdigit()
-           else db.one("SELECT * FROM batches WHERE uuid = ?", text))
-    if row is None or (study_id is not None and row["study_id"] != study_id):
-        raise JatosError(404, f"Batch {text} doesn't exist" + (" in this study." if study_id else "."))
-    return row
+    if study_id is None:
+        return find_row(db, "batches", "Batch", key)
+    return find_row(db, "batches", "Batch", key, belongs=lambda row: row["study_id"] == study_id,
+                    within=" in this study")
 
 
 def find_component(db: Db, key: Any) -> sqlite3.Row:
-    text = str(key).strip()
-    row = (db.one("SELECT * FROM components WHERE id = ?", int(text)) if text.isdigit()
-           else db.one("SELECT * FROM components WHERE uuid = ?", text))
-    if row is None:
-        raise JatosError(404, f"Component {text} doesn't exist.")
-    return row
+    return find_row(db, "components", "Component", key)
 
 
 def default_batch(db: Db, study_id: int) -> sqlite3.Row:
@@ -1238,24 +1252,32 @@ def components_of(db: Db, study_id: int) -> list[sqlite3.Row]:
     return db.all("SELECT * FROM components WHERE study_id = ? ORDER BY position", study_id)
 
 
-def free_dir_name(db: Db, studies_root: Path, wanted: str) -> str:
-    """`wanted`, or `wanted_2`, `wanted_3`, ... whichever is neither a folder nor a study's."""
-    def taken(name: str) -> bool:
-        return (studies_root / name).exists() or db.value(
-            "SELECT 1 FROM studies WHERE dir_name = ?", name) is not None
-    if not taken(wanted):
-        return wanted
-    n = 2
-    while taken(f"{wanted}_{n}"):
-        n += 1
-    return f"{wanted}_{n}"
+def batches_of(db: Db, study_id: int) -> list[sqlite3.Row]:
+    return db.all("SELECT * FROM batches WHERE study_id = ? ORDER BY position", study_id)
+
+
+def dir_owner(db: Db, name: str) -> int | None:
+    """The study whose assets folder is `name`."""
+    return db.value("SELECT id FROM studies WHERE dir_name = ?", name)
 
 
 def _dir_taken(db: Db, studies_root: Path, name: str, except_study: int | None = None) -> bool:
-    owner = db.value("SELECT id FROM studies WHERE dir_name = ?", name)
+    """Whether a study other than `except_study` has the folder name, or, when no study is
+    excepted (a new one), a folder of that name exists."""
+    owner = dir_owner(db, name)
     if owner is not None:
         return owner != except_study
     return (studies_root / name).exists() and except_study is None
+
+
+def free_dir_name(db: Db, studies_root: Path, wanted: str) -> str:
+    """`wanted`, or `wanted_2`, `wanted_3`, ... whichever is neither a folder nor a study's."""
+    if not _dir_taken(db, studies_root, wanted):
+        return wanted
+    n = 2
+    while _dir_taken(db, studies_root, f"{wanted}_{n}"):
+        n += 1
+    return f"{wanted}_{n}"
 
 
 def create_study(db: Db, studies_root: Path, body: dict, rename_assets: bool) -> int:
@@ -1264,7 +1286,7 @@ def create_study(db: Db, studies_root: Path, body: dict, rename_assets: bool) ->
     study_uuid = new_uuid()
     fields = study_fields(body)
     dir_name = validate_dir_name(body.get("dirName") or study_uuid)
-    if db.value("SELECT 1 FROM studies WHERE dir_name = ?", dir_name):
+    if dir_owner(db, dir_name) is not None:
         if not rename_assets:
             raise JatosError(403, f"A study assets folder '{dir_name}' exists already.")
         dir_name = free_dir_name(db, studies_root, dir_name)
@@ -1302,8 +1324,8 @@ def study_links_for(db: Db, batch: sqlite3.Row, worker_type: str, amount: int = 
     """Study codes as JATOS hands them out: new personal workers with a link each, or the one
     shared link of a general/MTurk type (created on first use)."""
     if worker_type in ("PersonalSingle", "PersonalMultiple"):
-        if not 1 <= amount <= 10_000:
-            raise JatosError(400, "amount must be between 1 and 10000")
+        if not 1 <= amount <= MAX_STUDY_CODES:
+            raise JatosError(400, f"amount must be between 1 and {MAX_STUDY_CODES}")
         return [_insert_link(db, batch["id"], worker_type, add_worker(db, worker_type, batch["id"], comment))
                 for _ in range(amount)]
     if worker_type in ("GeneralSingle", "GeneralMultiple", "MT"):
@@ -1339,7 +1361,7 @@ def study_links_of(db: Db, study_id: int) -> list[dict]:
     """Every study link of a study (the JATOS GUI's study links page)."""
     rows = db.all("SELECT l.*, w.comment FROM study_links l JOIN batches b ON b.id = l.batch_id "
                   "LEFT JOIN workers w ON w.id = l.worker_id WHERE b.study_id = ? "
-                  "ORDER BY b.position, l.created, l.code", study_id)
+                  "ORDER BY b.position, l.created, l.rowid", study_id)  # rowid: in the order made
     return [{"code": r["code"], "type": r["worker_type"], "batchId": r["batch_id"], "comment": r["comment"],
              "active": bool(r["active"]), "workerId": r["worker_id"]} for r in rows]
 
@@ -1361,7 +1383,7 @@ def batch_object(row: sqlite3.Row) -> dict:
 def study_object(db: Db, row: sqlite3.Row, with_components: bool = False, with_batches: bool = False) -> dict:
     """A study as the JATOS API shows it (formats-and-api.md §3.5.1)."""
     components = components_of(db, row["id"])
-    batches = db.all("SELECT * FROM batches WHERE study_id = ? ORDER BY position", row["id"])
+    batches = batches_of(db, row["id"])
     return {
         "id": row["id"], "uuid": row["uuid"], "title": row["title"], "description": row["description"],
         "descriptionHash": description_hash(row["description"]), "locked": bool(row["locked"]),
@@ -1445,10 +1467,8 @@ def check_api_token(db: Db, config: Config, token: str) -> dict | None:
 
 def find_token(db: Db, token_id: str) -> sqlite3.Row:
     """A token made for scripts (the sign-in link's token is not one), else 404."""
-    row = db.one("SELECT * FROM api_tokens WHERE id = ?", int(token_id)) if token_id.isdigit() else None
-    if row is None or row["name"] == SIGN_IN_TOKEN_NAME:
-        raise JatosError(404, f"Token {token_id} doesn't exist.", "NOT_FOUND")
-    return row
+    return find_row(db, "api_tokens", "Token", token_id, names=(),
+                    belongs=lambda row: row["name"] != SIGN_IN_TOKEN_NAME)
 
 
 def list_api_tokens(db: Db) -> list[dict]:
@@ -1566,10 +1586,7 @@ def group_row(db: Db, group_id: int) -> sqlite3.Row:
 
 
 def find_group(db: Db, group_id: str) -> sqlite3.Row:
-    group = group_row(db, int(group_id)) if group_id.isdigit() else None
-    if group is None:
-        raise JatosError(404, f"Group {group_id} doesn't exist.")
-    return group
+    return find_row(db, "group_results", "Group", group_id, names=())
 
 
 def group_message(db: Db, group: sqlite3.Row, action: str | None, member_id: int | None = None,
@@ -2495,10 +2512,8 @@ def replay_or_apply(db: Db, sr_uuid: str, request_id: str | None, apply: Callabl
 # conn per page and channel, sends with a client sequence number, and one multiplexed
 # long-poll per page that returns the conn's events after its cursor (§7).
 
-CHANNEL_HOLD_SECONDS = 20.0
-CONN_STALE_SECONDS = 30.0
+# (The poll hold, presence timeout, sweep interval and memory size are fields of Config.)
 LAST_SEEN_REFRESH_SECONDS = 5.0
-MAINTENANCE_INTERVAL_SECONDS = 2.0
 GROUP_CLEANER_INTERVAL_SECONDS = 60.0
 GROUP_MEMBER_IDLE_MS = 90_000
 EVENT_RETENTION_SECONDS = 600.0
@@ -2506,9 +2521,8 @@ MAX_EVENTS_PER_POLL = 500
 # How long the hub trusts the conn rows a poll read: a conn change of this process forgets them
 # at once, one of another process (which only the database shows) is seen after this long.
 POLLED_CONN_MEMORY_SECONDS = 1.0
-# The latest events are kept in memory for answering polls without reading the database, up
-# to this much JSON: an OPENED or a resync carries a whole session, which may be large.
-RECENT_EVENTS_BYTES = 2_000_000
+WATCH_INTERVAL_SECONDS = 0.025  # how often the hub looks for other processes' commits
+WATCH_ERROR_PAUSE_SECONDS = 1.0
 HELD_POLLS_PER_BROWSER = 4
 POLL_RETRY_AFTER_MS = 1000  # a poll released to make room asks its page to wait before the next
 
@@ -2873,9 +2887,9 @@ def refresh_conns(db: Db, conn_ids: list[str]) -> None:
            time.time(), to_json(conn_ids))
 
 
-def sweep_channels(db: Db, now: float) -> None:
-    """Close conns whose page stopped polling, and prune old events."""
-    for conn in db.all("SELECT * FROM channel_conns WHERE state = 'open' AND last_seen < ?", now - CONN_STALE_SECONDS):
+def sweep_channels(db: Db, now: float, stale_seconds: float) -> None:
+    """Close conns whose page has not polled for `stale_seconds`, and prune old events."""
+    for conn in db.all("SELECT * FROM channel_conns WHERE state = 'open' AND last_seen < ?", now - stale_seconds):
         close_conn(db, conn, "stale", terminate=False)
     pruned = db.value("SELECT MAX(id) FROM channel_events WHERE created < ?", now - EVENT_RETENTION_SECONDS)
     if pruned:
@@ -2901,7 +2915,7 @@ def _delivered_to(conn_id: str, scope: str, event: ChannelEvent) -> bool:
 
 class ChannelHub:
     """Wakes the held polls of a channel scope when events were appended to it, in this process
-    (commit hook) or another one (PRAGMA data_version, checked every 25 ms); limits how many
+    (commit hook) or another one (PRAGMA data_version, checked often); limits how many
     polls are held; runs the periodic channel maintenance.
 
     It also keeps the latest events this process committed, so that a woken poll can answer
@@ -2911,9 +2925,10 @@ class ChannelHub:
     Likewise it keeps, for a second, the conn rows an arriving poll read.
     """
 
-    def __init__(self, store: Store, max_held: int):
+    def __init__(self, store: Store, max_held: int, config: Config | None = None):
         self.store = store
         self.max_held = max_held
+        self.config = config or Config()
         self.generation = 0
         self._scope_generation: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -2956,7 +2971,7 @@ class ChannelHub:
         self._recent.extend(events)
         self._recent_bytes += sum(event.size for event in events)
         self._recent_upto = events[-1].id
-        while self._recent_bytes > RECENT_EVENTS_BYTES:
+        while self._recent_bytes > self.config.recent_events_bytes:
             dropped = self._recent.popleft()
             self._recent_bytes -= dropped.size
             self._recent_from = dropped.id
@@ -3052,13 +3067,13 @@ class ChannelHub:
         conn = self.store.connect()
         version = conn.execute("PRAGMA data_version").fetchone()[0]
         seen = last_event_id(Db(conn))
-        while not self._stopping.wait(0.025):
+        while not self._stopping.wait(WATCH_INTERVAL_SECONDS):
             try:
                 version, seen = self._wake_for_new_events(conn, version, seen)
                 self.maintain()
             except sqlite3.Error:
                 log.exception("channel watcher: database error (retrying)")
-                time.sleep(1)
+                time.sleep(WATCH_ERROR_PAUSE_SECONDS)
         conn.close()
 
     def stop(self) -> None:
@@ -3191,10 +3206,10 @@ class ChannelHub:
         now = time.time()
         if now < self._maintenance_due:
             return
-        self._maintenance_due = now + MAINTENANCE_INTERVAL_SECONDS
+        self._maintenance_due = now + self.config.sweep_interval_seconds
         self._forget_old_polled()
         with self.store.tx() as db:
-            sweep_channels(db, now)
+            sweep_channels(db, now, self.config.presence_timeout_seconds)
             if now >= self._cleaning_due:
                 self._cleaning_due = now + GROUP_CLEANER_INTERVAL_SECONDS
                 clean_idle_group_members(db)
@@ -3276,7 +3291,7 @@ def unpack_study_archive(source: Any, target: Path, max_bytes: int) -> StudyArch
             destination.parent.mkdir(parents=True, exist_ok=True)
             try:
                 with archive.open(info) as src, open(destination, "wb") as out:
-                    shutil.copyfileobj(src, out, 1 << 20)
+                    shutil.copyfileobj(src, out, CHUNK_BYTES)
             except (zipfile.BadZipFile, zlib.error, OSError) as exc:
                 raise _archive_error(f"Unpacking ZIP archive failed at {info.filename}: {exc}")
     return StudyArchive(data, assets, legacy)
@@ -3390,7 +3405,7 @@ def study_jas(db: Db, study: sqlite3.Row) -> dict:
                   for c in components_of(db, study["id"])]
     batches = [{key: value for key, value in batch_object(b).items() if key != "id"}
                | {"batchInput": b["batch_input"], "jsonData": b["batch_input"]}
-               for b in db.all("SELECT * FROM batches WHERE study_id = ? ORDER BY position", study["id"])]
+               for b in batches_of(db, study["id"])]
     return {"version": "3", "data": {
         "uuid": study["uuid"], "title": study["title"], "description": study["description"],
         "groupStudy": bool(study["group_study"]), "linearStudy": bool(study["linear_study"]),
@@ -3616,7 +3631,7 @@ def _dos_time(moment: time.struct_time) -> tuple[int, int]:
             max(moment.tm_year - 1980, 0) << 9 | moment.tm_mon << 5 | moment.tm_mday)
 
 
-def _gathered(pieces: Iterable[bytes], size: int = 1 << 20) -> Iterator[bytes]:
+def _gathered(pieces: Iterable[bytes], size: int = CHUNK_BYTES) -> Iterator[bytes]:
     """Small pieces joined into chunks of about `size` bytes (fewer, larger writes)."""
     buffer = bytearray()
     for piece in pieces:
@@ -3951,8 +3966,7 @@ def delete_batch(db: Db, config: Config, batch: sqlite3.Row) -> None:
     if batch["id"] == default_batch(db, batch["study_id"])["id"]:
         raise JatosError(403, "The default batch of a study can't be deleted.")
     delete_batch_rows(db, config, batch["id"])
-    renumber(db, "batches", [r[0] for r in db.all("SELECT id FROM batches WHERE study_id = ? ORDER BY position",
-                                                   batch["study_id"])])
+    renumber(db, "batches", [row["id"] for row in batches_of(db, batch["study_id"])])
 
 
 def delete_component(db: Db, config: Config, component: sqlite3.Row) -> None:
@@ -3967,7 +3981,7 @@ def delete_component(db: Db, config: Config, component: sqlite3.Row) -> None:
 def delete_study_rows(db: Db, config: Config, study: sqlite3.Row) -> None:
     """DELETE /studies/{id}, the database part: batches, results, components, the study.
     The caller removes the assets folder after the commit."""
-    for batch in db.all("SELECT id FROM batches WHERE study_id = ?", study["id"]):
+    for batch in batches_of(db, study["id"]):
         delete_batch_rows(db, config, batch["id"])
     delete_runs(db, config, "study_id = ?", study["id"])
     db.run("DELETE FROM components WHERE study_id = ?", study["id"])
@@ -3980,6 +3994,12 @@ def delete_study_rows(db: Db, config: Config, study: sqlite3.Row) -> None:
 # Web: the route table and its handlers (publix, study assets and jatos.js, admin, JATOS API v1)
 ###############################################################################
 
+MAX_JSON_BODY = 10_000_000  # an API body (study properties, selections, sessions)
+MAX_LOG_BODY = 100_000  # a jatos.log line
+MAX_OPEN_BODY = 10_000  # opening a channel
+UPLOAD_PARSE_MARGIN = 1_000_000  # an upload body this much over the limit is refused without parsing it
+FAVICON_CACHE_SECONDS = 86400
+CONFIRMATION_COOKIE_SECONDS = 86400
 SESSION_COOKIE = "JATOS_LITE_SESSION"
 BROWSER_COOKIE = "JATOS_LITE_BROWSER"
 API_PREFIX = "/jatos/api/v1"
@@ -4007,11 +4027,10 @@ def _flag(query: dict[str, str], name: str, default: bool) -> bool:
     text = query.get(name)
     if text is None:
         return default
-    if text.lower() in ("true", "1"):
-        return True
-    if text.lower() in ("false", "0"):
-        return False
-    raise JatosError(400, f"Bad request: '{name}' must be true or false")
+    try:
+        return _parse_bool(text)
+    except ValueError:
+        raise JatosError(400, f"Bad request: '{name}' must be true or false")
 
 
 def _query() -> dict[str, str]:
@@ -4065,7 +4084,7 @@ def _text_body(limit: int) -> str | None:
         raise JatosError(400, "The request body is not valid UTF-8 text")
 
 
-def _json_body(limit: int = 10_000_000, required: bool = False) -> Any:
+def _json_body(limit: int = MAX_JSON_BODY, required: bool = False) -> Any:
     text = _text_body(limit)
     if text is None or not text.strip():
         if required:
@@ -4096,7 +4115,7 @@ def _parse_range(header: str, size: int) -> tuple[int, int] | None:
 def _range_chunks(source: Any, remaining: int) -> Iterator[bytes]:
     with source:
         while remaining > 0:
-            chunk = source.read(min(remaining, 1 << 20))
+            chunk = source.read(min(remaining, CHUNK_BYTES))
             if not chunk:
                 return
             remaining -= len(chunk)
@@ -4487,7 +4506,7 @@ def ping(call: Call) -> str:
 def no_favicon(call: Call) -> str:
     """Browsers ask for it on every page; an empty answer keeps a 404 out of study consoles."""
     bottle.response.status = 204
-    bottle.response.set_header("Cache-Control", "max-age=86400")
+    bottle.response.set_header("Cache-Control", f"max-age={FAVICON_CACHE_SECONDS}")
     return ""
 
 
@@ -4545,7 +4564,7 @@ def publix_end_page(call: Call, sr: str) -> Any:
     if page is not None:
         if code:
             bottle.response.add_header("Set-Cookie", cookie_header("JATOS_CONFIRMATION_CODE",
-                                                                   urllib.parse.quote(code), 86400))
+                                                                   urllib.parse.quote(code), CONFIRMATION_COOKIE_SECONDS))
         return send_file(page, "text/html; charset=utf-8")
     if code:
         text = (f"<p>Confirmation code: <b>{html.escape(code)}</b></p><p>(Copy and paste the confirmation "
@@ -4591,7 +4610,7 @@ def publix_result_data(call: Call, sr: str, comp: str, append: bool) -> str:
 
 
 def publix_log(call: Call, sr: str, comp: str) -> str:
-    text = _text_body(100_000)
+    text = _text_body(MAX_LOG_BODY)
     with call.store.tx() as db:
         replay_or_apply(db, sr, _request_id(), lambda: write_study_log(db, sr, comp, text, call.admin(db)) or "")
     return ""
@@ -4600,7 +4619,7 @@ def publix_log(call: Call, sr: str, comp: str) -> str:
 def _uploaded_file(max_upload: int) -> Upload | None:
     """The request's multipart part 'file', or only its size when it is far too large to parse."""
     request = bottle.request
-    if request.content_length > max_upload + 1_000_000:
+    if request.content_length > max_upload + UPLOAD_PARSE_MARGIN:
         return Upload(request.content_length, None)
     if not (request.content_type or "").startswith("multipart/form-data"):
         return None
@@ -4647,7 +4666,7 @@ def publix_websocket_refused(call: Call, sr: str) -> str:
 
 
 def publix_open_channel(call: Call, sr: str, opener: Callable[..., dict]) -> str:
-    body = _json_body(10_000)
+    body = _json_body(MAX_OPEN_BODY)
     open_id = body.get("openId") if isinstance(body, dict) else None
     with call.store.tx() as db:
         opened = opener(db, sr, str(open_id) if open_id else None, call.admin(db))
@@ -4692,8 +4711,8 @@ def publix_channel_poll(call: Call, sr: str) -> str:
     pairs = _query_pairs()
     wanted, query = _poll_request(pairs), dict(reversed(pairs))
     wait_text = query.get("wait", "")
-    hold = min(float(wait_text), CHANNEL_HOLD_SECONDS) if re.fullmatch(r"\d+(\.\d+)?", wait_text) \
-        else CHANNEL_HOLD_SECONDS
+    longest = call.config.poll_hold_seconds
+    hold = min(float(wait_text), longest) if re.fullmatch(r"\d+(\.\d+)?", wait_text) else longest
     page = query.get("page") or " ".join(sorted(c for c, _ in wanted))
     number = int(query["n"]) if re.fullmatch(r"\d{1,15}", query.get("n", "")) else None
     return _json_answer(call.hub.poll(sr, wanted, _browser_key(), page, number, hold))
@@ -5435,7 +5454,7 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
     app = bottle.Bottle(catchall=True)
     app.config["jatos_lite.config"] = config
     app.config["jatos_lite.store"] = store
-    app.config["jatos_lite.hub"] = ChannelHub(store, max_held=max(4, config.threads * 4 // 5))
+    app.config["jatos_lite.hub"] = ChannelHub(store, max(4, config.threads * 4 // 5), config)
     app.install(_catch_jatos_errors)
     app.install(RouteKinds())
     app.add_hook("after_request", _security_headers)
@@ -5689,15 +5708,19 @@ def token_command(store: Store, action: str, name: str, token_id: int | None) ->
 
 
 def _serve_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", help="address to listen on (default 0.0.0.0: every network)")
-    parser.add_argument("--port", type=int, help="port to listen on (default 9000)")
+    defaults = Config()
+    parser.add_argument("--host", help=f"address to listen on (default {defaults.host}: every network)")
+    parser.add_argument("--port", type=int, help=f"port to listen on (default {defaults.port})")
     parser.add_argument("--api-token", dest="api_token", help="one fixed API token, e.g. for scripts and tests")
-    parser.add_argument("--threads", type=int, help="worker threads (default 320; a held channel poll takes one)")
+    parser.add_argument("--threads", type=int,
+                        help=f"worker threads (default {defaults.threads}; a held channel poll takes one)")
 
 
 def _folder_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--studies", type=Path, help="study assets folder (default ./studies)")
-    parser.add_argument("--data", type=Path, help="data folder: database and result files (default ./data)")
+    defaults = Config()
+    parser.add_argument("--studies", type=Path, help=f"study assets folder (default ./{defaults.studies})")
+    parser.add_argument("--data", type=Path,
+                        help=f"data folder: database and result files (default ./{defaults.data})")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,8 +14,8 @@ import jatos_lite
 from conftest import AUTH, make_jzip
 
 
-def hub(store: jatos_lite.Store, max_held: int = 10) -> jatos_lite.ChannelHub:
-    return jatos_lite.ChannelHub(store, max_held=max_held)
+def hub(store: jatos_lite.Store, max_held: int = 10, **config: object) -> jatos_lite.ChannelHub:
+    return jatos_lite.ChannelHub(store, max_held, jatos_lite.Config(**config))
 
 
 def test_a_newer_poll_of_the_same_page_releases_the_older(store) -> None:
@@ -132,9 +132,8 @@ def test_a_commit_that_moved_a_conn_wakes_every_poll_of_its_scopes(store) -> Non
     assert woken_within(channels, {"a": "g:1"}, move)
 
 
-def test_the_memory_keeps_a_bounded_amount_of_events_and_older_cursors_go_to_the_database(store, monkeypatch) -> None:
-    monkeypatch.setattr(jatos_lite, "RECENT_EVENTS_BYTES", 10_000)
-    channels = hub(store)
+def test_the_memory_keeps_a_bounded_amount_of_events_and_older_cursors_go_to_the_database(store) -> None:
+    channels = hub(store, recent_events_bytes=10_000)
     ids = []
     for _ in range(30):  # an OPENED with a large session each
         with store.tx() as db:

@@ -428,8 +428,8 @@ def test_a_member_that_stops_polling_is_closed_for_the_others(lab: Lab, live_ser
     a.drain("group")
     with jatos_lite.Store(live_server.config.db_path).tx() as db:
         db.run("UPDATE channel_conns SET last_seen = last_seen - ? WHERE id = ?",
-               jatos_lite.CONN_STALE_SECONDS + 1, b.conn["group"])
-        jatos_lite.sweep_channels(db, time.time())
+               live_server.config.presence_timeout_seconds + 1, b.conn["group"])
+        jatos_lite.sweep_channels(db, time.time(), live_server.config.presence_timeout_seconds)
     closed = [m for m in a.poll("group", wait=5) if m.get("action") == "CLOSED"]  # another process: the watcher tells
     assert [m["memberId"] for m in closed] == [b.sr_id] and b.sr_id not in closed[0]["channels"]
 
