@@ -1564,9 +1564,14 @@ def parse_cookie_header(header: str) -> dict[str, str]:
     return cookies
 
 
+def _is_number(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also accepts '²', which int() refuses."""
+    return text.isascii() and text.isdigit()
+
+
 def _parse_id_cookie(name: str, value: str) -> dict[str, str] | None:
     """The fields of a JATOS ID cookie, or None if it is malformed (publix-http.md §5.2)."""
-    if not name.upper().startswith(ID_COOKIE_PREFIX) or not name[len(ID_COOKIE_PREFIX):].isdigit():
+    if not name.upper().startswith(ID_COOKIE_PREFIX) or not _is_number(name[len(ID_COOKIE_PREFIX):]):
         return None
     fields: dict[str, str] = {}
     for pair in value.split("&"):
@@ -1578,7 +1583,7 @@ def _parse_id_cookie(name: str, value: str) -> dict[str, str] | None:
         if fields.get(key, "null").strip() in ("", "null"):
             return None
     for key in _ID_COOKIE_NUMERIC:
-        if fields.get(key, "null") != "null" and not fields[key].isdigit():
+        if fields.get(key, "null") != "null" and not _is_number(fields[key]):
             return None
     if fields.get("jatosRun") not in JATOS_RUNS:
         fields["jatosRun"] = "null"
@@ -1606,7 +1611,7 @@ def _signed_worker(entry: str, secret: bytes) -> tuple[str, int] | None:
     """The (study UUID, worker ID) of a General Single cookie entry this server signed, else None."""
     study_uuid, _, signed = entry.partition("=")
     worker_id = signed.partition(".")[0]
-    if not (worker_id.isascii() and worker_id.isdigit()):
+    if not _is_number(worker_id):
         return None
     expected = general_single_entry(secret, study_uuid, int(worker_id))
     return (study_uuid, int(worker_id)) if hmac.compare_digest(entry.encode(), expected.encode()) else None

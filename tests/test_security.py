@@ -219,6 +219,34 @@ def test_the_limit_still_ends_the_least_recent_genuine_run_beside_forged_cookies
     assert {stored_run(lab, sr)["state"] for sr in runs[1:]} == {"STARTED"}
 
 
+def raw_cookies(lab: Lab, cookies: dict[str, str]) -> webtest.TestApp:
+    """A browser sending these cookies as UTF-8, as a real one does (webtest escapes other characters)."""
+    wire = "; ".join(f"{name}={value}" for name, value in cookies.items()).encode().decode("latin-1")
+    return webtest.TestApp(lab.client.app, extra_environ={"HTTP_COOKIE": wire})
+
+
+def test_an_id_cookie_named_with_digits_int_refuses_is_deleted_not_a_500(lab: Lab) -> None:
+    study = lab.study()
+    value = ("batchId=1&studyAssets=x&urlBasePath=/&studyId=1&studyResultId=7&studyResultUuid=u&workerId=1"
+             "&workerType=GeneralMultiple&creationTime=1")
+    started = raw_cookies(lab, {"JATOS_ID_\u00b2": value}).get(f"/publix/{lab.code(study['id'], 'gm')}", status=303)
+    assert set_cookie_values(started)["JATOS_ID_\u00b2".encode().decode("latin-1")] == ""
+
+
+def test_a_creation_time_with_digits_int_refuses_makes_the_cookie_malformed_not_a_500(lab: Lab) -> None:
+    """At the limit the least recent cookie is found by int(creationTime)."""
+    study = lab.study()
+    code = lab.code(study["id"], "gm")
+    browser = webtest.TestApp(lab.client.app)
+    runs = [open_link(browser, code)[1] for _ in range(10)]
+    cookies = {c.name: c.value for c in browser.cookiejar}
+    first = next(name for name, value in cookies.items() if runs[0] in value)
+    cookies[first] = re.sub(r"creationTime=\d+", "creationTime=\u00b2", cookies[first])
+    started, _, _ = open_link(raw_cookies(lab, cookies), code)
+    assert set_cookie_values(started)[first] == ""
+    assert {stored_run(lab, sr)["state"] for sr in runs} == {"STARTED"}, "nine valid cookies: nothing to end"
+
+
 # --- points 1 and 5: legacy /publix/{studyId}/start links -----------------------------------------
 
 
