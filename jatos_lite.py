@@ -97,6 +97,7 @@ class Config:
     max_archive: int = 2_000_000_000
     id_cookie_limit: int = 10
     uploads_enabled: bool = True
+    legacy_links: bool = False  # pre-3.7 links naming a personal worker or General Single: see legacy_start
     poll_hold_seconds: float = 20.0  # the longest a channel poll waits for news
     presence_timeout_seconds: float = 30.0  # a page not heard of this long has left its channels
     sweep_interval_seconds: float = 2.0  # how often the hub looks for pages that left
@@ -1715,6 +1716,8 @@ _ID_COOKIE_REQUIRED = ("workerId", "workerType", "batchId", "studyId", "studyRes
                        "studyAssets", "urlBasePath", "creationTime")
 _ID_COOKIE_NUMERIC = ("batchId", "componentId", "componentPos", "componentResultId", "creationTime", "studyId",
                       "studyResultId", "workerId")
+_ID_COOKIE_RUN_COLUMNS = {"studyResultId": "id", "studyResultUuid": "uuid", "workerId": "worker_id",
+                          "batchId": "batch_id", "studyId": "study_id"}
 
 
 @dataclasses.dataclass
@@ -1763,9 +1766,14 @@ def parse_cookie_header(header: str) -> dict[str, str]:
     return cookies
 
 
+def _is_number(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also accepts '²', which int() refuses."""
+    return text.isascii() and text.isdigit()
+
+
 def _parse_id_cookie(name: str, value: str) -> dict[str, str] | None:
     """The fields of a JATOS ID cookie, or None if it is malformed (publix-http.md §5.2)."""
-    if not name.upper().startswith(ID_COOKIE_PREFIX) or not name[len(ID_COOKIE_PREFIX):].isdigit():
+    if not name.upper().startswith(ID_COOKIE_PREFIX) or not _is_number(name[len(ID_COOKIE_PREFIX):]):
         return None
     fields: dict[str, str] = {}
     for pair in value.split("&"):
@@ -1777,11 +1785,38 @@ def _parse_id_cookie(name: str, value: str) -> dict[str, str] | None:
         if fields.get(key, "null").strip() in ("", "null"):
             return None
     for key in _ID_COOKIE_NUMERIC:
-        if fields.get(key, "null") != "null" and not fields[key].isdigit():
+        if fields.get(key, "null") != "null" and not _is_number(fields[key]):
             return None
     if fields.get("jatosRun") not in JATOS_RUNS:
         fields["jatosRun"] = "null"
     return fields
+
+
+def cookie_secret(db: Db) -> bytes:
+    """This installation's key for signing cookies, made on first use and kept in the database."""
+    secret = db.value("SELECT value FROM settings WHERE key = 'cookie_secret'")
+    if secret is None:
+        secret = secrets.token_hex(32)
+        db.run("INSERT INTO settings(key, value) VALUES ('cookie_secret', ?)", secret)
+    return bytes.fromhex(secret)
+
+
+def general_single_entry(secret: bytes, study_uuid: str, worker_id: int) -> str:
+    """One entry of the General Single cookie: JATOS's `{studyUuid}={workerId}`, signed. JATOS's own
+    entry is forgeable (the study UUID is in every initData, worker IDs are sequential) and would
+    hand anyone another participant's run."""
+    mac = hmac.new(secret, f"{study_uuid}={worker_id}".encode(), hashlib.sha256).hexdigest()[:32]
+    return f"{study_uuid}={worker_id}.{mac}"
+
+
+def _signed_worker(entry: str, secret: bytes) -> tuple[str, int] | None:
+    """The (study UUID, worker ID) of a General Single cookie entry this server signed, else None."""
+    study_uuid, _, signed = entry.partition("=")
+    worker_id = signed.partition(".")[0]
+    if not _is_number(worker_id):
+        return None
+    expected = general_single_entry(secret, study_uuid, int(worker_id))
+    return (study_uuid, int(worker_id)) if hmac.compare_digest(entry.encode(), expected.encode()) else None
 
 
 class Browser:
@@ -1832,16 +1867,36 @@ class Browser:
     def least_recent_run(self) -> int:
         return min(self.id_cookies, key=lambda sr_id: int(self.id_cookies[sr_id]["creationTime"]))
 
-    def general_single_worker(self, study_uuid: str) -> int | None:
-        ids = [int(wid) for key, wid in urllib.parse.parse_qsl(self.cookies.get(GENERAL_SINGLE_COOKIE, ""))
-               if key == study_uuid and wid.isdigit()]
-        return max(ids) if ids else None
+    def drop_forged_id_cookies(self, db: Db) -> None:
+        """Forget (and expire) every ID cookie that does not name its run as the database has it:
+        the per-browser limit ends the runs the cookies name, so a made-up cookie could end anyone's."""
+        runs = {row["id"]: row for row in db.all("SELECT id, uuid, worker_id, batch_id, study_id FROM study_results "
+                                                 "WHERE id IN (SELECT value FROM json_each(?))",
+                                                 to_json(list(self.id_cookies)))}
+        for sr_id, fields in list(self.id_cookies.items()):
+            run = runs.get(sr_id)
+            if run is None or any(fields[key] != str(run[column]) for key, column in _ID_COOKIE_RUN_COLUMNS.items()):
+                self.delete_id_cookie(sr_id)
 
-    def remember_general_single(self, study_uuid: str, worker_id: int) -> None:
+    def general_single_workers(self, study_uuid: str, secret: bytes) -> list[int]:
+        """The workers the General Single cookie names for the study. Entries this server did not sign
+        (forged, or JATOS's unsigned format) grant nothing and are dropped from the cookie."""
+        entries = [entry for entry in self.cookies.get(GENERAL_SINGLE_COOKIE, "").split("&") if entry]
+        checked = [(entry, _signed_worker(entry, secret)) for entry in entries]
+        signed = [entry for entry, named in checked if named]
+        if len(signed) < len(entries):
+            self._write_general_single("&".join(signed))
+        return [named[1] for _, named in checked if named and named[0] == study_uuid]
+
+    def remember_general_single(self, study_uuid: str, worker_id: int, secret: bytes) -> None:
         old = self.cookies.get(GENERAL_SINGLE_COOKIE, "")
-        value = f"{old}&{study_uuid}={worker_id}" if old else f"{study_uuid}={worker_id}"
+        entry = general_single_entry(secret, study_uuid, worker_id)
+        self._write_general_single(f"{old}&{entry}" if old else entry)
+
+    def _write_general_single(self, value: str) -> None:
         self.cookies[GENERAL_SINGLE_COOKIE] = value
-        self.outgoing[GENERAL_SINGLE_COOKIE] = cookie_header(GENERAL_SINGLE_COOKIE, value, COOKIE_MAX_AGE,
+        self.outgoing[GENERAL_SINGLE_COOKIE] = cookie_header(GENERAL_SINGLE_COOKIE, value,
+                                                             COOKIE_MAX_AGE if value else 0,
                                                              http_only=True, same_site="Lax")
 
 
@@ -1878,6 +1933,14 @@ def _checked_run(db: Db, sr_uuid: str, comp_uuid: str) -> tuple[Run, sqlite3.Row
     return run, component
 
 
+def check_type_allowed(batch: sqlite3.Row, worker_type: str) -> None:
+    """403 unless the batch allows workers of this type (MTurk's sandbox counts as MTurk)."""
+    needed = "MT" if worker_type in MTURK_TYPES else worker_type
+    if needed not in json.loads(batch["allowed_worker_types"]):
+        raise JatosError(403, f"It's not allowed to run this study (ID: {batch['study_id']}) in this batch "
+                              f"(ID: {batch['id']}) with a worker of type \"{WORKER_TYPE_LABELS[worker_type]}\".")
+
+
 def authorise_do(db: Db, run: Run, session: AdminSession | None) -> None:
     """JATOS's "do" check: may this worker go on working on this study in this batch?"""
     worker, study, batch = run.worker, run.study, run.batch
@@ -1885,11 +1948,7 @@ def authorise_do(db: Db, run: Run, session: AdminSession | None) -> None:
         if session is None:
             raise JatosError(403, f"Worker {worker['id']} is not allowed to do study {study['id']}.")
         return
-    needed = "MT" if worker["type"] in MTURK_TYPES else worker["type"]
-    if needed not in json.loads(batch["allowed_worker_types"]):
-        raise JatosError(403, f"It's not allowed to run this study (ID: {study['id']}) in this batch "
-                              f"(ID: {batch['id']}) with a worker of type "
-                              f"\"{WORKER_TYPE_LABELS[worker['type']]}\".")
+    check_type_allowed(batch, worker["type"])
     if worker["type"] in SINGLE_TYPES and db.value(
             "SELECT 1 FROM study_results WHERE worker_id = ? AND study_id = ? AND state IN (?, ?, ?)",
             worker["id"], study["id"], *SR_DONE):
@@ -2003,17 +2062,24 @@ def _start_fixed_worker(start: _Start) -> tuple[Run, str | None]:
     return start.new_run(), None
 
 
+def _general_single_worker(start: _Start, secret: bytes) -> int | None:
+    """The General Single worker of this batch that the browser's signed cookie names for the study
+    (several: the newest, as JATOS)."""
+    named = start.browser.general_single_workers(start.run.study["uuid"], secret)
+    return start.db.value("SELECT MAX(w.id) FROM workers w JOIN batch_workers b ON b.worker_id = w.id "
+                          "WHERE b.batch_id = ? AND w.type = 'GeneralSingle' "
+                          "AND w.id IN (SELECT value FROM json_each(?))", start.run.batch["id"], to_json(named))
+
+
 def _start_general_single(start: _Start) -> tuple[Run, str | None]:
     db, study = start.db, start.run.study
-    worker_id = start.browser.general_single_worker(study["uuid"])
+    secret = cookie_secret(db)
+    worker_id = _general_single_worker(start, secret)
     if worker_id is None:
         worker_id = add_worker(db, "GeneralSingle", start.run.batch["id"])
         run = start.with_worker(worker_id).new_run()
-        start.browser.remember_general_single(study["uuid"], worker_id)
+        start.browser.remember_general_single(study["uuid"], worker_id, secret)
         return run, None
-    if _row(db, "workers", worker_id) is None:
-        raise JatosError(403, f"This study was run in this browser already. Although a worker with ID {worker_id} "
-                              "doesn't exist. Probably it was run on a different JATOS.")
     start = start.with_worker(worker_id)
     _authorise_start(db, start.run, start.session)
     last = _last_run_of(db, worker_id)
@@ -2022,7 +2088,7 @@ def _start_general_single(start: _Start) -> tuple[Run, str | None]:
                               "study result.")
     if last["id"] not in start.browser.id_cookies:
         _make_room(db, start.browser)
-        start.browser.remember_general_single(study["uuid"], worker_id)
+        start.browser.remember_general_single(study["uuid"], worker_id, secret)
     return dataclasses.replace(start.run, sr=last), None
 
 
@@ -2087,6 +2153,7 @@ def start_run(db: Db, code: str, query: dict[str, str], browser: Browser,
     batch = _row(db, "batches", link["batch_id"])
     worker = _row(db, "workers", link["worker_id"]) if link["worker_id"] else None
     blank = Run(None, _row(db, "studies", batch["study_id"]), batch, worker)  # type: ignore[arg-type]
+    browser.drop_forged_id_cookies(db)
     run, target = starter(_Start(db, link, blank, query, browser, session))
     db.run("UPDATE study_results SET url_query_parameters = ? WHERE id = ?", to_json(query), run.sr["id"])
     jatos_run = session.jatos_run if run.worker_type == "Jatos" and session else None
@@ -2099,26 +2166,38 @@ def start_run(db: Db, code: str, query: dict[str, str], browser: Browser,
     return Redirect(f"/publix/{run.sr['uuid']}/{target}/start")
 
 
-def legacy_start(db: Db, study_id_text: str, query: dict[str, str]) -> Redirect:
-    """GET /publix/{studyId}/start?batchId=...: a pre-3.7 run link, turned into a study link."""
+# Old links that anyone could make up: walking a worker ID finds the codes of personal links just
+# handed out, and General Single links were made even where the batch forbids them (issue #16).
+_GUARDED_LEGACY_PARAMS = {"PersonalSingle": "personalSingleWorkerId", "PersonalMultiple": "personalMultipleWorkerId",
+                          "GeneralSingle": "generalSingle"}
+
+
+def legacy_start(db: Db, study_id_text: str, query: dict[str, str], legacy_links: bool) -> Redirect:
+    """GET /publix/{studyId}/start?batchId=...: a pre-3.7 run link, turned into a study link. Links
+    naming a personal worker or General Single are refused unless `legacy_links` switches them on."""
     if not study_id_text.isdigit() or not query.get("batchId", "").isdigit():
         raise JatosError(400, "Bad request: studyId and batchId must be numbers")
     batch = db.one("SELECT * FROM batches WHERE id = ? AND study_id = ?", int(query["batchId"]), int(study_id_text))
     if batch is None:
         raise JatosError(400, "Unknown study or batch")
-    personal = {"personalSingleWorkerId": "PersonalSingle", "personalMultipleWorkerId": "PersonalMultiple"}
-    for param, worker_type in personal.items():
-        if param in query:
-            code = _legacy_personal_link(db, batch, worker_type, query[param])
-            break
+    worker_type = _legacy_worker_type(query)
+    param = _GUARDED_LEGACY_PARAMS.get(worker_type)
+    if param is not None and not legacy_links:
+        raise JatosError(403, f"Old JATOS links with '{param}' are switched off on this server. The researcher "
+                              "can switch them on by starting jatos-lite with --legacy-links "
+                              "(or JATOS_LITE_LEGACY_LINKS=on), or hand out a new study link instead.")
+    check_type_allowed(batch, worker_type)
+    if worker_type in ("PersonalSingle", "PersonalMultiple"):
+        code = _legacy_personal_link(db, batch, worker_type, query[param])
     else:
-        code = study_links_for(db, batch, _legacy_general_type(query))[0]
+        code = study_links_for(db, batch, worker_type)[0]
     return Redirect(f"/publix/{code}?{urllib.parse.urlencode(query)}")
 
 
-def _legacy_general_type(query: dict[str, str]) -> str:
-    if "generalSingle" in query:
-        return "GeneralSingle"
+def _legacy_worker_type(query: dict[str, str]) -> str:
+    for worker_type, param in _GUARDED_LEGACY_PARAMS.items():
+        if param in query:
+            return worker_type
     if "generalMultiple" in query:
         return "GeneralMultiple"
     if "workerId" in query and "assignmentId" in query:
@@ -2191,6 +2270,7 @@ def start_component(db: Db, studies_root: Path, sr_uuid: str, comp_uuid: str, me
                     browser: Browser, session: AdminSession | None) -> Path | Redirect:
     """GET /publix/{sr}/{comp}/start: the component's HTML file, or where to go instead."""
     run, component = _checked_run(db, sr_uuid, comp_uuid)
+    browser.drop_forged_id_cookies(db)
     jatos_run = None
     if run.worker_type == "Jatos":
         cookie = browser.id_cookies.get(run.sr["id"])
@@ -4524,7 +4604,7 @@ def publix_multi_frame(call: Call) -> Any:
 
 
 def publix_legacy_start(call: Call, study_id: str) -> Redirect:
-    return legacy_start(call.db, study_id, call.query)
+    return legacy_start(call.db, study_id, call.query, call.config.legacy_links)
 
 
 def publix_start(call: Call, code: str) -> Redirect:
@@ -5714,6 +5794,9 @@ def _serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-token", dest="api_token", help="one fixed API token, e.g. for scripts and tests")
     parser.add_argument("--threads", type=int,
                         help=f"worker threads (default {defaults.threads}; a held channel poll takes one)")
+    parser.add_argument("--legacy-links", dest="legacy_links", action=argparse.BooleanOptionalAction,
+                        help="accept old JATOS links /publix/<studyId>/start?... that name a personal worker or "
+                             "General Single (default off)")
 
 
 def _folder_options(parser: argparse.ArgumentParser) -> None:
@@ -5766,8 +5849,8 @@ def main(argv: list[str] | None = None) -> int:
     """The `jatos-lite` command."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    options = {name: getattr(args, name, None) for name in ("host", "port", "api_token", "threads", "studies",
-                                                             "data")}
+    options = {name: getattr(args, name, None) for name in ("host", "port", "api_token", "threads", "legacy_links",
+                                                             "studies", "data")}
     config = config_from_env(**options)
     try:
         if args.command in (None, "serve"):

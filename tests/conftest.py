@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import socket
@@ -108,6 +109,12 @@ class Lab:
 @pytest.fixture
 def lab(client: webtest.TestApp) -> Lab:
     return Lab(client)
+
+
+@pytest.fixture
+def legacy_lab(config: jatos_lite.Config, store: jatos_lite.Store) -> Lab:
+    """A lab whose server accepts the old links naming a personal worker or General Single (--legacy-links)."""
+    return Lab(webtest.TestApp(jatos_lite.create_app(dataclasses.replace(config, legacy_links=True), store)))
 
 
 def free_port() -> int:

@@ -23,7 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 README_OPTIONS = re.findall(r"^\| `(--[a-z-]+)` \| `(JATOS_LITE_[A-Z_]+)` \| `?([^|`]+?)`? \|",
                             (ROOT / "README.md").read_text(encoding="utf-8"), re.MULTILINE)
 EXAMPLES = {"host": "127.0.0.5", "port": "9123", "studies": "my_studies", "data": "my_data",
-            "api_token": "token-from-somewhere", "threads": "40"}
+            "api_token": "token-from-somewhere", "threads": "40", "legacy_links": "True"}
+OTHER_VALUES = {"port": "999", "threads": "999", "legacy_links": "off"}  # what the variable says when a flag wins
+SWITCHES = {"legacy_links"}  # flags without a value (--name / --no-name)
 
 
 def field_of(env_name: str) -> str:
@@ -43,11 +45,11 @@ def test_each_option_comes_from_its_variable_and_the_flag_wins(flag: str, env_na
     name = field_of(env_name)
     config = jatos_lite.config_from_env({env_name: EXAMPLES[name]})
     assert str(getattr(config, name)) == EXAMPLES[name]
-    documented = {"none": None, "./studies": "studies", "./data": "data"}.get(default, default)
+    documented = {"none": None, "./studies": "studies", "./data": "data", "off": "False"}.get(default, default)
     assert (None if getattr(jatos_lite.Config(), name) is None else str(getattr(jatos_lite.Config(), name))) == \
         documented, "the README's default"
-    args = jatos_lite.build_parser().parse_args(["serve", flag, EXAMPLES[name]])
-    overridden = jatos_lite.config_from_env({env_name: "999" if name in ("port", "threads") else "other"},
+    args = jatos_lite.build_parser().parse_args(["serve", flag] + ([] if name in SWITCHES else [EXAMPLES[name]]))
+    overridden = jatos_lite.config_from_env({env_name: OTHER_VALUES.get(name, "other")},
                                             **{name: getattr(args, name)})
     assert str(getattr(overridden, name)) == EXAMPLES[name]
 

@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import html
 import json
+import re
 import time
 import urllib.parse
 from dataclasses import dataclass, field
@@ -195,10 +196,11 @@ def test_a_general_multiple_link_creates_a_new_worker_for_every_run(lab: Lab) ->
 
 
 def test_a_general_single_start_remembers_the_worker_in_an_http_only_cookie(lab: Lab) -> None:
-    """§5.5: JATOS_GENERALSINGLE_UUIDS = {studyUuid}={workerId}, HttpOnly, SameSite=Lax, long-lived."""
+    """§5.5: JATOS_GENERALSINGLE_UUIDS = {studyUuid}={workerId}, HttpOnly, SameSite=Lax, long-lived; beyond
+    JATOS, the entry carries a signature (128 bits of HMAC-SHA256 in hex) so that it cannot be forged."""
     study, run = make_run(lab, "gs")
     cookie = set_cookies(run.start_response)["JATOS_GENERALSINGLE_UUIDS"]
-    assert cookie["value"] == f"{study['uuid']}={run.meta()['workerId']}"
+    assert re.fullmatch(rf"{study['uuid']}={run.meta()['workerId']}\.[0-9a-f]{{32}}", str(cookie["value"]))
     assert cookie["httponly"] is True and str(cookie["samesite"]).lower() == "lax"
     assert cookie["path"] == "/" and cookie["max-age"] == "864000000" and "secure" not in cookie
 
@@ -313,8 +315,9 @@ def test_only_single_workers_get_a_preview(lab: Lab, worker_type: str) -> None:
     ("workerId=W9&assignmentId=A9", "MT"),
     ("workerId=W9&assignmentId=A9&turkSubmitTo=https%3A%2F%2Fworkersandbox.mturk.com", "MTSandbox"),
 ])
-def test_a_legacy_link_becomes_a_study_link_keeping_all_parameters(lab: Lab, worker_param: str,
+def test_a_legacy_link_becomes_a_study_link_keeping_all_parameters(legacy_lab: Lab, worker_param: str,
                                                                    worker_type: str) -> None:
+    lab = legacy_lab
     study = lab.study()
     personal = worker_type.startswith("Personal")
     personal_code = lab.code(study["id"], "ps" if worker_type == "PersonalSingle" else "pm") if personal else ""
@@ -340,15 +343,17 @@ def test_a_legacy_link_becomes_a_study_link_keeping_all_parameters(lab: Lab, wor
     ("batchId={batch}&personalSingleWorkerId=abc", "Couldn't parse worker ID from URL query string"),
     ("batchId={batch}&personalSingleWorkerId={pm_worker}", "Worker not of type PersonalSingle"),
 ], ids=["unknown batch", "no worker type", "requester preview", "unparsable worker", "wrong worker type"])
-def test_a_bad_legacy_link_is_400(lab: Lab, query: str, message: str) -> None:
+def test_a_bad_legacy_link_is_400(legacy_lab: Lab, query: str, message: str) -> None:
+    lab = legacy_lab
     study = lab.study()
     pm_worker = personal_worker(lab, study["id"], lab.code(study["id"], "pm"))
     query = query.format(batch=study["batches"][0]["id"], pm_worker=pm_worker)
     refused(lab.client.get(f"/publix/{study['id']}/start?{query}", status=400), 400, message)
 
 
-def test_a_legacy_link_with_an_unknown_personal_worker_is_400_not_500(lab: Lab) -> None:
+def test_a_legacy_link_with_an_unknown_personal_worker_is_400_not_500(legacy_lab: Lab) -> None:
     """§13: JATOS answers 500 here; the fix is a 400."""
+    lab = legacy_lab
     study = lab.study()
     response = lab.client.get(f"/publix/{study['id']}/start?batchId={study['batches'][0]['id']}"
                               "&personalSingleWorkerId=987654", expect_errors=True)
