@@ -1705,7 +1705,26 @@ def move_to_group(db: Db, sr: sqlite3.Row, batch: sqlite3.Row, target: sqlite3.R
 ###############################################################################
 
 SR_DONE = ("FINISHED", "ABORTED", "FAIL")
+CR_OPEN = ("STARTED", "DATA_RETRIEVED")
 CR_DONE = ("FINISHED", "ABORTED", "FAIL", "RELOADED")
+# The moves a result's state may make (publix-http.md §9); set_state refuses every other. A
+# repeated initData re-enters DATA_RETRIEVED. Done component results still move in two cases,
+# as in JATOS: a forbidden component start fails the run's last one whatever its state, and
+# an abort makes every one of the run ABORTED (the current one is ABORTED already).
+STUDY_RESULT_MOVES: dict[str, frozenset[str]] = {
+    "PRE": frozenset({"STARTED", "FINISHED", "FAIL", "ABORTED"}),
+    "STARTED": frozenset({"DATA_RETRIEVED", "FINISHED", "FAIL", "ABORTED"}),
+    "DATA_RETRIEVED": frozenset({"DATA_RETRIEVED", "FINISHED", "FAIL", "ABORTED"}),
+    "FINISHED": frozenset(), "ABORTED": frozenset(), "FAIL": frozenset(),
+}
+COMPONENT_RESULT_MOVES: dict[str, frozenset[str]] = {
+    "STARTED": frozenset({"DATA_RETRIEVED", "FINISHED", "RELOADED", "FAIL", "ABORTED"}),
+    "DATA_RETRIEVED": frozenset({"DATA_RETRIEVED", "FINISHED", "RELOADED", "FAIL", "ABORTED"}),
+    "RESULTDATA_POSTED": frozenset(),  # JATOS's enum still has it; nothing sets it
+    "FINISHED": frozenset({"FAIL", "ABORTED"}), "RELOADED": frozenset({"FAIL", "ABORTED"}),
+    "FAIL": frozenset({"FAIL", "ABORTED"}), "ABORTED": frozenset({"ABORTED"}),
+}
+RESULT_MOVES = {"study_results": STUDY_RESULT_MOVES, "component_results": COMPONENT_RESULT_MOVES}
 JATOS_RUNS = ("RUN_STUDY", "RUN_COMPONENT_START", "RUN_COMPONENT_FINISHED")
 EVICTION_MESSAGE = "Closed by JATOS: Too many unfinished studies open in the same browser."
 LAST_SEEN_THRESHOLD_MS = 30_000
@@ -1984,26 +2003,57 @@ def _create_run(db: Db, run: Run, code: str) -> Run:
     return dataclasses.replace(run, sr=_row(db, "study_results", sr_id))
 
 
+def _write_state(db: Db, table: str, what: str, old_states: Iterable[str], new_state: str,
+                 columns: dict[str, Any], where: str, *args: Any) -> int:
+    """The one UPDATE that changes a result's state, refused unless each old state may move to
+    the new one; `columns` are written in the same statement. Returns how many rows moved."""
+    old_states = tuple(old_states)
+    for old in old_states:
+        if new_state not in RESULT_MOVES[table].get(old, ()):
+            raise JatosError(500, f"Illegal state change of {what}: {old} -> {new_state}")
+    assignments = "".join(f", {name} = ?" for name in columns)
+    marks = ", ".join("?" * len(old_states))
+    return db.run(f"UPDATE {table} SET state = ?{assignments} WHERE {where} AND state IN ({marks})",
+                  new_state, *columns.values(), *args, *old_states)
+
+
+def set_state(db: Db, table: str, row: sqlite3.Row, new_state: str, **columns: Any) -> None:
+    """Move one study or component result, as this transaction read it, to `new_state` and
+    write `columns` (end_date, message ...) with it."""
+    what = f"{table.replace('_results', ' result')} {row['id']}"
+    if _write_state(db, table, what, (row["state"],), new_state, columns, "id = ?", row["id"]) != 1:
+        raise JatosError(500, f"The state of {what} is no longer {row['state']}")
+
+
+def set_component_states(db: Db, sr_id: int, old_states: Iterable[str], new_state: str, **columns: Any) -> None:
+    """Move every component result of a run that is in one of `old_states` to `new_state`."""
+    _write_state(db, "component_results", f"the component results of study result {sr_id}", old_states,
+                 new_state, columns, "study_result_id = ?", sr_id)
+
+
 def current_cr(db: Db, sr_id: int) -> sqlite3.Row | None:
     """The run's last component result, if it is still open."""
     last = db.one("SELECT * FROM component_results WHERE study_result_id = ? ORDER BY id DESC LIMIT 1", sr_id)
     return last if last is not None and last["state"] not in CR_DONE else None
 
 
-def _finish_run(db: Db, run: Run, successful: bool, message: str | None) -> None:
-    """End a run that is not done yet (end, eviction): close its component results and the run."""
+def _close_run(db: Db, run: Run, state: str, message: str | None, **columns: Any) -> None:
+    """End a run that is not done yet (end, eviction, group cleaner, abort) in `state`: its current
+    component result ends in the same state, its other open ones FINISHED; it leaves its group."""
     now = now_ms()
-    code = new_uuid() if successful and run.worker_type in MTURK_TYPES else None
     current = current_cr(db, run.sr["id"])
     if current is not None:
-        db.run("UPDATE component_results SET state = ?, end_date = ?, message = NULL WHERE id = ?",
-               "FINISHED" if successful else "FAIL", now, current["id"])
-    db.run("UPDATE component_results SET state = 'FINISHED', end_date = ? "
-           "WHERE study_result_id = ? AND state NOT IN (?, ?, ?, ?)", now, run.sr["id"], *CR_DONE)
-    db.run("UPDATE study_results SET state = ?, confirmation_code = ?, message = ?, end_date = ?, "
-           "last_seen_date = ?, study_session_data = NULL WHERE id = ?",
-           "FINISHED" if successful else "FAIL", code, truncate_message(message), now, now, run.sr["id"])
+        set_state(db, "component_results", current, state, end_date=now, message=None)
+    set_component_states(db, run.sr["id"], CR_OPEN, "FINISHED", end_date=now)
+    set_state(db, "study_results", run.sr, state, message=truncate_message(message), end_date=now,
+              last_seen_date=now, study_session_data=None, **columns)
     leave_group(db, run.sr)
+
+
+def _finish_run(db: Db, run: Run, successful: bool, message: str | None) -> None:
+    """End a run that is not done yet as FINISHED or FAIL (end, eviction, group cleaner)."""
+    code = new_uuid() if successful and run.worker_type in MTURK_TYPES else None
+    _close_run(db, run, "FINISHED" if successful else "FAIL", message, confirmation_code=code)
 
 
 def _make_room(db: Db, browser: Browser) -> None:
@@ -2221,9 +2271,8 @@ def _legacy_personal_link(db: Db, batch: sqlite3.Row, worker_type: str, worker_i
     return code or _insert_link(db, batch["id"], worker_type, worker["id"])
 
 
-def _set_cr_state(db: Db, cr_id: int, state: str, message: str | None = None) -> None:
-    db.run("UPDATE component_results SET state = ?, end_date = ?, message = ? WHERE id = ?",
-           state, now_ms(), truncate_message(message), cr_id)
+def _end_component_result(db: Db, cr: sqlite3.Row, state: str, message: str | None) -> None:
+    set_state(db, "component_results", cr, state, end_date=now_ms(), message=truncate_message(message))
 
 
 def _begin_component(db: Db, run: Run, component: sqlite3.Row, message: str | None) -> str | None:
@@ -2235,20 +2284,20 @@ def _begin_component(db: Db, run: Run, component: sqlite3.Row, message: str | No
         last_component = _row(db, "components", last["component_id"])
         study = run.study
         if study["linear_study"] and last_component["position"] > component["position"]:
-            _set_cr_state(db, last["id"], "FAIL", message)
+            _end_component_result(db, last, "FAIL", message)
             return (f"Study '{study['title']}' (ID: {study['id']}) allows only linear study flow. But component "
                     f"{last_component['id']} attempted to start component {component['id']}. The study is finished.")
         if last["component_id"] == component["id"]:
             first = first_active_component(db, study["id"])
             preview_reload = run.sr["state"] == "PRE" and first is not None and first["id"] == component["id"]
             if not (component["reloadable"] or preview_reload):
-                _set_cr_state(db, last["id"], "FAIL", message)
+                _end_component_result(db, last, "FAIL", message)
                 return (f"It's not allowed to reload this component (ID: {component['id']}). "
                         f"Study (ID: {study['id']}) is finished.")
             if last["state"] not in CR_DONE:
-                _set_cr_state(db, last["id"], "RELOADED", message)
+                _end_component_result(db, last, "RELOADED", message)
         elif last["state"] not in CR_DONE:
-            _set_cr_state(db, last["id"], "FINISHED", message)
+            _end_component_result(db, last, "FINISHED", message)
     db.insert("INSERT INTO component_results(study_result_id, component_id, state, start_date) "
               "VALUES (?, ?, 'STARTED', ?)", run.sr["id"], component["id"], now_ms())
     return None
@@ -2291,7 +2340,7 @@ def start_component(db: Db, studies_root: Path, sr_uuid: str, comp_uuid: str, me
         return _end_redirect(run, reason)
     first = first_active_component(db, run.study["id"])
     if run.sr["state"] == "PRE" and first["id"] != component["id"]:
-        db.run("UPDATE study_results SET state = 'STARTED', last_seen_date = ? WHERE id = ?", now_ms(), run.sr["id"])
+        set_state(db, "study_results", run.sr, "STARTED", last_seen_date=now_ms())
     path = component_html(studies_root, run.study, component)
     browser.write_id_cookie(run, component, current_cr(db, run.sr["id"])["id"], jatos_run)
     return path
@@ -2308,9 +2357,8 @@ def init_data(db: Db, sr_uuid: str, comp_uuid: str, session: AdminSession | None
             return _end_redirect(run, reason)
         cr = current_cr(db, run.sr["id"])
     if run.sr["state"] != "PRE":
-        db.run("UPDATE study_results SET state = 'DATA_RETRIEVED', last_seen_date = ? WHERE id = ?",
-               now_ms(), run.sr["id"])
-    db.run("UPDATE component_results SET state = 'DATA_RETRIEVED' WHERE id = ?", cr["id"])
+        set_state(db, "study_results", run.sr, "DATA_RETRIEVED", last_seen_date=now_ms())
+    set_state(db, "component_results", cr, "DATA_RETRIEVED")
     study, batch = run.study, run.batch
     return {
         "studySessionData": run.sr["study_session_data"],
@@ -2504,18 +2552,9 @@ def abort_run(db: Db, config: Config, sr_uuid: str, message: str | None, browser
     authorise_do(db, run, session)
     sr_id = run.sr["id"]
     if not run.done:
-        now = now_ms()
-        current = current_cr(db, sr_id)
-        if current is not None:
-            _set_cr_state(db, current["id"], "ABORTED")
-        db.run("UPDATE component_results SET state = 'FINISHED', end_date = ? "
-               "WHERE study_result_id = ? AND state NOT IN (?, ?, ?, ?)", now, sr_id, *CR_DONE)
-        db.run("UPDATE component_results SET data = NULL, data_size = 0, state = 'ABORTED' "
-               "WHERE study_result_id = ?", sr_id)
-        db.run("UPDATE study_results SET state = 'ABORTED', message = ?, end_date = ?, last_seen_date = ?, "
-               "study_session_data = NULL WHERE id = ?", truncate_message(message), now, now, sr_id)
+        _close_run(db, run, "ABORTED", message)
+        set_component_states(db, sr_id, CR_DONE, "ABORTED", data=None, data_size=0)
         db.run("DELETE FROM applied_requests WHERE study_result_id = ?", sr_id)
-        leave_group(db, run.sr)
         shutil.rmtree(run_uploads(config, sr_id), ignore_errors=True)
     browser.delete_id_cookie(sr_id)
     log_study_event(db, run.study["uuid"], "Aborted study run", workerId=run.worker["id"])
