@@ -23,6 +23,8 @@ Where a change goes:
   kind, and a row in ROUTES, which also documents an API route for /openapi.yaml;
 - what a route does lives below the Web section, in plain functions of a database
   transaction (`db`), testable without HTTP;
+- a new state rule: STUDY_RESULT_MOVES or COMPONENT_RESULT_MOVES (study flow), which
+  set_state, the one writer of a result's state, enforces;
 - a new limit or timing: a field of Config.
 """
 
