@@ -69,6 +69,8 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple
 import bottle
 import jsonpatch
 import jsonpointer
+import waitress.channel
+import waitress.server
 
 __version__ = "0.1.0"
 JATOS_VERSION = "3.10.5"
@@ -104,6 +106,8 @@ class Config:
     presence_timeout_seconds: float = 30.0  # a page not heard of this long has left its channels
     sweep_interval_seconds: float = 2.0  # how often the hub looks for pages that left
     recent_events_bytes: int = 2_000_000  # the hub's memory of recent channel events (their JSON size)
+    connections_per_address: int = 200  # one device (a tablet opens about six) cannot take every connection
+    header_timeout_seconds: float = 10.0  # a request whose headers take longer is hung up on
 
     @property
     def db_path(self) -> Path:
@@ -5744,12 +5748,90 @@ def serve(config: Config) -> None:
     print("Press Ctrl+C to stop.", flush=True)
     raise_open_file_limit()
     waitress.serve(app, host=config.host, port=config.port, threads=config.threads, **WAITRESS_OPTIONS,
-                   connection_limit=max(100, config.threads * 4), max_request_body_size=config.max_archive)
+                   connection_limit=max(100, config.threads * 4), max_request_body_size=config.max_archive,
+                   _server=functools.partial(guarded_server, config=config))
 
 
 # A full server keeps more than 1024 sockets open (the connection limit is four per thread
 # for a few hundred participants' polls and requests): poll() has no such ceiling, select() does.
-WAITRESS_OPTIONS = {"asyncore_use_poll": True, "ident": "jatos-lite"}
+# Idle connections close after a minute; the clean-up that closes them runs every 2 s, so a
+# request whose headers trickle in is hung up on soon after its header timeout.
+WAITRESS_OPTIONS = {"asyncore_use_poll": True, "ident": "jatos-lite", "channel_timeout": 60, "cleanup_interval": 2}
+
+
+class _AddressShares:
+    """How many connections each address holds, against a cap per address."""
+
+    def __init__(self, cap: int):
+        self.cap = cap
+        self.held: collections.Counter[str] = collections.Counter()
+        self.lock = threading.Lock()
+
+    def admit(self, address: str) -> bool:
+        with self.lock:
+            if self.held[address] >= self.cap:
+                return False
+            self.held[address] += 1
+            return True
+
+    def leave(self, address: str) -> None:
+        with self.lock:
+            self.held[address] -= 1
+            if self.held[address] <= 0:
+                del self.held[address]
+
+
+class GuardedChannel(waitress.channel.HTTPChannel):
+    """A connection that counts against its address's share, and notes when the request it is
+    receiving began, so that one device can neither hold every connection the server accepts
+    nor keep connections by sending a header a byte at a time."""
+
+    counted = False
+    headers_since: float | None = None
+
+    def __init__(self, server: Any, sock: socket.socket, addr: Any, adj: Any, map: Any = None):
+        super().__init__(server, sock, addr, adj, map)
+        self.address = str(addr[0] if isinstance(addr, tuple) else addr)
+        self.counted = server.shares.admit(self.address)
+        if not self.counted:
+            log.warning("refused a connection from %s: it holds %d already", self.address, server.shares.cap)
+            self.will_close = True
+
+    def received(self, data: bytes) -> bool:
+        if self.request is None and data:
+            self.headers_since = time.monotonic()
+        answer = super().received(data)
+        if self.request is None or self.request.headers_finished:
+            self.headers_since = None
+        return answer
+
+    def del_channel(self, map: Any = None) -> None:
+        super().del_channel(map)
+        if self.counted:
+            self.counted = False
+            self.server.shares.leave(self.address)
+
+
+def guarded_server(app: Any, config: Config, **options: Any) -> Any:
+    """waitress's server with GuardedChannel connections: a share per address, and requests
+    whose headers take longer than the config's header timeout closed at the next clean-up."""
+    server = waitress.server.create_server(app, **options)
+    listeners = [server] if hasattr(server, "active_channels") else \
+        [s for s in server.map.values() if hasattr(s, "active_channels")]
+    shares = _AddressShares(config.connections_per_address)
+    for listener in listeners:
+        listener.channel_class, listener.shares = GuardedChannel, shares
+        listener.maintenance = functools.partial(_close_slow_headers, listener, listener.maintenance,
+                                                 config.header_timeout_seconds)
+    return server
+
+
+def _close_slow_headers(listener: Any, maintenance: Callable[[float], None], limit: float, now: float) -> None:
+    maintenance(now)
+    too_old = time.monotonic() - limit
+    for channel in list(listener.active_channels.values()):
+        if getattr(channel, "headers_since", None) is not None and channel.headers_since < too_old:
+            channel.will_close = True
 
 
 def raise_open_file_limit() -> None:
