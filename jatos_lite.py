@@ -171,6 +171,18 @@ class CommittedError(JatosError):
     """An error whose bookkeeping (e.g. the quotaReached flags) is committed before it is answered."""
 
 
+MAX_ID = 2**63 - 1  # SQLite's largest integer
+
+
+def parse_id(text: str) -> int | None:
+    """A number (ID, cursor, version) from a URL, query, body or cookie, or None: ASCII digits only
+    (str.isdigit() also accepts '²', which int() refuses) and no larger than SQLite stores."""
+    if not re.fullmatch(r"[0-9]{1,19}", text):
+        return None
+    number = int(text)
+    return number if number <= MAX_ID else None
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -1220,8 +1232,9 @@ def find_row(db: Db, table: str, noun: str, key: Any, names: tuple[str, ...] = (
     """A row by numeric ID or by one of its `names` columns (the API accepts either), else 404.
     A row that does not `belong` (e.g. to the study asked about) is not found either."""
     text = str(key).strip()
-    if text.isdigit():
-        row = db.one(f"SELECT * FROM {table} WHERE id = ?", int(text))
+    number = parse_id(text)
+    if number is not None:
+        row = db.one(f"SELECT * FROM {table} WHERE id = ?", number)
     else:
         row = db.one(f"SELECT * FROM {table} WHERE " + " OR ".join(f"{name} = ?" for name in names),
                      *[text] * len(names)) if names else None
@@ -1766,14 +1779,9 @@ def parse_cookie_header(header: str) -> dict[str, str]:
     return cookies
 
 
-def _is_number(text: str) -> bool:
-    """ASCII digits only: str.isdigit() also accepts '²', which int() refuses."""
-    return text.isascii() and text.isdigit()
-
-
 def _parse_id_cookie(name: str, value: str) -> dict[str, str] | None:
     """The fields of a JATOS ID cookie, or None if it is malformed (publix-http.md §5.2)."""
-    if not name.upper().startswith(ID_COOKIE_PREFIX) or not _is_number(name[len(ID_COOKIE_PREFIX):]):
+    if not name.upper().startswith(ID_COOKIE_PREFIX) or parse_id(name[len(ID_COOKIE_PREFIX):]) is None:
         return None
     fields: dict[str, str] = {}
     for pair in value.split("&"):
@@ -1785,7 +1793,7 @@ def _parse_id_cookie(name: str, value: str) -> dict[str, str] | None:
         if fields.get(key, "null").strip() in ("", "null"):
             return None
     for key in _ID_COOKIE_NUMERIC:
-        if fields.get(key, "null") != "null" and not _is_number(fields[key]):
+        if fields.get(key, "null") != "null" and parse_id(fields[key]) is None:
             return None
     if fields.get("jatosRun") not in JATOS_RUNS:
         fields["jatosRun"] = "null"
@@ -1812,11 +1820,11 @@ def general_single_entry(secret: bytes, study_uuid: str, worker_id: int) -> str:
 def _signed_worker(entry: str, secret: bytes) -> tuple[str, int] | None:
     """The (study UUID, worker ID) of a General Single cookie entry this server signed, else None."""
     study_uuid, _, signed = entry.partition("=")
-    worker_id = signed.partition(".")[0]
-    if not _is_number(worker_id):
+    worker_id = parse_id(signed.partition(".")[0])
+    if worker_id is None:
         return None
-    expected = general_single_entry(secret, study_uuid, int(worker_id))
-    return (study_uuid, int(worker_id)) if hmac.compare_digest(entry.encode(), expected.encode()) else None
+    expected = general_single_entry(secret, study_uuid, worker_id)
+    return (study_uuid, worker_id) if hmac.compare_digest(entry.encode(), expected.encode()) else None
 
 
 class Browser:
@@ -2175,9 +2183,10 @@ _GUARDED_LEGACY_PARAMS = {"PersonalSingle": "personalSingleWorkerId", "PersonalM
 def legacy_start(db: Db, study_id_text: str, query: dict[str, str], legacy_links: bool) -> Redirect:
     """GET /publix/{studyId}/start?batchId=...: a pre-3.7 run link, turned into a study link. Links
     naming a personal worker or General Single are refused unless `legacy_links` switches them on."""
-    if not study_id_text.isdigit() or not query.get("batchId", "").isdigit():
+    study_id, batch_id = parse_id(study_id_text), parse_id(query.get("batchId", ""))
+    if study_id is None or batch_id is None:
         raise JatosError(400, "Bad request: studyId and batchId must be numbers")
-    batch = db.one("SELECT * FROM batches WHERE id = ? AND study_id = ?", int(query["batchId"]), int(study_id_text))
+    batch = db.one("SELECT * FROM batches WHERE id = ? AND study_id = ?", batch_id, study_id)
     if batch is None:
         raise JatosError(400, "Unknown study or batch")
     worker_type = _legacy_worker_type(query)
@@ -2208,9 +2217,10 @@ def _legacy_worker_type(query: dict[str, str]) -> str:
 
 
 def _legacy_personal_link(db: Db, batch: sqlite3.Row, worker_type: str, worker_id_text: str) -> str:
-    if not worker_id_text.strip().isdigit():
+    worker_id = parse_id(worker_id_text.strip())
+    if worker_id is None:
         raise JatosError(400, "Couldn't parse worker ID from URL query string")
-    worker = _row(db, "workers", int(worker_id_text))
+    worker = _row(db, "workers", worker_id)
     if worker is None:
         raise JatosError(400, f"Unknown worker {worker_id_text}")
     if worker["type"] != worker_type:
@@ -2473,9 +2483,10 @@ def find_result_file(db: Db, config: Config, sr_uuid: str, filename: str, compon
 
 def _checked_download_component(db: Db, run: Run, component_id: str) -> sqlite3.Row:
     study_id = run.study["id"]
-    if not component_id.isdigit():
+    number = parse_id(component_id)
+    if number is None:
         raise JatosError(400, f"componentId must be a number, not '{component_id}'")
-    component = _row(db, "components", int(component_id))
+    component = _row(db, "components", number)
     if component is None:
         raise JatosError(404, f"An component with ID {component_id} of study {study_id} doesn't exist.")
     if component["study_id"] != study_id:
@@ -2797,11 +2808,12 @@ def _batch_frame(db: Db, conn: sqlite3.Row, scope: str, frame: Any) -> None:
 
 
 def _group_conn_of_member(db: Db, scope: str, member: str) -> str | None:
-    if not member.isdigit():
+    sr_id = parse_id(member)
+    if sr_id is None:
         return None
     return db.value("SELECT c.id FROM channel_conns c JOIN channel_conn_scopes s ON s.conn = c.id "
                     "WHERE c.study_result_id = ? AND c.kind = 'group' AND c.state = 'open' AND s.scope = ? "
-                    "AND s.to_id IS NULL", int(member), scope)
+                    "AND s.to_id IS NULL", sr_id, scope)
 
 
 def _group_frame(db: Db, conn: sqlite3.Row, scope: str, frame: Any) -> None:
@@ -3539,16 +3551,15 @@ def _ids_from_text(text: str) -> list[int]:
         if not element:
             continue
         low, sep, high = element.partition("-")
-        try:
-            if sep:
-                start, stop = int(low), int(high)
-                if stop - start > 1_000_000:
-                    raise JatosError(400, f"Range too large: {element}", "INVALID_REQUEST")
-                ids.extend(range(start, stop + 1))
-            else:
-                ids.append(int(element))
-        except ValueError:
+        start, stop = parse_id(low.strip()), parse_id(high.strip()) if sep else None
+        if start is None or (sep and stop is None):
             raise JatosError(400, f"Invalid ID list: {text}", "INVALID_REQUEST")
+        if stop is None:
+            ids.append(start)
+            continue
+        if stop - start > 1_000_000:
+            raise JatosError(400, f"Range too large: {element}", "INVALID_REQUEST")
+        ids.extend(range(start, stop + 1))
     return ids
 
 
@@ -3575,8 +3586,8 @@ def parse_selection(query: list[tuple[str, str]], body: Any) -> dict[str, set]:
         if key in SELECTORS:
             if key.endswith("Uuid"):
                 selection[key].add(value)
-            elif value.strip().isdigit():
-                selection[key].add(int(value))
+            elif parse_id(value.strip()) is not None:
+                selection[key].add(parse_id(value.strip()))
     if body is None:
         return selection
     if not isinstance(body, dict):
@@ -3968,13 +3979,14 @@ def results_csv(store: Store, cr_ids: list[int]) -> Iterator[bytes]:
 
 def result_file(db: Db, config: Config, filename: str, cr_id_text: str | None) -> Path:
     """GET /results/files/{filename}: one uploaded file, an export the study log records."""
-    if not cr_id_text or not cr_id_text.isdigit():
+    cr_id = parse_id(cr_id_text or "")
+    if cr_id is None:
         raise JatosError(400, "componentResultId is required and must be a number")
-    sr_id = db.value("SELECT study_result_id FROM component_results WHERE id = ?", int(cr_id_text))
+    sr_id = db.value("SELECT study_result_id FROM component_results WHERE id = ?", cr_id)
     path = None if sr_id is None else confined_path(run_uploads(config, sr_id) / cr_id_text, filename)
     if path is None or not path.is_file():
         raise JatosError(404, f"Result file not found: {filename}")
-    log_for_studies(db, studies_of_results(db, [int(cr_id_text)]), "Exported single result file")
+    log_for_studies(db, studies_of_results(db, [cr_id]), "Exported single result file")
     return path
 
 
@@ -4299,12 +4311,17 @@ def _entry_page(db: Db, code: str | None, query: dict[str, str]) -> str:
                      f"<p><a href=\"{html.escape(target)}\"><button>&#9654;</button></a></p>")
 
 
+def _query_number(query: dict[str, str], key: str, default: int) -> int:
+    number = parse_id(query.get(key, ""))
+    return default if number is None else number
+
+
 def _multi_frame_page(code: str, query: dict[str, str]) -> str:
     """GET /publix/runx: several runs of one link side by side in iframes."""
-    frames = int(query.get("frames", "2")) if query.get("frames", "2").isdigit() else 2
-    h_split = max(1, int(query["hSplit"])) if query.get("hSplit", "").isdigit() else 2
-    v_split = max(1, int(query["vSplit"])) if query.get("vSplit", "").isdigit() else 1
-    delay = int(query["delay"]) if query.get("delay", "").isdigit() else 50
+    frames = _query_number(query, "frames", 2)
+    h_split = max(1, _query_number(query, "hSplit", 2))
+    v_split = max(1, _query_number(query, "vSplit", 1))
+    delay = _query_number(query, "delay", 50)
     rest = urllib.parse.urlencode({k: v for k, v in query.items() if k not in ("code", "frames", "hSplit",
                                                                                "vSplit", "delay")})
     base = f"/publix/{urllib.parse.quote(code)}"
@@ -4598,7 +4615,7 @@ def publix_multi_frame(call: Call) -> Any:
     code = call.query.get("code", "").strip()
     if not code:
         raise JatosError(400, "Invalid study code")
-    if call.query.get("frames", "2").isdigit() and int(call.query.get("frames", "2")) <= 1:
+    if _query_number(call.query, "frames", 2) <= 1:
         return Redirect(f"/publix/{urllib.parse.quote(code)}")
     return _multi_frame_page(code, call.query)
 
@@ -4769,9 +4786,10 @@ def _poll_request(pairs: list[tuple[str, str]]) -> list[tuple[str, int]]:
     for key, value in pairs:
         if key == "c":
             conn_id, _, cursor = value.partition(":")
-            if not conn_id or not cursor.isdigit():
+            number = parse_id(cursor)
+            if not conn_id or number is None:
                 raise JatosError(400, f"Malformed poll parameter c={value} (expected conn:cursor)")
-            wanted.append((conn_id, int(cursor)))
+            wanted.append((conn_id, number))
     if not wanted or len(wanted) > 4:
         raise JatosError(400, "A poll names one to four channels: c=conn:cursor")
     return wanted
@@ -4794,7 +4812,7 @@ def publix_channel_poll(call: Call, sr: str) -> str:
     longest = call.config.poll_hold_seconds
     hold = min(float(wait_text), longest) if re.fullmatch(r"\d+(\.\d+)?", wait_text) else longest
     page = query.get("page") or " ".join(sorted(c for c, _ in wanted))
-    number = int(query["n"]) if re.fullmatch(r"\d{1,15}", query.get("n", "")) else None
+    number = parse_id(query.get("n", ""))
     return _json_answer(call.hub.poll(sr, wanted, _browser_key(), page, number, hold))
 
 
@@ -5031,7 +5049,7 @@ def api_study_log(call: Call, study_id: str) -> Any:
         bottle.response.set_header("Content-Disposition", f'attachment; filename="jatos_studylog_{study_uuid}.log"')
         return study_log_stream(call.store, study_uuid, None)
     limit = call.query.get("entryLimit", "-1")
-    if not re.fullmatch(r"-?\d+", limit):
+    if not re.fullmatch(r"-?[0-9]{1,18}", limit):
         raise JatosError(400, "Bad request: 'entryLimit' must be a number")
     bottle.response.content_type = "application/x-ndjson"  # JATOS's type, though the body is one JSON array
     return study_log_stream(call.store, study_uuid, int(limit))
@@ -5167,7 +5185,7 @@ def api_study_codes(call: Call, study_id: str) -> str:
         else default_batch(call.db, study["id"])
     try:
         amount = int(params.get("amount") or 1)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise JatosError(400, "Parameter 'amount' must be a number")
     return envelope(study_links_for(call.db, batch, worker_type, amount, params.get("comment")))
 
@@ -5200,9 +5218,10 @@ def _expected_version(query: dict[str, str]) -> int | None:
     text = query.get("version")
     if text in (None, ""):
         return None
-    if not text.isdigit():
+    version = parse_id(text)
+    if version is None:
         raise JatosError(400, "Parameter 'version' must be a number")
-    return int(text)
+    return version
 
 
 def api_session(owner: SessionOwner, call: Call, key: str) -> str:
