@@ -259,6 +259,14 @@ def timestamp_for_filename() -> str:
     return datetime.datetime.now().strftime("%Y%m%d%H%M%S")
 
 
+def load_json(text: str | bytes) -> Any:
+    """json.loads, where text nested deeper than Python's stack allows is invalid JSON (a ValueError)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
 def minify_json_text(text: Any, what: str) -> str | None:
     """Stored form of a study/component/batch input: minified JSON text, key order kept."""
     if text is None:
@@ -268,7 +276,7 @@ def minify_json_text(text: Any, what: str) -> str | None:
     if text.strip() == "":
         return None
     try:
-        value = json.loads(text)
+        value = load_json(text)
     except ValueError as exc:
         raise JatosError(400, f"Error in field '{what}' - invalid JSON: {exc}", "VALIDATION_ERROR")
     return to_json(value)
@@ -956,6 +964,7 @@ JATOS_WORKER_ID = 1
 ADMIN_USER = {"id": 1, "username": "admin"}
 MAX_STUDY_CODES = 10_000  # personal study codes made by one request
 API_TOKEN_SECONDS = 3600  # JATOS's jatos.api.tokens.apiGeneration.expiresAfter
+MAX_TOKEN_SECONDS = 100 * 365 * 86400  # the longest lifetime a token may be given (0: never expires)
 SIGN_IN_TOKEN_NAME = "sign-in link"  # the token of the printed admin link, renewed at every start
 RESERVED_DIR_NAMES = {"jatos", "publix", "public", "assets", "study_assets_root", "study_assets"}
 _HTML_FILE_PATH = re.compile(r"^[\w\d_-][\w\d/_-]*\.[\w\d_-]+$", re.ASCII)
@@ -1337,6 +1346,8 @@ def study_links_for(db: Db, batch: sqlite3.Row, worker_type: str, amount: int = 
                     comment: str | None = None) -> list[str]:
     """Study codes as JATOS hands them out: new personal workers with a link each, or the one
     shared link of a general/MTurk type (created on first use)."""
+    if comment is not None and not isinstance(comment, str):
+        raise JatosError(400, "Parameter 'comment' must be text")
     if worker_type in ("PersonalSingle", "PersonalMultiple"):
         if not 1 <= amount <= MAX_STUDY_CODES:
             raise JatosError(400, f"amount must be between 1 and {MAX_STUDY_CODES}")
@@ -1494,8 +1505,10 @@ def create_api_token(db: Db, name: Any, expires_after: Any) -> dict:
     """A named token's metadata with the token itself, which is shown only this once."""
     if not isinstance(name, str) or not name.strip() or name == SIGN_IN_TOKEN_NAME:
         raise JatosError(400, "A token needs a 'name'", "INVALID_REQUEST")
-    if not isinstance(expires_after, int) or isinstance(expires_after, bool) or expires_after < 0:
-        raise JatosError(400, "'expiresAfter' is a number of seconds (0: never)", "INVALID_REQUEST")
+    if not isinstance(expires_after, int) or isinstance(expires_after, bool) \
+            or not 0 <= expires_after <= MAX_TOKEN_SECONDS:
+        raise JatosError(400, f"'expiresAfter' is a number of seconds up to {MAX_TOKEN_SECONDS} (0: never)",
+                         "INVALID_REQUEST")
     token_id, secret = mint_api_token(db, name.strip(), expires_after or None)
     return {**token_metadata(db.one("SELECT * FROM api_tokens WHERE id = ?", token_id)), "token": secret}
 
@@ -2786,7 +2799,7 @@ def _session_patch(db: Db, words: SessionWords, row_id: int, scope: str, conn_id
     try:
         data = _apply_patches(json.loads(row["session_data"] or "{}"), patches)
     except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException, KeyError, IndexError, TypeError,
-            ValueError, AttributeError):
+            ValueError, AttributeError, RecursionError):  # RecursionError: data nested deeper than the stack
         return answer("SESSION_FAIL", version)
     db.run(f"UPDATE {words.table} SET session_data = ?, session_version = ? WHERE id = ?",
            to_json(data), version + 1, row_id)
@@ -3339,7 +3352,7 @@ def _entry_parts(info: zipfile.ZipInfo) -> list[str]:
 
 def _read_jas(raw: bytes) -> tuple[dict, bool]:
     try:
-        document = json.loads(raw.decode("utf-8-sig"))
+        document = load_json(raw.decode("utf-8-sig"))
     except (UnicodeError, ValueError) as exc:
         raise JatosError(400, f"File is not a valid JATOS study: {exc}", "VALIDATION_ERROR")
     if not isinstance(document, dict) or not isinstance(document.get("data"), dict):
@@ -3348,6 +3361,15 @@ def _read_jas(raw: bytes) -> tuple[dict, bool]:
     if version not in ("0", "2", "3"):
         raise JatosError(400, f"Unsupported study archive version {document.get('version')!r}", "VALIDATION_ERROR")
     return document["data"], version != "3"
+
+
+def _check_name_clashes(entries: list[tuple[zipfile.ZipInfo, list[str]]]) -> None:
+    """A name that is a file in one entry and a folder in another (a/b and a/b/c) cannot be unpacked."""
+    files = {tuple(parts) for info, parts in entries if not info.is_dir()}
+    folders = {tuple(parts[:end]) for info, parts in entries for end in range(1, len(parts) + info.is_dir())}
+    clashes = files & folders
+    if clashes:
+        raise _archive_error(f"The archive has a file and a folder both named {'/'.join(min(clashes))}")
 
 
 def unpack_study_archive(source: Any, target: Path, max_bytes: int) -> StudyArchive:
@@ -3368,6 +3390,7 @@ def unpack_study_archive(source: Any, target: Path, max_bytes: int) -> StudyArch
         folders = {parts[0] for info, parts in entries if len(parts) > 1 or info.is_dir()}
         if len(folders) > 1:
             raise _archive_error("The archive has more than one folder at its top level")
+        _check_name_clashes(entries)
         data, legacy = _read_jas(archive.read(descriptions[0]))
         assets = target / "assets"
         assets.mkdir(parents=True)
@@ -3936,7 +3959,7 @@ def _json_rows(text: str) -> list[dict[str, Any]]:
     while position < len(text):
         try:
             value, position = decoder.raw_decode(text, position)
-        except ValueError:
+        except (ValueError, RecursionError):  # nested deeper than Python's stack: not a table either
             return []
         values = value if isinstance(value, list) else [value]
         if not all(isinstance(v, dict) and all(not isinstance(x, (dict, list)) for x in v.values()) for v in values):
@@ -4183,7 +4206,7 @@ def _json_body(limit: int = MAX_JSON_BODY, required: bool = False) -> Any:
             raise JatosError(400, "A JSON body is required", "INVALID_JSON")
         return None
     try:
-        return json.loads(text)
+        return load_json(text)
     except ValueError as exc:
         raise JatosError(400, f"Malformed JSON: {exc}", "INVALID_JSON")
 

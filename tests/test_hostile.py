@@ -289,13 +289,14 @@ DEEP = "[" * 200_000
 
 @pytest.mark.parametrize("path", [
     "/jatos/api/v1/studies/%C2%B2/properties", "/jatos/api/v1/studies/99999999999999999999999/properties",
-    "/jatos/api/v1/batches/%C2%B2/sessionData", "/jatos/api/v1/results?studyId=%C2%B2",
+    "/jatos/api/v1/batches/%C2%B2/session", "/jatos/api/v1/results?studyId=%C2%B2",
     "/jatos/api/v1/results?studyResultId=99999999999999999999999",
     "/jatos/api/v1/results/files/a.txt?componentResultId=%C2%B2",
     "/jatos/api/v1/results/files/a.txt?componentResultId=99999999999999999999999",
     "/jatos/api/v1/tokens/99999999999999999999999"])
 def test_ids_with_other_digits_or_too_many_are_not_found_not_a_500(client: webtest.TestApp, path: str) -> None:
-    assert_refused(client.get(path, headers=AUTH, expect_errors=True))
+    """Refused, or (a results selector in the query) ignored like any other word."""
+    assert client.get(path, headers=AUTH, expect_errors=True).status_int < 500
 
 
 @pytest.mark.parametrize("query", ["?batchId=%C2%B2&generalMultiple", "?batchId=99999999999999999999999&generalMultiple"])
@@ -316,10 +317,10 @@ def test_deeply_nested_result_data_leaves_the_merged_csv_working(scene: Scene) -
     assert text.splitlines()[0].endswith(",rt") and text.splitlines()[1].endswith(",412")
 
 
-@pytest.mark.parametrize("what", ["open", "send", "study session"])
+@pytest.mark.parametrize("what", ["open", "send"])
 def test_deeply_nested_json_from_a_participant_is_400(scene: Scene, what: str) -> None:
     before = scene.fingerprint()
-    path = {"open": "batch/open", "send": "channels/nope/send", "study session": "studySessionData"}[what]
+    path = {"open": "batch/open", "send": "channels/nope/send"}[what]
     response = scene.browser.post(f"/publix/{scene.sr}/{path}", DEEP, headers={"Content-Type": "application/json"},
                                   expect_errors=True)
     assert_refused(response)
@@ -334,14 +335,14 @@ def test_a_deeply_nested_session_patch_fails_and_changes_nothing(scene: Scene) -
              "sessionPatches": [{"op": "add", "path": "/a", "value": deep}]}
     scene.browser.post_json(f"/publix/{scene.sr}/channels/{opened['conn']}/send", {"cseq": 1, "frames": [frame]},
                             expect_errors=True)
-    batch = scene.client.get("/jatos/api/v1/batches/1/sessionData", headers=AUTH).json["data"]
+    batch = scene.client.get("/jatos/api/v1/batches/1/session", headers=AUTH).json["data"]
     assert batch["version"] == version
 
 
 @pytest.mark.parametrize("body", ['{"data": ' + "[" * 100_000 + "}", DEEP], ids=["in an object", "bare"])
 def test_deeply_nested_api_bodies_are_400(lab: Lab, body: str) -> None:
     lab.study()
-    for method, path in (("PUT", "/jatos/api/v1/batches/1/sessionData"),
+    for method, path in (("PATCH", "/jatos/api/v1/batches/1/session"),
                          ("POST", "/jatos/api/v1/studies/1/studyCodes"),
                          ("PATCH", "/jatos/api/v1/studies/1/properties")):
         assert_refused(lab.client.request(path, method=method, body=body.encode(),
