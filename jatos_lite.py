@@ -607,6 +607,12 @@ MIGRATIONS: list[str] = [
         'timestamp', CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER),
         'studyUuid', uuid, 'hashFunction', 'SHA-256') FROM studies ORDER BY id
     """,
+    # An admin session ends with the token it was signed in with (its SHA-256 is kept); sessions
+    # from before never expired and are ended here.
+    """
+    DELETE FROM admin_sessions;
+    ALTER TABLE admin_sessions ADD COLUMN sign_in_token TEXT NOT NULL DEFAULT ''
+    """,
 ]
 
 
@@ -1483,11 +1489,14 @@ def check_api_token(db: Db, config: Config, token: str) -> dict | None:
     body, checksum = token[4:35], token[35:]
     if not hmac.compare_digest(hashlib.md5(body.encode()).hexdigest()[:6], checksum):
         return None
-    row = db.one("SELECT * FROM api_tokens WHERE token_hash = ?", hash_secret(token))
-    if row is None or not row["active"]:
-        return None
-    metadata = token_metadata(row)
-    return None if metadata["isExpired"] else metadata
+    row = _live_token(db, hash_secret(token))
+    return None if row is None else token_metadata(row)
+
+
+def _live_token(db: Db, token_hash: str) -> sqlite3.Row | None:
+    """The stored token with this hash if it is active and not expired."""
+    row = db.one("SELECT * FROM api_tokens WHERE token_hash = ?", token_hash)
+    return None if row is None or not row["active"] or token_metadata(row)["isExpired"] else row
 
 
 def find_token(db: Db, token_id: str) -> sqlite3.Row:
@@ -1529,20 +1538,37 @@ def renew_sign_in_token(db: Db) -> str:
     return mint_api_token(db, SIGN_IN_TOKEN_NAME)[1]
 
 
-def open_admin_session(db: Db) -> str:
-    """A new admin session; returns the secret its browser keeps in the session cookie."""
+def open_admin_session(db: Db, sign_in_token: str) -> str:
+    """A new admin session made with a valid `sign_in_token`; returns the secret its browser keeps
+    in the session cookie. Expired sessions are cleared away."""
+    db.run("DELETE FROM admin_sessions WHERE created <= ?", now_ms() - ADMIN_SESSION_SECONDS * 1000)
     secret = secrets.token_urlsafe(32)
-    db.run("INSERT INTO admin_sessions(token_hash, csrf_token, created) VALUES (?, ?, ?)",
-           hash_secret(secret), secrets.token_urlsafe(24), now_ms())
+    db.run("INSERT INTO admin_sessions(token_hash, csrf_token, created, sign_in_token) VALUES (?, ?, ?, ?)",
+           hash_secret(secret), secrets.token_urlsafe(24), now_ms(), hash_secret(sign_in_token))
     return secret
 
 
-def admin_session_of(db: Db, secret: str | None) -> AdminSession | None:
+def admin_session_of(db: Db, config: Config, secret: str | None) -> AdminSession | None:
+    """The session of this cookie secret while it lasts: ADMIN_SESSION_SECONDS from sign-in, and
+    only as long as its sign-in token is valid (deactivating, deleting or, for the printed link,
+    a restart ends it)."""
     if not secret:
         return None
-    row = db.one("SELECT * FROM admin_sessions WHERE token_hash = ?", hash_secret(secret))
-    return None if row is None else AdminSession(row["token_hash"], row["csrf_token"], row["jatos_run"],
-                                                 row["run_component_uuid"])
+    row = db.one("SELECT * FROM admin_sessions WHERE token_hash = ? AND created > ?", hash_secret(secret),
+                 now_ms() - ADMIN_SESSION_SECONDS * 1000)
+    if row is None or not _sign_in_token_valid(db, config, row["sign_in_token"]):
+        return None
+    return AdminSession(row["token_hash"], row["csrf_token"], row["jatos_run"], row["run_component_uuid"])
+
+
+def _sign_in_token_valid(db: Db, config: Config, token_hash: str) -> bool:
+    if config.api_token and hmac.compare_digest(token_hash, hash_secret(config.api_token)):
+        return True
+    return _live_token(db, token_hash) is not None
+
+
+def end_admin_session(db: Db, session: AdminSession) -> None:
+    db.run("DELETE FROM admin_sessions WHERE token_hash = ?", session.token_hash)
 
 
 def csrf_matches(session: AdminSession, header: str) -> bool:
@@ -4499,7 +4525,7 @@ class Call:
 
     def admin(self, db: Db | None = None) -> AdminSession | None:
         """The signed-in researcher whose browser this is (their test runs), if any."""
-        return admin_session_of(db or self.db, _cookie_value(SESSION_COOKIE))
+        return admin_session_of(db or self.db, self.config, _cookie_value(SESSION_COOKIE))
 
     def cookies_to_send(self) -> Iterable[str]:
         return self.__dict__["browser"].outgoing.values() if "browser" in self.__dict__ else ()
@@ -4578,13 +4604,18 @@ def authenticate(db: Db, config: Config) -> dict:
         if metadata is None:
             raise JatosError(401, "Invalid api token", "INVALID_API_TOKEN")
         return metadata
-    session = admin_session_of(db, _cookie_value(SESSION_COOKIE))
+    session = admin_session_of(db, config, _cookie_value(SESSION_COOKIE))
     if session is None:
         raise JatosError(401, "Not signed in: send 'Authorization: Bearer <token>'", "AUTH_ERROR")
-    if bottle.request.method not in ("GET", "HEAD") and not csrf_matches(
-            session, bottle.request.get_header("X-CSRF-Token", "") or ""):
-        raise JatosError(403, "Missing or wrong X-CSRF-Token header", "FORBIDDEN")
+    if bottle.request.method not in ("GET", "HEAD"):
+        check_csrf(session)
     return SESSION_CALLER
+
+
+def check_csrf(session: AdminSession) -> None:
+    """A change asked for with the session cookie carries the CSRF header (cross-site pages can't send it)."""
+    if not csrf_matches(session, bottle.request.get_header("X-CSRF-Token", "") or ""):
+        raise JatosError(403, "Missing or wrong X-CSRF-Token header", "FORBIDDEN")
 
 
 def signed_in(session: AdminSession | None) -> AdminSession:
@@ -4888,12 +4919,22 @@ def jatos_js(call: Call) -> Any:
 # --- Web: the admin page, sign-in and researcher test runs (Jatos worker) ------------------------
 
 def admin_login(call: Call) -> Redirect:
-    if check_api_token(call.db, call.config, call.query.get("token", "")) is None:
+    token = call.query.get("token", "")
+    if check_api_token(call.db, call.config, token) is None:
         raise JatosError(401, "Invalid or expired sign-in token.")
-    secret = open_admin_session(call.db)
+    secret = open_admin_session(call.db, token)
     bottle.response.add_header("Set-Cookie", cookie_header(SESSION_COOKIE, secret, ADMIN_SESSION_SECONDS,
                                                            http_only=True, same_site="Lax"))
     return Redirect("/jatos/")
+
+
+def admin_logout(call: Call) -> str:
+    """jatos-lite: sign out (POST with the CSRF header); the session ends and its cookie is cleared."""
+    session = signed_in(call.admin())
+    check_csrf(session)
+    end_admin_session(call.db, session)
+    bottle.response.add_header("Set-Cookie", cookie_header(SESSION_COOKIE, "", 0, http_only=True, same_site="Lax"))
+    return envelope(message="Signed out")
 
 
 def admin_home(call: Call) -> Any:
@@ -5198,6 +5239,9 @@ def api_asset_delete(call: Call, study_id: str, filepath: str) -> str:
 # --- Web: JATOS API v1, study codes, sessions, groups --------------------------------------------
 
 def api_study_codes(call: Call, study_id: str) -> str:
+    if bottle.request.method == "GET" and call.token is SESSION_CALLER:
+        raise JatosError(403, "Signed in with the admin page, make study codes with POST (and X-CSRF-Token)",
+                         "FORBIDDEN")
     study = find_study(call.db, study_id)
     body = _json_body() if bottle.request.method == "POST" else None
     params = {**(body if isinstance(body, dict) else {}), **call.query}
@@ -5403,6 +5447,7 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/assets/lib/jatos-publix/javascripts/jatos.js", jatos_js),
     # the admin page, sign-in, test runs
     Route("GET", "/jatos/login", admin_login, tx="write"),
+    Route("POST", "/jatos/logout", admin_logout, tx="write"),
     Route("GET", "/jatos/", admin_home),
     Route("GET", "/jatos/<study_id>", admin_study_page),
     Route("GET", "/jatos/<study_id>/run", admin_test_run, tx="write"),
