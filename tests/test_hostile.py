@@ -327,18 +327,6 @@ def test_deeply_nested_json_from_a_participant_is_400(scene: Scene, what: str) -
     assert scene.fingerprint() == before
 
 
-def test_a_deeply_nested_session_patch_fails_and_changes_nothing(scene: Scene) -> None:
-    opened = scene.browser.post_json(f"/publix/{scene.sr}/batch/open", {"openId": "x"}).json
-    version = opened["events"][0]["msg"]["version"]
-    deep = json.loads("[" * 400 + "]" * 400)
-    frame = {"action": "SESSION", "sessionActionId": 1, "sessionVersion": version,
-             "sessionPatches": [{"op": "add", "path": "/a", "value": deep}]}
-    scene.browser.post_json(f"/publix/{scene.sr}/channels/{opened['conn']}/send", {"cseq": 1, "frames": [frame]},
-                            expect_errors=True)
-    batch = scene.client.get("/jatos/api/v1/batches/1/session", headers=AUTH).json["data"]
-    assert batch["version"] == version
-
-
 @pytest.mark.parametrize("body", ['{"data": ' + "[" * 100_000 + "}", DEEP], ids=["in an object", "bare"])
 def test_deeply_nested_api_bodies_are_400(lab: Lab, body: str) -> None:
     lab.study()
