@@ -177,6 +177,18 @@ class CommittedError(JatosError):
     """An error whose bookkeeping (e.g. the quotaReached flags) is committed before it is answered."""
 
 
+MAX_ID = 2**63 - 1  # SQLite's largest integer
+
+
+def parse_id(text: str) -> int | None:
+    """A number (ID, cursor, version) from a URL, query, body or cookie, or None: ASCII digits only
+    (str.isdigit() also accepts '²', which int() refuses) and no larger than SQLite stores."""
+    if not re.fullmatch(r"[0-9]{1,19}", text):
+        return None
+    number = int(text)
+    return number if number <= MAX_ID else None
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -253,6 +265,14 @@ def timestamp_for_filename() -> str:
     return datetime.datetime.now().strftime("%Y%m%d%H%M%S")
 
 
+def load_json(text: str | bytes) -> Any:
+    """json.loads, where text nested deeper than Python's stack allows is invalid JSON (a ValueError)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
 def minify_json_text(text: Any, what: str) -> str | None:
     """Stored form of a study/component/batch input: minified JSON text, key order kept."""
     if text is None:
@@ -262,7 +282,7 @@ def minify_json_text(text: Any, what: str) -> str | None:
     if text.strip() == "":
         return None
     try:
-        value = json.loads(text)
+        value = load_json(text)
     except ValueError as exc:
         raise JatosError(400, f"Error in field '{what}' - invalid JSON: {exc}", "VALIDATION_ERROR")
     return to_json(value)
@@ -592,6 +612,12 @@ MIGRATIONS: list[str] = [
         'msg', 'Could not find a study log although the study already exists. Create a new one.',
         'timestamp', CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER),
         'studyUuid', uuid, 'hashFunction', 'SHA-256') FROM studies ORDER BY id
+    """,
+    # An admin session ends with the token it was signed in with (its SHA-256 is kept); sessions
+    # from before never expired and are ended here.
+    """
+    DELETE FROM admin_sessions;
+    ALTER TABLE admin_sessions ADD COLUMN sign_in_token TEXT NOT NULL DEFAULT ''
     """,
 ]
 
@@ -950,6 +976,7 @@ JATOS_WORKER_ID = 1
 ADMIN_USER = {"id": 1, "username": "admin"}
 MAX_STUDY_CODES = 10_000  # personal study codes made by one request
 API_TOKEN_SECONDS = 3600  # JATOS's jatos.api.tokens.apiGeneration.expiresAfter
+MAX_TOKEN_SECONDS = 100 * 365 * 86400  # the longest lifetime a token may be given (0: never expires)
 SIGN_IN_TOKEN_NAME = "sign-in link"  # the token of the printed admin link, renewed at every start
 RESERVED_DIR_NAMES = {"jatos", "publix", "public", "assets", "study_assets_root", "study_assets"}
 _HTML_FILE_PATH = re.compile(r"^[\w\d_-][\w\d/_-]*\.[\w\d_-]+$", re.ASCII)
@@ -1226,8 +1253,9 @@ def find_row(db: Db, table: str, noun: str, key: Any, names: tuple[str, ...] = (
     """A row by numeric ID or by one of its `names` columns (the API accepts either), else 404.
     A row that does not `belong` (e.g. to the study asked about) is not found either."""
     text = str(key).strip()
-    if text.isdigit():
-        row = db.one(f"SELECT * FROM {table} WHERE id = ?", int(text))
+    number = parse_id(text)
+    if number is not None:
+        row = db.one(f"SELECT * FROM {table} WHERE id = ?", number)
     else:
         row = db.one(f"SELECT * FROM {table} WHERE " + " OR ".join(f"{name} = ?" for name in names),
                      *[text] * len(names)) if names else None
@@ -1330,6 +1358,8 @@ def study_links_for(db: Db, batch: sqlite3.Row, worker_type: str, amount: int = 
                     comment: str | None = None) -> list[str]:
     """Study codes as JATOS hands them out: new personal workers with a link each, or the one
     shared link of a general/MTurk type (created on first use)."""
+    if comment is not None and not isinstance(comment, str):
+        raise JatosError(400, "Parameter 'comment' must be text")
     if worker_type in ("PersonalSingle", "PersonalMultiple"):
         if not 1 <= amount <= MAX_STUDY_CODES:
             raise JatosError(400, f"amount must be between 1 and {MAX_STUDY_CODES}")
@@ -1465,11 +1495,14 @@ def check_api_token(db: Db, config: Config, token: str) -> dict | None:
     body, checksum = token[4:35], token[35:]
     if not hmac.compare_digest(hashlib.md5(body.encode()).hexdigest()[:6], checksum):
         return None
-    row = db.one("SELECT * FROM api_tokens WHERE token_hash = ?", hash_secret(token))
-    if row is None or not row["active"]:
-        return None
-    metadata = token_metadata(row)
-    return None if metadata["isExpired"] else metadata
+    row = _live_token(db, hash_secret(token))
+    return None if row is None else token_metadata(row)
+
+
+def _live_token(db: Db, token_hash: str) -> sqlite3.Row | None:
+    """The stored token with this hash if it is active and not expired."""
+    row = db.one("SELECT * FROM api_tokens WHERE token_hash = ?", token_hash)
+    return None if row is None or not row["active"] or token_metadata(row)["isExpired"] else row
 
 
 def find_token(db: Db, token_id: str) -> sqlite3.Row:
@@ -1487,8 +1520,10 @@ def create_api_token(db: Db, name: Any, expires_after: Any) -> dict:
     """A named token's metadata with the token itself, which is shown only this once."""
     if not isinstance(name, str) or not name.strip() or name == SIGN_IN_TOKEN_NAME:
         raise JatosError(400, "A token needs a 'name'", "INVALID_REQUEST")
-    if not isinstance(expires_after, int) or isinstance(expires_after, bool) or expires_after < 0:
-        raise JatosError(400, "'expiresAfter' is a number of seconds (0: never)", "INVALID_REQUEST")
+    if not isinstance(expires_after, int) or isinstance(expires_after, bool) \
+            or not 0 <= expires_after <= MAX_TOKEN_SECONDS:
+        raise JatosError(400, f"'expiresAfter' is a number of seconds up to {MAX_TOKEN_SECONDS} (0: never)",
+                         "INVALID_REQUEST")
     token_id, secret = mint_api_token(db, name.strip(), expires_after or None)
     return {**token_metadata(db.one("SELECT * FROM api_tokens WHERE id = ?", token_id)), "token": secret}
 
@@ -1509,20 +1544,37 @@ def renew_sign_in_token(db: Db) -> str:
     return mint_api_token(db, SIGN_IN_TOKEN_NAME)[1]
 
 
-def open_admin_session(db: Db) -> str:
-    """A new admin session; returns the secret its browser keeps in the session cookie."""
+def open_admin_session(db: Db, sign_in_token: str) -> str:
+    """A new admin session made with a valid `sign_in_token`; returns the secret its browser keeps
+    in the session cookie. Expired sessions are cleared away."""
+    db.run("DELETE FROM admin_sessions WHERE created <= ?", now_ms() - ADMIN_SESSION_SECONDS * 1000)
     secret = secrets.token_urlsafe(32)
-    db.run("INSERT INTO admin_sessions(token_hash, csrf_token, created) VALUES (?, ?, ?)",
-           hash_secret(secret), secrets.token_urlsafe(24), now_ms())
+    db.run("INSERT INTO admin_sessions(token_hash, csrf_token, created, sign_in_token) VALUES (?, ?, ?, ?)",
+           hash_secret(secret), secrets.token_urlsafe(24), now_ms(), hash_secret(sign_in_token))
     return secret
 
 
-def admin_session_of(db: Db, secret: str | None) -> AdminSession | None:
+def admin_session_of(db: Db, config: Config, secret: str | None) -> AdminSession | None:
+    """The session of this cookie secret while it lasts: ADMIN_SESSION_SECONDS from sign-in, and
+    only as long as its sign-in token is valid (deactivating, deleting or, for the printed link,
+    a restart ends it)."""
     if not secret:
         return None
-    row = db.one("SELECT * FROM admin_sessions WHERE token_hash = ?", hash_secret(secret))
-    return None if row is None else AdminSession(row["token_hash"], row["csrf_token"], row["jatos_run"],
-                                                 row["run_component_uuid"])
+    row = db.one("SELECT * FROM admin_sessions WHERE token_hash = ? AND created > ?", hash_secret(secret),
+                 now_ms() - ADMIN_SESSION_SECONDS * 1000)
+    if row is None or not _sign_in_token_valid(db, config, row["sign_in_token"]):
+        return None
+    return AdminSession(row["token_hash"], row["csrf_token"], row["jatos_run"], row["run_component_uuid"])
+
+
+def _sign_in_token_valid(db: Db, config: Config, token_hash: str) -> bool:
+    if config.api_token and hmac.compare_digest(token_hash, hash_secret(config.api_token)):
+        return True
+    return _live_token(db, token_hash) is not None
+
+
+def end_admin_session(db: Db, session: AdminSession) -> None:
+    db.run("DELETE FROM admin_sessions WHERE token_hash = ?", session.token_hash)
 
 
 def csrf_matches(session: AdminSession, header: str) -> bool:
@@ -1791,14 +1843,9 @@ def parse_cookie_header(header: str) -> dict[str, str]:
     return cookies
 
 
-def _is_number(text: str) -> bool:
-    """ASCII digits only: str.isdigit() also accepts '²', which int() refuses."""
-    return text.isascii() and text.isdigit()
-
-
 def _parse_id_cookie(name: str, value: str) -> dict[str, str] | None:
     """The fields of a JATOS ID cookie, or None if it is malformed (publix-http.md §5.2)."""
-    if not name.upper().startswith(ID_COOKIE_PREFIX) or not _is_number(name[len(ID_COOKIE_PREFIX):]):
+    if not name.upper().startswith(ID_COOKIE_PREFIX) or parse_id(name[len(ID_COOKIE_PREFIX):]) is None:
         return None
     fields: dict[str, str] = {}
     for pair in value.split("&"):
@@ -1810,7 +1857,7 @@ def _parse_id_cookie(name: str, value: str) -> dict[str, str] | None:
         if fields.get(key, "null").strip() in ("", "null"):
             return None
     for key in _ID_COOKIE_NUMERIC:
-        if fields.get(key, "null") != "null" and not _is_number(fields[key]):
+        if fields.get(key, "null") != "null" and parse_id(fields[key]) is None:
             return None
     if fields.get("jatosRun") not in JATOS_RUNS:
         fields["jatosRun"] = "null"
@@ -1837,11 +1884,11 @@ def general_single_entry(secret: bytes, study_uuid: str, worker_id: int) -> str:
 def _signed_worker(entry: str, secret: bytes) -> tuple[str, int] | None:
     """The (study UUID, worker ID) of a General Single cookie entry this server signed, else None."""
     study_uuid, _, signed = entry.partition("=")
-    worker_id = signed.partition(".")[0]
-    if not _is_number(worker_id):
+    worker_id = parse_id(signed.partition(".")[0])
+    if worker_id is None:
         return None
-    expected = general_single_entry(secret, study_uuid, int(worker_id))
-    return (study_uuid, int(worker_id)) if hmac.compare_digest(entry.encode(), expected.encode()) else None
+    expected = general_single_entry(secret, study_uuid, worker_id)
+    return (study_uuid, worker_id) if hmac.compare_digest(entry.encode(), expected.encode()) else None
 
 
 class Browser:
@@ -2231,9 +2278,10 @@ _GUARDED_LEGACY_PARAMS = {"PersonalSingle": "personalSingleWorkerId", "PersonalM
 def legacy_start(db: Db, study_id_text: str, query: dict[str, str], legacy_links: bool) -> Redirect:
     """GET /publix/{studyId}/start?batchId=...: a pre-3.7 run link, turned into a study link. Links
     naming a personal worker or General Single are refused unless `legacy_links` switches them on."""
-    if not study_id_text.isdigit() or not query.get("batchId", "").isdigit():
+    study_id, batch_id = parse_id(study_id_text), parse_id(query.get("batchId", ""))
+    if study_id is None or batch_id is None:
         raise JatosError(400, "Bad request: studyId and batchId must be numbers")
-    batch = db.one("SELECT * FROM batches WHERE id = ? AND study_id = ?", int(query["batchId"]), int(study_id_text))
+    batch = db.one("SELECT * FROM batches WHERE id = ? AND study_id = ?", batch_id, study_id)
     if batch is None:
         raise JatosError(400, "Unknown study or batch")
     worker_type = _legacy_worker_type(query)
@@ -2264,9 +2312,10 @@ def _legacy_worker_type(query: dict[str, str]) -> str:
 
 
 def _legacy_personal_link(db: Db, batch: sqlite3.Row, worker_type: str, worker_id_text: str) -> str:
-    if not worker_id_text.strip().isdigit():
+    worker_id = parse_id(worker_id_text.strip())
+    if worker_id is None:
         raise JatosError(400, "Couldn't parse worker ID from URL query string")
-    worker = _row(db, "workers", int(worker_id_text))
+    worker = _row(db, "workers", worker_id)
     if worker is None:
         raise JatosError(400, f"Unknown worker {worker_id_text}")
     if worker["type"] != worker_type:
@@ -2527,9 +2576,10 @@ def find_result_file(db: Db, config: Config, sr_uuid: str, filename: str, compon
 
 def _checked_download_component(db: Db, run: Run, component_id: str) -> sqlite3.Row:
     study_id = run.study["id"]
-    if not component_id.isdigit():
+    number = parse_id(component_id)
+    if number is None:
         raise JatosError(400, f"componentId must be a number, not '{component_id}'")
-    component = _row(db, "components", int(component_id))
+    component = _row(db, "components", number)
     if component is None:
         raise JatosError(404, f"An component with ID {component_id} of study {study_id} doesn't exist.")
     if component["study_id"] != study_id:
@@ -2820,7 +2870,7 @@ def _session_patch(db: Db, words: SessionWords, row_id: int, scope: str, conn_id
     try:
         data = _apply_patches(json.loads(row["session_data"] or "{}"), patches)
     except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException, KeyError, IndexError, TypeError,
-            ValueError, AttributeError):
+            ValueError, AttributeError, RecursionError):  # RecursionError: data nested deeper than the stack
         return answer("SESSION_FAIL", version)
     db.run(f"UPDATE {words.table} SET session_data = ?, session_version = ? WHERE id = ?",
            to_json(data), version + 1, row_id)
@@ -2842,11 +2892,12 @@ def _batch_frame(db: Db, conn: sqlite3.Row, scope: str, frame: Any) -> None:
 
 
 def _group_conn_of_member(db: Db, scope: str, member: str) -> str | None:
-    if not member.isdigit():
+    sr_id = parse_id(member)
+    if sr_id is None:
         return None
     return db.value("SELECT c.id FROM channel_conns c JOIN channel_conn_scopes s ON s.conn = c.id "
                     "WHERE c.study_result_id = ? AND c.kind = 'group' AND c.state = 'open' AND s.scope = ? "
-                    "AND s.to_id IS NULL", int(member), scope)
+                    "AND s.to_id IS NULL", sr_id, scope)
 
 
 def _group_frame(db: Db, conn: sqlite3.Row, scope: str, frame: Any) -> None:
@@ -3372,7 +3423,7 @@ def _entry_parts(info: zipfile.ZipInfo) -> list[str]:
 
 def _read_jas(raw: bytes) -> tuple[dict, bool]:
     try:
-        document = json.loads(raw.decode("utf-8-sig"))
+        document = load_json(raw.decode("utf-8-sig"))
     except (UnicodeError, ValueError) as exc:
         raise JatosError(400, f"File is not a valid JATOS study: {exc}", "VALIDATION_ERROR")
     if not isinstance(document, dict) or not isinstance(document.get("data"), dict):
@@ -3381,6 +3432,15 @@ def _read_jas(raw: bytes) -> tuple[dict, bool]:
     if version not in ("0", "2", "3"):
         raise JatosError(400, f"Unsupported study archive version {document.get('version')!r}", "VALIDATION_ERROR")
     return document["data"], version != "3"
+
+
+def _check_name_clashes(entries: list[tuple[zipfile.ZipInfo, list[str]]]) -> None:
+    """A name that is a file in one entry and a folder in another (a/b and a/b/c) cannot be unpacked."""
+    files = {tuple(parts) for info, parts in entries if not info.is_dir()}
+    folders = {tuple(parts[:end]) for info, parts in entries for end in range(1, len(parts) + info.is_dir())}
+    clashes = files & folders
+    if clashes:
+        raise _archive_error(f"The archive has a file and a folder both named {'/'.join(min(clashes))}")
 
 
 def unpack_study_archive(source: Any, target: Path, max_bytes: int) -> StudyArchive:
@@ -3401,6 +3461,7 @@ def unpack_study_archive(source: Any, target: Path, max_bytes: int) -> StudyArch
         folders = {parts[0] for info, parts in entries if len(parts) > 1 or info.is_dir()}
         if len(folders) > 1:
             raise _archive_error("The archive has more than one folder at its top level")
+        _check_name_clashes(entries)
         data, legacy = _read_jas(archive.read(descriptions[0]))
         assets = target / "assets"
         assets.mkdir(parents=True)
@@ -3584,16 +3645,15 @@ def _ids_from_text(text: str) -> list[int]:
         if not element:
             continue
         low, sep, high = element.partition("-")
-        try:
-            if sep:
-                start, stop = int(low), int(high)
-                if stop - start > 1_000_000:
-                    raise JatosError(400, f"Range too large: {element}", "INVALID_REQUEST")
-                ids.extend(range(start, stop + 1))
-            else:
-                ids.append(int(element))
-        except ValueError:
+        start, stop = parse_id(low.strip()), parse_id(high.strip()) if sep else None
+        if start is None or (sep and stop is None):
             raise JatosError(400, f"Invalid ID list: {text}", "INVALID_REQUEST")
+        if stop is None:
+            ids.append(start)
+            continue
+        if stop - start > 1_000_000:
+            raise JatosError(400, f"Range too large: {element}", "INVALID_REQUEST")
+        ids.extend(range(start, stop + 1))
     return ids
 
 
@@ -3620,8 +3680,8 @@ def parse_selection(query: list[tuple[str, str]], body: Any) -> dict[str, set]:
         if key in SELECTORS:
             if key.endswith("Uuid"):
                 selection[key].add(value)
-            elif value.strip().isdigit():
-                selection[key].add(int(value))
+            elif parse_id(value.strip()) is not None:
+                selection[key].add(parse_id(value.strip()))
     if body is None:
         return selection
     if not isinstance(body, dict):
@@ -3970,7 +4030,7 @@ def _json_rows(text: str) -> list[dict[str, Any]]:
     while position < len(text):
         try:
             value, position = decoder.raw_decode(text, position)
-        except ValueError:
+        except (ValueError, RecursionError):  # nested deeper than Python's stack: not a table either
             return []
         values = value if isinstance(value, list) else [value]
         if not all(isinstance(v, dict) and all(not isinstance(x, (dict, list)) for x in v.values()) for v in values):
@@ -4013,13 +4073,14 @@ def results_csv(store: Store, cr_ids: list[int]) -> Iterator[bytes]:
 
 def result_file(db: Db, config: Config, filename: str, cr_id_text: str | None) -> Path:
     """GET /results/files/{filename}: one uploaded file, an export the study log records."""
-    if not cr_id_text or not cr_id_text.isdigit():
+    cr_id = parse_id(cr_id_text or "")
+    if cr_id is None:
         raise JatosError(400, "componentResultId is required and must be a number")
-    sr_id = db.value("SELECT study_result_id FROM component_results WHERE id = ?", int(cr_id_text))
+    sr_id = db.value("SELECT study_result_id FROM component_results WHERE id = ?", cr_id)
     path = None if sr_id is None else confined_path(run_uploads(config, sr_id) / cr_id_text, filename)
     if path is None or not path.is_file():
         raise JatosError(404, f"Result file not found: {filename}")
-    log_for_studies(db, studies_of_results(db, [int(cr_id_text)]), "Exported single result file")
+    log_for_studies(db, studies_of_results(db, [cr_id]), "Exported single result file")
     return path
 
 
@@ -4216,7 +4277,7 @@ def _json_body(limit: int = MAX_JSON_BODY, required: bool = False) -> Any:
             raise JatosError(400, "A JSON body is required", "INVALID_JSON")
         return None
     try:
-        return json.loads(text)
+        return load_json(text)
     except ValueError as exc:
         raise JatosError(400, f"Malformed JSON: {exc}", "INVALID_JSON")
 
@@ -4344,12 +4405,17 @@ def _entry_page(db: Db, code: str | None, query: dict[str, str]) -> str:
                      f"<p><a href=\"{html.escape(target)}\"><button>&#9654;</button></a></p>")
 
 
+def _query_number(query: dict[str, str], key: str, default: int) -> int:
+    number = parse_id(query.get(key, ""))
+    return default if number is None else number
+
+
 def _multi_frame_page(code: str, query: dict[str, str]) -> str:
     """GET /publix/runx: several runs of one link side by side in iframes."""
-    frames = int(query.get("frames", "2")) if query.get("frames", "2").isdigit() else 2
-    h_split = max(1, int(query["hSplit"])) if query.get("hSplit", "").isdigit() else 2
-    v_split = max(1, int(query["vSplit"])) if query.get("vSplit", "").isdigit() else 1
-    delay = int(query["delay"]) if query.get("delay", "").isdigit() else 50
+    frames = _query_number(query, "frames", 2)
+    h_split = max(1, _query_number(query, "hSplit", 2))
+    v_split = max(1, _query_number(query, "vSplit", 1))
+    delay = _query_number(query, "delay", 50)
     rest = urllib.parse.urlencode({k: v for k, v in query.items() if k not in ("code", "frames", "hSplit",
                                                                                "vSplit", "delay")})
     base = f"/publix/{urllib.parse.quote(code)}"
@@ -4504,7 +4570,7 @@ class Call:
 
     def admin(self, db: Db | None = None) -> AdminSession | None:
         """The signed-in researcher whose browser this is (their test runs), if any."""
-        return admin_session_of(db or self.db, _cookie_value(SESSION_COOKIE))
+        return admin_session_of(db or self.db, self.config, _cookie_value(SESSION_COOKIE))
 
     def cookies_to_send(self) -> Iterable[str]:
         return self.__dict__["browser"].outgoing.values() if "browser" in self.__dict__ else ()
@@ -4583,13 +4649,18 @@ def authenticate(db: Db, config: Config) -> dict:
         if metadata is None:
             raise JatosError(401, "Invalid api token", "INVALID_API_TOKEN")
         return metadata
-    session = admin_session_of(db, _cookie_value(SESSION_COOKIE))
+    session = admin_session_of(db, config, _cookie_value(SESSION_COOKIE))
     if session is None:
         raise JatosError(401, "Not signed in: send 'Authorization: Bearer <token>'", "AUTH_ERROR")
-    if bottle.request.method not in ("GET", "HEAD") and not csrf_matches(
-            session, bottle.request.get_header("X-CSRF-Token", "") or ""):
-        raise JatosError(403, "Missing or wrong X-CSRF-Token header", "FORBIDDEN")
+    if bottle.request.method not in ("GET", "HEAD"):
+        check_csrf(session)
     return SESSION_CALLER
+
+
+def check_csrf(session: AdminSession) -> None:
+    """A change asked for with the session cookie carries the CSRF header (cross-site pages can't send it)."""
+    if not csrf_matches(session, bottle.request.get_header("X-CSRF-Token", "") or ""):
+        raise JatosError(403, "Missing or wrong X-CSRF-Token header", "FORBIDDEN")
 
 
 def signed_in(session: AdminSession | None) -> AdminSession:
@@ -4643,7 +4714,7 @@ def publix_multi_frame(call: Call) -> Any:
     code = call.query.get("code", "").strip()
     if not code:
         raise JatosError(400, "Invalid study code")
-    if call.query.get("frames", "2").isdigit() and int(call.query.get("frames", "2")) <= 1:
+    if _query_number(call.query, "frames", 2) <= 1:
         return Redirect(f"/publix/{urllib.parse.quote(code)}")
     return _multi_frame_page(code, call.query)
 
@@ -4814,9 +4885,10 @@ def _poll_request(pairs: list[tuple[str, str]]) -> list[tuple[str, int]]:
     for key, value in pairs:
         if key == "c":
             conn_id, _, cursor = value.partition(":")
-            if not conn_id or not cursor.isdigit():
+            number = parse_id(cursor)
+            if not conn_id or number is None:
                 raise JatosError(400, f"Malformed poll parameter c={value} (expected conn:cursor)")
-            wanted.append((conn_id, int(cursor)))
+            wanted.append((conn_id, number))
     if not wanted or len(wanted) > 4:
         raise JatosError(400, "A poll names one to four channels: c=conn:cursor")
     return wanted
@@ -4839,7 +4911,7 @@ def publix_channel_poll(call: Call, sr: str) -> str:
     longest = call.config.poll_hold_seconds
     hold = min(float(wait_text), longest) if re.fullmatch(r"\d+(\.\d+)?", wait_text) else longest
     page = query.get("page") or " ".join(sorted(c for c, _ in wanted))
-    number = int(query["n"]) if re.fullmatch(r"\d{1,15}", query.get("n", "")) else None
+    number = parse_id(query.get("n", ""))
     return _json_answer(call.hub.poll(sr, wanted, _browser_key(), page, number, hold))
 
 
@@ -4892,12 +4964,22 @@ def jatos_js(call: Call) -> Any:
 # --- Web: the admin page, sign-in and researcher test runs (Jatos worker) ------------------------
 
 def admin_login(call: Call) -> Redirect:
-    if check_api_token(call.db, call.config, call.query.get("token", "")) is None:
+    token = call.query.get("token", "")
+    if check_api_token(call.db, call.config, token) is None:
         raise JatosError(401, "Invalid or expired sign-in token.")
-    secret = open_admin_session(call.db)
+    secret = open_admin_session(call.db, token)
     bottle.response.add_header("Set-Cookie", cookie_header(SESSION_COOKIE, secret, ADMIN_SESSION_SECONDS,
                                                            http_only=True, same_site="Lax"))
     return Redirect("/jatos/")
+
+
+def admin_logout(call: Call) -> str:
+    """jatos-lite: sign out (POST with the CSRF header); the session ends and its cookie is cleared."""
+    session = signed_in(call.admin())
+    check_csrf(session)
+    end_admin_session(call.db, session)
+    bottle.response.add_header("Set-Cookie", cookie_header(SESSION_COOKIE, "", 0, http_only=True, same_site="Lax"))
+    return envelope(message="Signed out")
 
 
 def admin_home(call: Call) -> Any:
@@ -5076,7 +5158,7 @@ def api_study_log(call: Call, study_id: str) -> Any:
         bottle.response.set_header("Content-Disposition", f'attachment; filename="jatos_studylog_{study_uuid}.log"')
         return study_log_stream(call.store, study_uuid, None)
     limit = call.query.get("entryLimit", "-1")
-    if not re.fullmatch(r"-?\d+", limit):
+    if not re.fullmatch(r"-?[0-9]{1,18}", limit):
         raise JatosError(400, "Bad request: 'entryLimit' must be a number")
     bottle.response.content_type = "application/x-ndjson"  # JATOS's type, though the body is one JSON array
     return study_log_stream(call.store, study_uuid, int(limit))
@@ -5202,6 +5284,9 @@ def api_asset_delete(call: Call, study_id: str, filepath: str) -> str:
 # --- Web: JATOS API v1, study codes, sessions, groups --------------------------------------------
 
 def api_study_codes(call: Call, study_id: str) -> str:
+    if bottle.request.method == "GET" and call.token is SESSION_CALLER:
+        raise JatosError(403, "Signed in with the admin page, make study codes with POST (and X-CSRF-Token)",
+                         "FORBIDDEN")
     study = find_study(call.db, study_id)
     body = _json_body() if bottle.request.method == "POST" else None
     params = {**(body if isinstance(body, dict) else {}), **call.query}
@@ -5212,7 +5297,7 @@ def api_study_codes(call: Call, study_id: str) -> str:
         else default_batch(call.db, study["id"])
     try:
         amount = int(params.get("amount") or 1)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise JatosError(400, "Parameter 'amount' must be a number")
     return envelope(study_links_for(call.db, batch, worker_type, amount, params.get("comment")))
 
@@ -5245,9 +5330,10 @@ def _expected_version(query: dict[str, str]) -> int | None:
     text = query.get("version")
     if text in (None, ""):
         return None
-    if not text.isdigit():
+    version = parse_id(text)
+    if version is None:
         raise JatosError(400, "Parameter 'version' must be a number")
-    return int(text)
+    return version
 
 
 def api_session(owner: SessionOwner, call: Call, key: str) -> str:
@@ -5406,6 +5492,7 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/assets/lib/jatos-publix/javascripts/jatos.js", jatos_js),
     # the admin page, sign-in, test runs
     Route("GET", "/jatos/login", admin_login, tx="write"),
+    Route("POST", "/jatos/logout", admin_logout, tx="write"),
     Route("GET", "/jatos/", admin_home),
     Route("GET", "/jatos/<study_id>", admin_study_page),
     Route("GET", "/jatos/<study_id>/run", admin_test_run, tx="write"),

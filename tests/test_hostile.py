@@ -280,3 +280,84 @@ def test_a_header_that_is_not_utf8_is_400(scene) -> None:
     response = scene.client.post(f"/publix/{scene.sr}/{scene.comp}/resultData", b"x",
                                  headers={"Content-Type": "text/plain", "X-Request-Id": "caf\xe9"}, status=400)
     assert "UTF-8" in response.text
+
+
+# --- Robust parsing (issue #16, point 6) --------------------------------------------------------------
+
+DEEP = "[" * 200_000
+
+
+@pytest.mark.parametrize("path", [
+    "/jatos/api/v1/studies/%C2%B2/properties", "/jatos/api/v1/studies/99999999999999999999999/properties",
+    "/jatos/api/v1/batches/%C2%B2/session", "/jatos/api/v1/results?studyId=%C2%B2",
+    "/jatos/api/v1/results?studyResultId=99999999999999999999999",
+    "/jatos/api/v1/results/files/a.txt?componentResultId=%C2%B2",
+    "/jatos/api/v1/results/files/a.txt?componentResultId=99999999999999999999999",
+    "/jatos/api/v1/tokens/99999999999999999999999"])
+def test_ids_with_other_digits_or_too_many_are_not_found_not_a_500(client: webtest.TestApp, path: str) -> None:
+    """Refused, or (a results selector in the query) ignored like any other word."""
+    assert client.get(path, headers=AUTH, expect_errors=True).status_int < 500
+
+
+@pytest.mark.parametrize("query", ["?batchId=%C2%B2&generalMultiple", "?batchId=99999999999999999999999&generalMultiple"])
+def test_an_old_link_with_odd_digits_is_refused_not_a_500(lab: Lab, query: str) -> None:
+    """Unauthenticated: anyone on the network can ask."""
+    study = lab.study()
+    assert_refused(lab.client.get(f"/publix/{study['id']}/start{query}", expect_errors=True))
+    assert_refused(lab.client.get(f"/publix/99999999999999999999999/start{query}", expect_errors=True))
+
+
+def test_deeply_nested_result_data_leaves_the_merged_csv_working(scene: Scene) -> None:
+    """Such data is not a table: the export still answers, with the other runs' rows."""
+    scene.browser.put(f"/publix/{scene.sr}/{scene.comp}/resultData", DEEP, headers={"Content-Type": "text/plain"})
+    browser, sr, comp = start(scene.lab, scene.lab.client.get("/jatos/api/v1/studies/properties", headers=AUTH)
+                              .json["data"][0]["id"])
+    browser.put(f"/publix/{sr}/{comp}/resultData", '[{"rt": 412}]', headers={"Content-Type": "text/plain"})
+    text = scene.client.get("/jatos/api/v1/results/data?studyId=1&format=csv", headers=AUTH).text
+    assert text.splitlines()[0].endswith(",rt") and text.splitlines()[1].endswith(",412")
+
+
+@pytest.mark.parametrize("what", ["open", "send"])
+def test_deeply_nested_json_from_a_participant_is_400(scene: Scene, what: str) -> None:
+    before = scene.fingerprint()
+    path = {"open": "batch/open", "send": "channels/nope/send"}[what]
+    response = scene.browser.post(f"/publix/{scene.sr}/{path}", DEEP, headers={"Content-Type": "application/json"},
+                                  expect_errors=True)
+    assert_refused(response)
+    assert scene.fingerprint() == before
+
+
+@pytest.mark.parametrize("body", ['{"data": ' + "[" * 100_000 + "}", DEEP], ids=["in an object", "bare"])
+def test_deeply_nested_api_bodies_are_400(lab: Lab, body: str) -> None:
+    lab.study()
+    for method, path in (("PATCH", "/jatos/api/v1/batches/1/session"),
+                         ("POST", "/jatos/api/v1/studies/1/studyCodes"),
+                         ("PATCH", "/jatos/api/v1/studies/1/properties")):
+        assert_refused(lab.client.request(path, method=method, body=body.encode(),
+                                          headers={**AUTH, "Content-Type": "application/json"}, expect_errors=True))
+
+
+@pytest.mark.parametrize("expires_after", [10 ** 30, 2 ** 63, 101 * 365 * 86400])
+def test_a_token_lifetime_beyond_reason_is_400(client: webtest.TestApp, expires_after: int) -> None:
+    client.post_json("/jatos/api/v1/users/1/tokens", {"name": "x", "expiresAfter": expires_after},
+                     headers=AUTH, status=400)
+    assert client.get("/jatos/api/v1/users/1/tokens", headers=AUTH).json["data"] == []
+
+
+@pytest.mark.parametrize("comment", [{"a": 1}, ["x"], 5, True])
+def test_a_study_code_comment_that_is_not_text_is_400(lab: Lab, comment: object) -> None:
+    study = lab.study()
+    before = len(lab.client.get(f"/jatos/api/v1/studies/{study['id']}/studyLinks", headers=AUTH).json["data"])
+    lab.client.post_json(f"/jatos/api/v1/studies/{study['id']}/studyCodes", {"type": "ps", "comment": comment},
+                         headers=AUTH, status=400)
+    assert len(lab.client.get(f"/jatos/api/v1/studies/{study['id']}/studyLinks", headers=AUTH).json["data"]) == before
+
+
+def test_an_archive_whose_file_and_folder_names_clash_is_400(scene: Scene) -> None:
+    before = scene.fingerprint()
+    studies = scene.client.app.config["jatos_lite.config"].studies
+    folders = sorted(p.name for p in studies.iterdir())
+    archive = zip_with({"study.jas": valid_jas(), "evil/a/b": b"file", "evil/a/b/c": b"file in a folder"})
+    assert scene.lab.import_study(archive, status=400)["error"]["message"]
+    assert scene.fingerprint() == before
+    assert sorted(p.name for p in studies.iterdir()) == folders

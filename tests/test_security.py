@@ -291,3 +291,79 @@ def test_legacy_links_naming_a_worker_lead_to_its_link_when_switched_on(legacy_l
     redirect = legacy_lab.client.get(f"/publix/{study['id']}/start?batchId={study['batches'][0]['id']}"
                                      f"&{param}={worker}", status=303)
     assert urllib.parse.urlsplit(redirect.headers["Location"]).path == f"/publix/{code}"
+
+
+# --- Admin sessions and cookie-authenticated changes (issue #16, point 6) ------------------------------
+
+API = "/jatos/api/v1"
+
+
+def signed_in_browser(lab: Lab, token: str | None = None) -> webtest.TestApp:
+    browser = webtest.TestApp(lab.client.app)
+    if token is None:
+        lab.sign_in(browser)
+    else:
+        browser.get(f"/jatos/login?token={token}", status=303)
+    browser.get(f"{API}/studies/properties", status=200)
+    return browser
+
+
+def csrf_of(browser: webtest.TestApp) -> dict:
+    return {"X-CSRF-Token": browser.get(f"{API}/admin/session").json["data"]["csrfToken"]}
+
+
+def test_an_admin_session_expires_seven_days_after_sign_in(lab: Lab) -> None:
+    import jatos_lite
+
+    browser = signed_in_browser(lab)
+    with lab.client.app.config["jatos_lite.store"].tx() as db:
+        db.run("UPDATE admin_sessions SET created = created - ?", jatos_lite.ADMIN_SESSION_SECONDS * 1000 + 1000)
+    browser.get(f"{API}/studies/properties", status=401)
+
+
+@pytest.mark.parametrize("end", ["deactivate", "delete"])
+def test_an_admin_session_ends_with_the_token_it_was_signed_in_with(lab: Lab, end: str) -> None:
+    made = lab.client.post_json(f"{API}/users/1/tokens", {"name": "laptop", "expiresAfter": 0}, headers=AUTH).json
+    browser = signed_in_browser(lab, made["data"]["token"])
+    token_id = made["data"]["id"]
+    if end == "deactivate":
+        lab.client.patch_json(f"{API}/tokens/{token_id}", {"active": False}, headers=AUTH)
+    else:
+        lab.client.delete(f"{API}/tokens/{token_id}", headers=AUTH)
+    browser.get(f"{API}/studies/properties", status=401)
+
+
+def test_a_restart_signs_out_browsers_signed_in_with_the_old_link(lab: Lab) -> None:
+    import jatos_lite
+
+    store = lab.client.app.config["jatos_lite.store"]
+    with store.tx() as db:
+        first = jatos_lite.renew_sign_in_token(db)
+    browser = signed_in_browser(lab, first)
+    with store.tx() as db:
+        jatos_lite.renew_sign_in_token(db)
+    browser.get(f"{API}/studies/properties", status=401)
+
+
+def test_signing_out_ends_the_session_and_needs_the_csrf_header(lab: Lab) -> None:
+    browser = signed_in_browser(lab)
+    browser.post("/jatos/logout", status=403)
+    browser.get(f"{API}/studies/properties", status=200)
+    answer = browser.post("/jatos/logout", headers=csrf_of(browser), status=200)
+    assert "JATOS_LITE_SESSION=;" in answer.headers["Set-Cookie"]
+    browser.get(f"{API}/studies/properties", status=401)
+    with lab.client.app.config["jatos_lite.store"].snapshot() as db:
+        assert db.value("SELECT count(*) FROM admin_sessions") == 0
+
+
+def test_study_codes_by_get_need_a_bearer_token_not_the_session_cookie(lab: Lab) -> None:
+    """A cross-site link or image could make the signed-in browser GET; only POST with the header may make links."""
+    study = lab.study()
+    browser = signed_in_browser(lab)
+    links = f"{API}/studies/{study['id']}/studyLinks"
+    before = len(lab.client.get(links, headers=AUTH).json["data"])
+    browser.get(f"{API}/studies/{study['id']}/studyCodes?type=pm&amount=10", status=403)
+    assert len(lab.client.get(links, headers=AUTH).json["data"]) == before
+    assert browser.post_json(f"{API}/studies/{study['id']}/studyCodes", {"type": "pm"}, headers=csrf_of(browser)
+                             ).json["data"]
+    assert lab.client.get(f"{API}/studies/{study['id']}/studyCodes?type=pm", headers=AUTH).json["data"]
