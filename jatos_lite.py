@@ -37,6 +37,7 @@ import csv
 import dataclasses
 import datetime
 import decimal
+import email.utils
 import functools
 import hashlib
 import hmac
@@ -4310,15 +4311,21 @@ def _range_chunks(source: Any, remaining: int) -> Iterator[bytes]:
 
 def send_file(path: Path, content_type: str | None = None, disposition: str = "inline",
               cache_control: str | None = None) -> Any:
-    """A file as the response body, with Range support (video in Safari needs it)."""
+    """A file as the response body, with Range support (video in Safari needs it). A file that
+    may be kept (`cache_control` without no-store) carries an ETag and Last-Modified, and a
+    browser that still has this version is answered 304 without the body."""
     response = bottle.response
-    size = path.stat().st_size
+    info = path.stat()
+    size = info.st_size
     response.content_type = content_type or content_type_for(path)
     quoted = urllib.parse.quote(path.name)
     response.set_header("Content-Disposition", f"{disposition}; filename*=UTF-8''{quoted}")
     response.set_header("Accept-Ranges", "bytes")
     if cache_control:
         response.set_header("Cache-Control", cache_control)
+        if "no-store" not in cache_control and _still_fresh(info):
+            response.status = 304
+            return ""
     byte_range = _parse_range(bottle.request.get_header("Range", ""), size) if size else None
     source = open(path, "rb")
     if byte_range is None:
@@ -4330,6 +4337,20 @@ def send_file(path: Path, content_type: str | None = None, disposition: str = "i
     response.set_header("Content-Range", f"bytes {start}-{end}/{size}")
     response.set_header("Content-Length", str(end - start + 1))
     return _range_chunks(source, end - start + 1)
+
+
+def _still_fresh(info: os.stat_result) -> bool:
+    """Set the file's validators; True if the request's conditional headers match them."""
+    tag = f'"{info.st_mtime_ns:x}-{info.st_size:x}"'
+    bottle.response.set_header("ETag", tag)
+    bottle.response.set_header("Last-Modified", email.utils.formatdate(info.st_mtime, usegmt=True))
+    wanted = bottle.request.get_header("If-None-Match")
+    if wanted is not None:
+        return tag in (part.strip() for part in wanted.split(",")) or wanted.strip() == "*"
+    since = bottle.request.get_header("If-Modified-Since")
+    with contextlib.suppress(TypeError, ValueError, IndexError):
+        return since is not None and int(info.st_mtime) <= email.utils.parsedate_to_datetime(since).timestamp()
+    return False
 
 
 def _error_page(message: str) -> str:
@@ -4950,7 +4971,7 @@ def study_asset(call: Call, relative: str, check_cookie: bool = True) -> Any:
         raise JatosError(403, f"You tried to access the file {relative} but it seems you have no access rights.")
     if not path.is_file():
         _not_found(relative)
-    return send_file(path, cache_control="private")
+    return send_file(path, cache_control="private, no-cache")  # private as in JATOS; kept, but revalidated
 
 
 def jatos_js(call: Call) -> Any:

@@ -55,3 +55,17 @@ def test_example_study_is_installed_once(example_server) -> None:
     jatos_lite.install_example_study(jatos_lite.Store(example_server.config.db_path), example_server.config)
     with jatos_lite.Store(example_server.config.db_path).snapshot() as db:
         assert db.value("SELECT COUNT(*) FROM studies") == 1
+
+
+def test_a_reload_fetches_no_unchanged_file_again(example_server, chromium) -> None:
+    """Lab Wi-Fi: on a reload the browser asks whether jatos.js and the study's files changed,
+    and the server answers 304 without sending them again."""
+    _, code = example_link(jatos_lite.Store(example_server.config.db_path))
+    page = chromium.new_context().new_page()
+    page.goto(f"{example_server.url}/publix/{code}")
+    page.wait_for_selector("#go", timeout=10_000)
+    answers: dict[str, int] = {}
+    page.on("response", lambda response: answers.__setitem__(response.url.rsplit("/", 1)[-1], response.status))
+    page.reload()
+    page.wait_for_selector("#go", timeout=10_000)
+    assert answers.get("jatos.js") == 304 and answers.get("style.css") == 304

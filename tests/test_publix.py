@@ -960,10 +960,39 @@ def test_data_endpoints_answer_no_store(lab: Lab, name: str) -> None:
 
 
 def test_study_assets_are_private(lab: Lab) -> None:
+    """§11.2: private as in JATOS; jatos-lite adds no-cache: a tablet keeps the file but asks
+    whether it changed (a 304 answer carries no body), so an edited asset shows at once."""
     _, run = make_run(lab, dir_name="my_assets", files={"img/a.txt": "asset"})
     for path in ("/study_assets/my_assets/img/a.txt", run.url(f"{run.comp}/img/a.txt")):
         response = run.browser.get(path, status=200)
-        assert response.text == "asset" and cache_directives(response) == {"private"}
+        assert response.text == "asset" and cache_directives(response) == {"private", "no-cache"}
+
+
+def test_an_unchanged_asset_or_jatos_js_is_answered_304_without_a_body(lab: Lab) -> None:
+    study, run = make_run(lab, dir_name="cached", files={"img/a.txt": "asset"})
+    for path in ("/study_assets/cached/img/a.txt", run.url(f"{run.comp}/img/a.txt"), run.url(f"{run.comp}/jatos.js")):
+        first = run.browser.get(path, status=200)
+        assert first.headers["ETag"] and first.headers["Last-Modified"]
+        again = run.browser.get(path, headers={"If-None-Match": first.headers["ETag"]}, status=304)
+        assert again.body == b""
+        since = run.browser.get(path, headers={"If-Modified-Since": first.headers["Last-Modified"]}, status=304)
+        assert since.body == b""
+        run.browser.get(path, headers={"If-None-Match": '"other"'}, status=200)
+
+
+def test_an_edited_asset_is_sent_again(lab: Lab) -> None:
+    study, run = make_run(lab, dir_name="edited", files={"img/a.txt": "first"})
+    tag = run.browser.get("/study_assets/edited/img/a.txt", status=200).headers["ETag"]
+    (lab.client.app.config["jatos_lite.config"].studies / "edited" / "img" / "a.txt").write_text("second, longer")
+    response = run.browser.get("/study_assets/edited/img/a.txt", headers={"If-None-Match": tag}, status=200)
+    assert response.text == "second, longer" and response.headers["ETag"] != tag
+
+
+def test_result_files_are_never_answered_from_a_cache(lab: Lab) -> None:
+    _, run = make_run(lab)
+    run.browser.post(run.url(f"{run.comp}/files/a.txt"), upload_files=[("file", "a.txt", b"data")], status=200)
+    response = run.browser.get(run.url("files/a.txt"), headers={"If-None-Match": "*"}, status=200)
+    assert response.body == b"data" and "ETag" not in response.headers
 
 
 def test_jatos_js_next_to_the_component_page_is_private(lab: Lab) -> None:
