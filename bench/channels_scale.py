@@ -54,7 +54,8 @@ JATOS_LITE = textwrap.dedent('''
 
 # argv = folder, port, threads. Conns are named g<group>-<member>; a poll waits on its group.
 RELAY = textwrap.dedent('''
-    import collections, json, sys, threading, urllib.parse, waitress
+    import collections, json, logging, sys, threading, urllib.parse, waitress
+    logging.disable(logging.WARNING)
     port, threads = int(sys.argv[2]), int(sys.argv[3])
     groups, changed = collections.defaultdict(list), threading.Condition()
     def answer(start_response, body):
