@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import copy
 import csv
 import dataclasses
 import datetime
@@ -71,6 +72,7 @@ import bottle
 import jsonpatch
 import jsonpointer
 import waitress.channel
+import waitress.parser
 import waitress.server
 
 __version__ = "0.1.0"
@@ -84,6 +86,7 @@ log = logging.getLogger("jatos_lite")
 ###############################################################################
 
 ENV_PREFIX = "JATOS_LITE_"
+BODY_MARGIN = 1_000_000  # room for a multipart upload's headers, and for an upload refused without parsing it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +102,12 @@ class Config:
     max_result_data: int = 5_000_000
     max_upload: int = 30_000_000
     max_uploads_per_run: int = 50_000_000
-    max_archive: int = 2_000_000_000
+    max_archive: int = 2_000_000_000  # a study archive or study assets file (the admin's uploads)
+    max_request_body: int = 32_000_000  # any other request (at least max_upload + 1 MB)
+    max_uploads_per_batch: int = 2_000_000_000  # files of all runs of a batch's links anyone can start again
+    max_query_string: int = 10_000  # a run's stored URL query (as JSON)
+    max_session: int = 1_000_000  # a batch or group session (as JSON)
+    min_free_disk: int = 200_000_000  # writes are refused (507) when the data folder's disk has less free
     id_cookie_limit: int = 10
     uploads_enabled: bool = True
     legacy_links: bool = False  # pre-3.7 links naming a personal worker or General Single: see legacy_start
@@ -121,6 +129,11 @@ class Config:
     @property
     def tmp(self) -> Path:
         return self.data / "tmp"
+
+    @property
+    def body_limit(self) -> int:
+        """The largest body of any request but an archive or study assets upload."""
+        return max(self.max_request_body, self.max_upload + BODY_MARGIN)
 
 
 def _parse_bool(text: str) -> bool:
@@ -394,6 +407,42 @@ def digested(chunks: Iterable[bytes], digest: Any) -> Iterator[bytes]:
     for chunk in chunks:
         digest.update(chunk)
         yield chunk
+
+
+DISK_CHECK_SECONDS = 1.0
+
+
+class FreeSpace:
+    """The free space on the data folder's disk, against a floor. Every write asks, so the
+    system is asked at most once a second."""
+
+    def __init__(self, folder: Path, floor: int):
+        self.folder, self.floor = folder, floor
+        self._lock = threading.Lock()
+        self._asked = -DISK_CHECK_SECONDS
+        self._free = 0
+
+    def bytes(self) -> int:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._asked >= DISK_CHECK_SECONDS:
+                self._free, self._asked = shutil.disk_usage(self.folder).free, now
+            return self._free
+
+    def warning(self) -> str | None:
+        """What to tell the researcher when the disk is below the floor."""
+        free = self.bytes()
+        if free >= self.floor:
+            return None
+        return (f"The disk of the data folder has only {human_bytes(free)} free (less than "
+                f"{human_bytes(self.floor)}): participants' data, files and sessions are refused until you free space.")
+
+    def check(self) -> None:
+        """Refuse a participant's write (507) while the disk is below the floor."""
+        if self.bytes() < self.floor:
+            log.warning("refused a write: %s free on the data folder's disk", human_bytes(self._free))
+            raise JatosError(507, "The server's disk is full: your data could not be stored. "
+                                  "Please tell the researcher.")
 
 
 def resource_dir() -> Path:
@@ -972,6 +1021,7 @@ WORKER_TYPE_ALIASES = {"jatos": "Jatos", "ja": "Jatos", "personalsingle": "Perso
                        "generalmultiple": "GeneralMultiple", "gm": "GeneralMultiple", "mturk": "MT",
                        "mt": "MT", "mturksandbox": "MTSandbox", "mts": "MTSandbox"}
 SINGLE_TYPES = ("PersonalSingle", "GeneralSingle")
+OPEN_TYPES = ("GeneralSingle", "GeneralMultiple", "MT", "MTSandbox")  # links that make a new worker for anyone
 MTURK_TYPES = ("MT", "MTSandbox")
 JATOS_WORKER_ID = 1
 ADMIN_USER = {"id": 1, "username": "admin"}
@@ -2244,8 +2294,10 @@ def first_active_component(db: Db, study_id: int) -> sqlite3.Row | None:
 
 
 def start_run(db: Db, code: str, query: dict[str, str], browser: Browser,
-              session: AdminSession | None) -> Redirect:
+              session: AdminSession | None, max_query: int) -> Redirect:
     """GET /publix/{code}: start (or resume) a study run and send the browser to its first component."""
+    if len(to_json(query).encode()) > max_query:
+        raise JatosError(400, f"The link's query string is longer than {human_bytes(max_query)}.")
     link = db.one("SELECT * FROM study_links WHERE code = ?", code)
     if link is None:
         raise JatosError(400, "No valid study link")
@@ -2518,6 +2570,28 @@ def _uploads_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
 
 
+def _open_runs_uploads_size(db: Db, config: Config, batch_id: int) -> int:
+    """The files of a batch's runs whose links anyone can start again and again."""
+    sr_ids = db.all("SELECT sr.id FROM study_results sr JOIN workers w ON w.id = sr.worker_id "
+                    "WHERE sr.batch_id = ? AND w.type IN (SELECT value FROM json_each(?))",
+                    batch_id, to_json(OPEN_TYPES))
+    return sum(_uploads_size(run_uploads(config, row[0])) for row in sr_ids)
+
+
+def _check_upload_quotas(db: Db, config: Config, run: Run, cr_id: int, size: int) -> None:
+    """JATOS's limits per file and per run, and jatos-lite's per batch for runs anyone can start."""
+    if size > config.max_upload:
+        _flag_quota(db, run.sr["id"], cr_id)
+        raise CommittedError(413, "File size too large")
+    if _uploads_size(run_uploads(config, run.sr["id"])) + size > config.max_uploads_per_run:
+        _flag_quota(db, run.sr["id"], None)
+        raise CommittedError(413, "Reached max file size limit per study run")
+    if run.worker_type in OPEN_TYPES and \
+            _open_runs_uploads_size(db, config, run.batch["id"]) + size > config.max_uploads_per_batch:
+        _flag_quota(db, run.sr["id"], None)
+        raise CommittedError(413, "Reached max file size limit of this batch's study links")
+
+
 @dataclasses.dataclass
 class Upload:
     """An uploaded result file: its size, and its content unless it was too large to read."""
@@ -2538,13 +2612,7 @@ def store_result_file(db: Db, config: Config, sr_uuid: str, comp_uuid: str, file
         raise JatosError(403, "Impossible to upload result file to component result")
     if upload is None:
         raise JatosError(400, "Missing file")
-    size = upload.size
-    if size > config.max_upload:
-        _flag_quota(db, run.sr["id"], cr["id"])
-        raise CommittedError(413, "File size too large")
-    if _uploads_size(run_uploads(config, run.sr["id"])) + size > config.max_uploads_per_run:
-        _flag_quota(db, run.sr["id"], None)
-        raise CommittedError(413, "Reached max file size limit per study run")
+    _check_upload_quotas(db, config, run, cr["id"], upload.size)
     if not is_portable_name(filename):
         raise JatosError(400, "Bad filename")
     digest = hashlib.sha256()
@@ -2700,6 +2768,7 @@ POLLED_CONN_MEMORY_SECONDS = 1.0
 WATCH_INTERVAL_SECONDS = 0.025  # how often the hub looks for other processes' commits
 WATCH_ERROR_PAUSE_SECONDS = 1.0
 HELD_POLLS_PER_BROWSER = 4
+HELD_POLLS_PER_RUN = 2  # a run's page holds one; a reloaded page's old poll may not have ended yet
 POLL_RETRY_AFTER_MS = 1000  # a poll released to make room asks its page to wait before the next
 
 
@@ -2840,6 +2909,10 @@ def _open_own_conn(db: Db, sr_uuid: str, conn_id: str) -> sqlite3.Row:
     return conn
 
 
+def session_too_large(max_session: int) -> str:
+    return f"The session would be larger than {human_bytes(max_session)}: the change was refused."
+
+
 def _apply_patches(data: Any, patches: list) -> Any:
     """RFC 6902, all or nothing, with JATOS's rule that a first 'remove /' clears the session."""
     first = patches[0]
@@ -2849,7 +2922,7 @@ def _apply_patches(data: Any, patches: list) -> Any:
 
 
 def _session_patch(db: Db, words: SessionWords, row_id: int, scope: str, conn_id: str, frame: dict,
-                   context: dict) -> None:
+                   context: dict, max_session: int) -> None:
     """One session patch, serialised with every other write of the scope (§3.3)."""
     row = db.one(f"SELECT session_data, session_version FROM {words.table} WHERE id = ?", row_id)
     version = row["session_version"]
@@ -2873,13 +2946,18 @@ def _session_patch(db: Db, words: SessionWords, row_id: int, scope: str, conn_id
     except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException, KeyError, IndexError, TypeError,
             ValueError, AttributeError, RecursionError):  # RecursionError: data nested deeper than the stack
         return answer("SESSION_FAIL", version)
+    text = to_json(data)
+    if len(text.encode()) > max_session:
+        append_event(db, scope, {"action": "ERROR", "errorMsg": session_too_large(max_session), **context},
+                     recipient=conn_id)
+        return answer("SESSION_FAIL", version)
     db.run(f"UPDATE {words.table} SET session_data = ?, session_version = ? WHERE id = ?",
-           to_json(data), version + 1, row_id)
+           text, version + 1, row_id)
     append_event(db, scope, {"action": "SESSION", words.patches: patches, words.version: version + 1})
     answer("SESSION_ACK", version + 1)
 
 
-def _batch_frame(db: Db, conn: sqlite3.Row, scope: str, frame: Any) -> None:
+def _batch_frame(db: Db, conn: sqlite3.Row, scope: str, frame: Any, max_session: int) -> None:
     def reply(message: dict) -> None:
         append_event(db, scope, message, recipient=conn["id"])
 
@@ -2889,7 +2967,7 @@ def _batch_frame(db: Db, conn: sqlite3.Row, scope: str, frame: Any) -> None:
         return reply({"heartbeat": "pong"})
     if frame.get("action") != "SESSION":
         return reply({"action": "ERROR", "errorMsg": f"Unknown action {frame.get('action')}"})
-    _session_patch(db, BATCH_SESSION, int(scope[2:]), scope, conn["id"], frame, {})
+    _session_patch(db, BATCH_SESSION, int(scope[2:]), scope, conn["id"], frame, {}, max_session)
 
 
 def _group_conn_of_member(db: Db, scope: str, member: str) -> str | None:
@@ -2901,7 +2979,7 @@ def _group_conn_of_member(db: Db, scope: str, member: str) -> str | None:
                     "AND s.to_id IS NULL", sr_id, scope)
 
 
-def _group_frame(db: Db, conn: sqlite3.Row, scope: str, frame: Any) -> None:
+def _group_frame(db: Db, conn: sqlite3.Row, scope: str, frame: Any, max_session: int) -> None:
     group_id = scope[2:]
 
     def reply(message: dict) -> None:
@@ -2915,7 +2993,7 @@ def _group_frame(db: Db, conn: sqlite3.Row, scope: str, frame: Any) -> None:
     if action == "SESSION":
         group = group_row(db, int(group_id))
         return _session_patch(db, GROUP_SESSION, group["id"], scope, conn["id"], frame,
-                              {"groupResultId": group_id, "groupState": group["state"]})
+                              {"groupResultId": group_id, "groupState": group["state"]}, max_session)
     if action == "FIXED":
         db.run("UPDATE group_results SET state = 'FIXED' WHERE id = ?", int(group_id))
         return reply({"action": "FIXED", "groupResultId": group_id, "groupState": "FIXED",
@@ -2934,7 +3012,7 @@ def _group_frame(db: Db, conn: sqlite3.Row, scope: str, frame: Any) -> None:
     append_event(db, scope, {"recipient": recipient, **forwarded}, recipient=target)
 
 
-def channel_send(db: Db, sr_uuid: str, conn_id: str, cseq: Any, frames: Any) -> None:
+def channel_send(db: Db, sr_uuid: str, conn_id: str, cseq: Any, frames: Any, max_session: int) -> None:
     """POST .../channels/{conn}/send: apply frames in order, exactly once per sequence number."""
     conn = _open_own_conn(db, sr_uuid, conn_id)
     if not isinstance(cseq, int) or isinstance(cseq, bool) or not isinstance(frames, list):
@@ -2945,7 +3023,7 @@ def channel_send(db: Db, sr_uuid: str, conn_id: str, cseq: Any, frames: Any) -> 
         raise JatosError(409, f"Frames must be sent in order: expected cseq {conn['last_cseq'] + 1}")
     handle = _batch_frame if conn["kind"] == "batch" else _group_frame
     for frame in frames:
-        handle(db, conn, conn["scope"], frame)
+        handle(db, conn, conn["scope"], frame, max_session)
     db.run("UPDATE channel_conns SET last_cseq = ?, last_seen = ? WHERE id = ?", cseq, time.time(), conn_id)
 
 
@@ -2983,15 +3061,19 @@ def session_object(db: Db, words: SessionWords, row_id: int, as_text: bool) -> d
     return {"version": row["session_version"], "sessionData": text if as_text else json.loads(text)}
 
 
-def replace_session(db: Db, words: SessionWords, row_id: int, data: Any, expected_version: int | None) -> int:
+def replace_session(db: Db, words: SessionWords, row_id: int, data: Any, expected_version: int | None,
+                    max_session: int) -> int:
     """A researcher's edit of a whole session: applied only on the version it was made from
     (default: the current one); open channels take the new state over as a resync."""
     version = db.value(f"SELECT session_version FROM {words.table} WHERE id = ?", row_id)
     if expected_version is not None and expected_version != version:
         kind = "Batch" if words is BATCH_SESSION else "Group"
         raise JatosError(403, f"{kind} session version conflict", "FORBIDDEN")
+    text = to_json(data)
+    if len(text.encode()) > max_session:
+        raise JatosError(413, session_too_large(max_session), "INVALID_REQUEST")
     db.run(f"UPDATE {words.table} SET session_data = ?, session_version = ? WHERE id = ?",
-           to_json(data), version + 1, row_id)
+           text, version + 1, row_id)
     scope = batch_scope(row_id) if words is BATCH_SESSION else group_scope(row_id)
     append_event(db, scope, _state_of_scope(db, scope))
     return version + 1
@@ -3109,7 +3191,7 @@ class ChannelHub:
         self.generation = 0
         self._scope_generation: dict[str, int] = {}
         self._lock = threading.Lock()
-        self._held: dict[int, tuple[str, str, int]] = {}  # ticket -> (browser, page, order within the page)
+        self._held: dict[int, tuple[str, tuple[str | None, str], int]] = {}  # ticket -> (browser, (run, page), order)
         self._released: set[int] = set()
         self._waiting: dict[int, tuple[dict[str, str], threading.Event]] = {}  # ticket -> (conn -> scope, wake-up)
         self._announced: set[int] = set()  # events of our own commits the watcher need not wake for
@@ -3286,22 +3368,26 @@ class ChannelHub:
                 self._watcher.start()
 
     @contextlib.contextmanager
-    def hold(self, browser: str, page: str, number: int | None = None) -> Iterator[int]:
+    def hold(self, browser: str, page: str, number: int | None = None, run: str | None = None) -> Iterator[int]:
         """A ticket to hold a poll. Taking it releases (answers at once) the page's earlier poll,
-        the browser's oldest beyond four (browsers open about six connections per server, and
-        the page's data requests need some), and the server's oldest when it holds its maximum.
+        the run's oldest beyond two and the browser's oldest beyond four (browsers open about six
+        connections per server, and the page's data requests need some), and the server's oldest
+        when it holds its maximum. A page is named by the client, so it counts only within its
+        run, and the browser key is a cookie the client may leave out: the run's share is what
+        keeps one participant from pushing out the others' polls.
         A page's polls are ordered by the number it gives them, else by arrival: a poll the page
         aborted can reach the server after its successor, and is then answered at once itself."""
+        key = (run, page)
         with self._lock:
             ticket = next(self._tickets)
             order = ticket if number is None else number
-            overtaken = any(held_page == page and held_order > order
-                            for _, held_page, held_order in self._held.values())
+            overtaken = any(held_key == key and held_order > order
+                            for _, held_key, held_order in self._held.values())
             if overtaken:
                 self._released.add(ticket)
             else:
-                self._make_room(browser, page)
-            self._held[ticket] = (browser, page, order)
+                self._make_room(browser, key)
+            self._held[ticket] = (browser, key, order)
         try:
             yield ticket
         finally:
@@ -3309,15 +3395,20 @@ class ChannelHub:
                 self._held.pop(ticket, None)
                 self._released.discard(ticket)
 
-    def _make_room(self, browser: str, page: str) -> None:
-        """(Under the lock.) Release what a new held poll of `page` replaces or pushes out."""
-        for held, (_, held_page, _) in self._held.items():
-            if held_page == page:
+    def _make_room(self, browser: str, key: tuple[str | None, str]) -> None:
+        """(Under the lock.) Release what a new held poll of the page `key` (run, page) replaces
+        or pushes out."""
+        for held, (_, held_key, _) in self._held.items():
+            if held_key == key:
                 self._release(held)
         holding = sorted(t for t in self._held if t not in self._released)
-        same_browser = [t for t in holding if self._held[t][0] == browser]
+        same_run = [t for t in holding if key[0] is not None and self._held[t][1][0] == key[0]]
+        if len(same_run) >= HELD_POLLS_PER_RUN:
+            self._release(same_run[0])
+        same_browser = [t for t in holding if self._held[t][0] == browser and t not in self._released]
         if len(same_browser) >= HELD_POLLS_PER_BROWSER:
             self._release(same_browser[0])
+        holding = [t for t in holding if t not in self._released]
         if len(holding) >= self.max_held:
             self._release(holding[0])
 
@@ -3351,10 +3442,11 @@ class ChannelHub:
         else when news comes, the hold ends, or the poll must make room (then with retryAfter)."""
         self.start_watching()
         deadline = time.monotonic() + hold_seconds
-        with self.hold(browser, page, number) as ticket:
-            generation, conn_changes = self.generation, self.conn_changes
-            answer, scopes, seen = self.poll_from_memory(sr_uuid, wanted, conn_changes) \
-                or self._poll_database(sr_uuid, wanted)
+        generation, conn_changes = self.generation, self.conn_changes
+        # read first: a poll for conns that are not the run's is refused before it can push anyone out
+        answer, scopes, seen = self.poll_from_memory(sr_uuid, wanted, conn_changes) \
+            or self._poll_database(sr_uuid, wanted)
+        with self.hold(browser, page, number, sr_uuid) as ticket:
             if seen:  # the page is there now (not necessarily when the answer leaves); most polls write nothing
                 self.mark_seen(sr_uuid, seen)
             while True:
@@ -4184,7 +4276,6 @@ def delete_study_rows(db: Db, config: Config, study: sqlite3.Row) -> None:
 MAX_JSON_BODY = 10_000_000  # an API body (study properties, selections, sessions)
 MAX_LOG_BODY = 100_000  # a jatos.log line
 MAX_OPEN_BODY = 10_000  # opening a channel
-UPLOAD_PARSE_MARGIN = 1_000_000  # an upload body this much over the limit is refused without parsing it
 FAVICON_CACHE_SECONDS = 86400
 CONFIRMATION_COOKIE_SECONDS = 86400
 SESSION_COOKIE = "JATOS_LITE_SESSION"
@@ -4578,6 +4669,7 @@ class Call:
         self.config: Config = app.config["jatos_lite.config"]
         self.store: Store = app.config["jatos_lite.store"]
         self.hub: ChannelHub = app.config["jatos_lite.hub"]
+        self.free_space: FreeSpace = app.config["jatos_lite.free_space"]
         self.db: Db = None  # type: ignore[assignment]  # set when the route takes a transaction
         self.token: dict = {}
 
@@ -4745,7 +4837,8 @@ def publix_legacy_start(call: Call, study_id: str) -> Redirect:
 
 
 def publix_start(call: Call, code: str) -> Redirect:
-    return start_run(call.db, code, call.query, call.browser, call.admin())
+    call.free_space.check()
+    return start_run(call.db, code, call.query, call.browser, call.admin(), call.config.max_query_string)
 
 
 def publix_end(call: Call, sr: str) -> Any:
@@ -4812,6 +4905,7 @@ def publix_heartbeat(call: Call, sr: str) -> str:
 
 
 def publix_study_session(call: Call, sr: str) -> str:
+    call.free_space.check()
     text = _text_body(call.config.max_result_data)
     with call.store.tx() as db:
         replay_or_apply(db, sr, _request_id(), lambda: set_study_session(db, sr, text, call.admin(db)) or "")
@@ -4819,6 +4913,7 @@ def publix_study_session(call: Call, sr: str) -> str:
 
 
 def publix_result_data(call: Call, sr: str, comp: str, append: bool) -> str:
+    call.free_space.check()
     raw = _read_body(call.config.max_result_data)
     with call.store.tx() as db:
         replay_or_apply(db, sr, _request_id(), lambda: write_result_data(
@@ -4836,7 +4931,7 @@ def publix_log(call: Call, sr: str, comp: str) -> str:
 def _uploaded_file(max_upload: int) -> Upload | None:
     """The request's multipart part 'file', or only its size when it is far too large to parse."""
     request = bottle.request
-    if request.content_length > max_upload + UPLOAD_PARSE_MARGIN:
+    if request.content_length > max_upload + BODY_MARGIN:
         return Upload(request.content_length, None)
     if not (request.content_type or "").startswith("multipart/form-data"):
         return None
@@ -4849,6 +4944,7 @@ def _uploaded_file(max_upload: int) -> Upload | None:
 
 
 def publix_upload(call: Call, sr: str, comp: str, filename: str) -> str:
+    call.free_space.check()
     upload = _uploaded_file(call.config.max_upload)
     with call.store.tx() as db:
         body = replay_or_apply(db, sr, _request_id(), lambda: store_result_file(
@@ -4937,11 +5033,12 @@ def publix_channel_poll(call: Call, sr: str) -> str:
 
 
 def publix_channel_send(call: Call, sr: str, conn: str) -> str:
+    call.free_space.check()
     body = _json_body(call.config.max_result_data, required=True)
     if not isinstance(body, dict):
         raise JatosError(400, "A send is a JSON object with 'cseq' and 'frames'")
     with call.store.tx() as db:
-        channel_send(db, sr, conn, body.get("cseq"), body.get("frames"))
+        channel_send(db, sr, conn, body.get("cseq"), body.get("frames"), call.config.max_session)
     return _json_answer({"cseq": body.get("cseq")})
 
 
@@ -5025,8 +5122,9 @@ def admin_test_run(call: Call, study_id: str) -> Redirect:
 
 
 def admin_csrf_token(call: Call) -> str:
-    """jatos-lite: the signed-in admin page learns its CSRF token here."""
-    return envelope({"signedIn": True, "csrfToken": signed_in(call.admin()).csrf_token})
+    """jatos-lite: the signed-in admin page learns its CSRF token here, and whether the disk is filling up."""
+    return envelope({"signedIn": True, "csrfToken": signed_in(call.admin()).csrf_token,
+                     "freeDiskBytes": call.free_space.bytes(), "diskWarning": call.free_space.warning()})
 
 
 @functools.cache
@@ -5365,7 +5463,7 @@ def api_session(owner: SessionOwner, call: Call, key: str) -> str:
 def api_session_replace(owner: SessionOwner, call: Call, key: str) -> str:
     body = _json_body()
     version = replace_session(call.db, owner.words, owner.find(call.db, key)["id"], {} if body is None else body,
-                              _expected_version(call.query))
+                              _expected_version(call.query), call.config.max_session)
     return envelope({"version": version}, f"{owner.noun} session updated successfully")
 
 
@@ -5534,7 +5632,7 @@ ROUTES: tuple[Route, ...] = (
     Route("DELETE", "/jatos/api/v1/tokens/<token_id>", api_token_delete, "api", "write",
           _operation("Delete an API token")),
     Route("GET", "/jatos/api/v1/admin/session", admin_csrf_token, "plain", "read", _operation(
-        "jatos-lite: the admin page's CSRF token (session cookie only)", security=[{"adminSession": []}])),
+        "jatos-lite: the admin page's CSRF token and the data disk's free space (session cookie only)", security=[{"adminSession": []}])),
     # JATOS API v1: studies
     Route("POST", "/jatos/api/v1/studies", api_studies_post, "api", None, _operation(
         "Import a study archive (.jzip), or create a study from a JSON body", *IMPORT_FLAG_DEFAULTS,
@@ -5637,6 +5735,15 @@ ROUTES: tuple[Route, ...] = (
 )
 
 
+# The admin's uploads, which may be as large as max_archive: every other body is held to the
+# config's body_limit before waitress reads it (BodyLimitParser).
+_ARCHIVE_ROUTES = re.compile(r"/jatos/api/v1/(studies|study|studies/[^/]+/assets(/.*)?)")
+
+
+def takes_archive(method: str, path: str) -> bool:
+    return method == "POST" and _ARCHIVE_ROUTES.fullmatch(path) is not None
+
+
 def openapi_document() -> dict:
     """The OpenAPI 3.0 description of the API routes in ROUTES, with the envelopes and auth as
     components."""
@@ -5688,6 +5795,7 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
     app.config["jatos_lite.config"] = config
     app.config["jatos_lite.store"] = store
     app.config["jatos_lite.hub"] = ChannelHub(store, max(4, config.threads * 4 // 5), config)
+    app.config["jatos_lite.free_space"] = FreeSpace(config.data, config.min_free_disk)
     app.install(_catch_jatos_errors)
     app.install(RouteKinds())
     app.add_hook("after_request", _security_headers)
@@ -5889,6 +5997,24 @@ class _AddressShares:
                 del self.held[address]
 
 
+class BodyLimitParser(waitress.parser.HTTPRequestParser):
+    """A request parser that holds the body to its route's limit, decided as soon as the headers
+    are in: waitress has one limit for the whole server and buffers a body up to it (on disk
+    beyond a few MB) before the application sees the request."""
+
+    def __init__(self, adj: Any, small_adj: Any):
+        super().__init__(adj)
+        self.small_adj = small_adj
+
+    def parse_header(self, header_plus: bytes) -> None:
+        super().parse_header(header_plus)
+        if not takes_archive(self.command, self.path):
+            self.adj = self.small_adj
+        if self.content_length >= self.adj.max_request_body_size:
+            log.warning("refused a body of %d bytes to %s %s (limit %d)", self.content_length, self.command,
+                        self.path, self.adj.max_request_body_size)
+
+
 class GuardedChannel(waitress.channel.HTTPChannel):
     """A connection that counts against its address's share, and notes when the request it is
     receiving began, so that one device can neither hold every connection the server accepts
@@ -5900,6 +6026,7 @@ class GuardedChannel(waitress.channel.HTTPChannel):
     def __init__(self, server: Any, sock: socket.socket, addr: Any, adj: Any, map: Any = None):
         super().__init__(server, sock, addr, adj, map)
         self.address = str(addr[0] if isinstance(addr, tuple) else addr)
+        self.parser_class = functools.partial(BodyLimitParser, small_adj=server.small_adj)
         self.counted = server.shares.admit(self.address)
         if not self.counted:
             log.warning("refused a connection from %s: it holds %d already", self.address, server.shares.cap)
@@ -5922,13 +6049,16 @@ class GuardedChannel(waitress.channel.HTTPChannel):
 
 def guarded_server(app: Any, config: Config, **options: Any) -> Any:
     """waitress's server with GuardedChannel connections: a share per address, and requests
-    whose headers take longer than the config's header timeout closed at the next clean-up."""
+    whose headers take longer than the config's header timeout closed at the next clean-up, and
+    request bodies held to their route's limit (BodyLimitParser)."""
     server = waitress.server.create_server(app, **options)
     listeners = [server] if hasattr(server, "active_channels") else \
         [s for s in server.map.values() if hasattr(s, "active_channels")]
     shares = _AddressShares(config.connections_per_address)
     for listener in listeners:
         listener.channel_class, listener.shares = GuardedChannel, shares
+        listener.small_adj = copy.copy(listener.adj)
+        listener.small_adj.max_request_body_size = min(config.body_limit, listener.adj.max_request_body_size)
         listener.maintenance = functools.partial(_close_slow_headers, listener, listener.maintenance,
                                                  config.header_timeout_seconds)
     return server

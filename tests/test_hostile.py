@@ -8,16 +8,21 @@ were never handed out."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+import socket
+import threading
+import time
 import zipfile
 from dataclasses import dataclass
 
 import pytest
 import webtest
 
-from conftest import API_TOKEN, AUTH, Lab, make_jzip
+import jatos_lite
+from conftest import API_TOKEN, AUTH, Lab, free_port, make_jzip
 
 VOLATILE = ("last_seen_date", "last_seen", "quota_reached")  # JATOS flags a refused oversized write
 TABLES = ("studies", "components", "batches", "workers", "study_links", "study_results", "component_results",
@@ -361,3 +366,155 @@ def test_an_archive_whose_file_and_folder_names_clash_is_400(scene: Scene) -> No
     assert scene.lab.import_study(archive, status=400)["error"]["message"]
     assert scene.fingerprint() == before
     assert sorted(p.name for p in studies.iterdir()) == folders
+
+
+# --- Issue #16 points 4 and 8: a participant filling the laptop's disk or taking the poll slots ---------
+
+def lab_with(tmp_path, **limits: object) -> Lab:
+    """A lab on its own server with the given Config limits."""
+    config = jatos_lite.Config(studies=tmp_path / "studies", data=tmp_path / "data", api_token=API_TOKEN, **limits)
+    return Lab(webtest.TestApp(jatos_lite.create_app(config)))
+
+
+def raw_request(port: int, head: bytes, body: bytes, timeout: float = 5.0) -> bytes:
+    """Send `head` and as much of `body` as the server takes; what it answers."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(head)
+        with contextlib.suppress(OSError):
+            for start in range(0, len(body), 1 << 16):
+                sock.sendall(body[start:start + (1 << 16)])
+        answer = b""
+        with contextlib.suppress(OSError):
+            while b"\r\n\r\n" not in answer:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                answer += chunk
+        return answer
+
+
+def test_a_huge_body_is_refused_before_waitress_buffers_it_but_an_archive_import_may_be_large(tmp_path) -> None:
+    """The server as `serve` builds it (waitress's one limit at the archive size): a body announced at
+    300 MB to a publix URL is answered 413 after its first megabyte; a study archive import may
+    still be larger than every other body."""
+    config = jatos_lite.Config(studies=tmp_path / "studies", data=tmp_path / "data", threads=4)
+    app = jatos_lite.create_app(config)
+    port = free_port()
+    server = jatos_lite.guarded_server(app, config, host="127.0.0.1", port=port, threads=config.threads,
+                                       max_request_body_size=config.max_archive, **jatos_lite.WAITRESS_OPTIONS)
+    threading.Thread(target=server.run, daemon=True).start()
+    try:
+        started = time.monotonic()
+        answer = raw_request(port, f"POST /publix/{NEVER_HANDED_OUT}/heartbeat HTTP/1.1\r\nHost: lab\r\n"
+                                   "Content-Length: 300000000\r\n\r\n".encode(), b"x" * 1_000_000, timeout=3)
+        assert answer.startswith(b"HTTP/1.1 413") and time.monotonic() - started < 3
+        archive = raw_request(port, b"POST /jatos/api/v1/studies HTTP/1.1\r\nHost: lab\r\nConnection: close\r\n"
+                                    b"Content-Type: application/zip\r\nContent-Length: 40000000\r\n\r\n",
+                              b"x" * 40_000_000)
+        assert archive.startswith(b"HTTP/1.1 401"), archive[:200]  # read to the end, then refused: no token
+    finally:
+        server.close()
+        app.config["jatos_lite.hub"].stop()
+
+
+def test_a_start_with_a_huge_query_string_is_refused_and_stores_nothing(scene: Scene) -> None:
+    study_id = scene.client.get("/jatos/api/v1/studies/properties", headers=AUTH).json["data"][0]["id"]
+    code = scene.lab.code(study_id, "gm")
+    before = scene.fingerprint()
+    response = webtest.TestApp(scene.client.app).get(f"/publix/{code}?junk={'x' * 20_000}", expect_errors=True)
+    assert response.status_int == 400 and b"query string" in response.body
+    assert scene.fingerprint() == before
+
+
+def open_batch_channel(browser: webtest.TestApp, sr: str) -> dict:
+    return browser.post_json(f"/publix/{sr}/batch/open", {"openId": "o" + sr[:8]}).json
+
+
+def test_a_batch_session_beyond_its_limit_is_refused_with_a_message(lab: Lab) -> None:
+    study = lab.study(dir_name="sessions")
+    browser, sr, _ = start(lab, study["id"])
+    opened = open_batch_channel(browser, sr)
+    conn, cursor = opened["conn"], opened["cursor"]
+    frame = {"action": "SESSION", "id": 1, "version": 1, "patches": [{"op": "add", "path": "/big",
+                                                                      "value": "x" * 1_200_000}]}
+    browser.post_json(f"/publix/{sr}/channels/{conn}/send", {"cseq": 1, "frames": [frame]})
+    events = browser.get(f"/publix/{sr}/channels/poll?c={conn}:{cursor}&wait=0").json[conn]["events"]
+    messages = [event["msg"] for event in events]
+    assert [m["action"] for m in messages] == ["ERROR", "SESSION_FAIL"]
+    assert "larger than 1.0 MB" in messages[0]["errorMsg"] and messages[1]["version"] == 1
+    batch_id = study["batches"][0]["id"]
+    assert lab.client.get(f"/jatos/api/v1/batches/{batch_id}/session", headers=AUTH).json["data"] == \
+        {"version": 1, "sessionData": {}}
+    refused = lab.client.patch_json(f"/jatos/api/v1/batches/{batch_id}/session", {"big": "x" * 1_200_000},
+                                    headers=AUTH, expect_errors=True)
+    assert refused.status_int == 413 and "larger than" in refused.json["error"]["message"]
+
+
+def test_general_multiple_runs_share_an_upload_quota_per_batch(tmp_path) -> None:
+    lab = lab_with(tmp_path, max_uploads_per_batch=100_000)
+    study = lab.study(dir_name="uploads")
+    answers = []
+    for _ in range(3):
+        browser, sr, comp = start(lab, study["id"])
+        answers.append(browser.post(f"/publix/{sr}/{comp}/files/f.bin", upload_files=[("file", "f.bin", b"x" * 40_000)],
+                                    expect_errors=True))
+    assert [a.status_int for a in answers] == [200, 200, 413]
+    assert b"limit of this batch" in answers[2].body
+
+
+def test_writes_are_refused_while_the_disk_is_nearly_full_and_the_admin_page_is_told(tmp_path) -> None:
+    lab = lab_with(tmp_path, min_free_disk=10 ** 18)
+    study = lab.study(dir_name="full")
+    code = lab.code(study["id"], "gm")
+    assert webtest.TestApp(lab.client.app).get(f"/publix/{code}", expect_errors=True).status_int == 507
+    lab.sign_in()
+    answer = lab.client.get("/jatos/api/v1/admin/session").json["data"]
+    assert answer["freeDiskBytes"] > 0 and "free" in answer["diskWarning"]
+
+
+def test_writes_are_refused_with_507_in_a_running_run_when_the_disk_fills(tmp_path) -> None:
+    config = jatos_lite.Config(studies=tmp_path / "studies", data=tmp_path / "data", api_token=API_TOKEN)
+    app = jatos_lite.create_app(config)
+    lab = Lab(webtest.TestApp(app))
+    study = lab.study(dir_name="filling")
+    browser, sr, comp = start(lab, study["id"])
+    app.config["jatos_lite.free_space"].floor = 10 ** 18
+    for response in (browser.put(f"/publix/{sr}/{comp}/resultData", "x", headers={"Content-Type": "text/plain"},
+                                 expect_errors=True),
+                     browser.post(f"/publix/{sr}/{comp}/files/a.txt", upload_files=[("file", "a.txt", b"a")],
+                                  expect_errors=True),
+                     browser.post(f"/publix/{sr}/studySessionData", "{}", expect_errors=True)):
+        assert response.status_int == 507 and b"disk is full" in response.body
+    assert not list(config.uploads.rglob("a.txt"))
+
+
+def test_polls_with_made_up_page_keys_or_conns_cannot_push_out_another_pages_poll(tmp_path) -> None:
+    """16 polls of one run, each with its own page= and no browser cookie, and 16 polls naming conns
+    that do not exist: the other participant's held poll stays held (no retryAfter)."""
+    lab = lab_with(tmp_path, threads=20)  # the hub holds 16 polls
+    study = lab.study(dir_name="polls")
+    victim, victim_sr, _ = start(lab, study["id"])
+    victim_conn = open_batch_channel(victim, victim_sr)
+    attacker, attacker_sr, _ = start(lab, study["id"])
+    attacker_conn = open_batch_channel(attacker, attacker_sr)
+    answers: dict[str, webtest.TestResponse] = {}
+
+    def poll(name: str, app: webtest.TestApp, path: str) -> None:
+        answers[name] = app.get(path, expect_errors=True)
+
+    victim_path = f"/publix/{victim_sr}/channels/poll?c={victim_conn['conn']}:{victim_conn['cursor']}&page=v&wait=3"
+    threads = [threading.Thread(target=poll, args=("victim", victim, victim_path))]
+    threads[0].start()
+    time.sleep(0.3)
+    for i in range(16):
+        cookieless = webtest.TestApp(lab.client.app)
+        path = f"/publix/{attacker_sr}/channels/poll?c={attacker_conn['conn']}:{attacker_conn['cursor']}&page=p{i}&wait=1"
+        threads.append(threading.Thread(target=poll, args=(f"a{i}", cookieless, path)))
+        made_up = f"/publix/{attacker_sr}/channels/poll?c=nosuchconn{i}:0&page=q{i}&wait=1"
+        threads.append(threading.Thread(target=poll, args=(f"b{i}", cookieless, made_up)))
+    for thread in threads[1:]:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(answers[f"b{i}"].status_int >= 400 for i in range(16))
+    assert answers["victim"].status_int == 200 and "retryAfter" not in answers["victim"].json
