@@ -69,9 +69,10 @@ def test_a_researchers_session_from_import_to_delete(admin, live_server: LiveSer
 
     title.click()
     admin.click("nav.tabs >> text=Links")
-    admin.select_option("#tab select >> nth=0", "gm")
+    admin.select_option("#link-type", "gm")
     admin.get_by_role("button", name="Create links", exact=True).click()
     admin.locator("#links .link").first.wait_for()
+    admin.select_option("#link-base", live_server.url)  # the test's server listens on loopback only
     link = admin.locator("#links .link").first.inner_text()
     snap(admin, "links")
 
