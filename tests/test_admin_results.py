@@ -329,3 +329,32 @@ def test_manage_results_columns_menu_and_1024_px_without_horizontal_page_scroll(
         page.wait_for_selector("#links")
         assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
         context.close()
+
+
+def test_manage_results_states_in_the_progress_chart_with_axes_and_legend(page, live_server, study) -> None:
+    """States: the Progress chart counts every end state (FINISHED, ABORTED, FAIL) and has axes and a legend."""
+    page.goto(f"{live_server.url}/jatos/#study/{study['study']}/Progress")
+    page.wait_for_selector("#progress svg")
+    legend = page.eval_on_selector_all("#progress svg text.legend", "nodes => nodes.map(n => n.textContent)")
+    assert legend == ["started: 4", "finished: 1", "aborted: 1", "failed: 1"]
+    assert page.locator("#progress svg text.y-tick").count() >= 2
+    assert page.locator("#progress svg text.x-tick").count() == 5
+    assert page.locator("#progress svg polyline").count() == 4
+    snap(page, "progress_states")
+
+
+def test_the_session_editor_is_large_and_checks_json_as_you_type(page, live_server, study) -> None:
+    page.goto(f"{live_server.url}/jatos/#study/{study['study']}/Sessions")
+    editor = page.locator(".session-editor", has_text="Batch session").locator("textarea")
+    editor.wait_for()
+    assert editor.bounding_box()["height"] >= 200
+    editor.fill('{"round": ')
+    page.wait_for_selector(".json-check.bad >> text=not valid JSON")
+    page.locator(".session-editor", has_text="Batch session").get_by_role("button", name="Save session").click()
+    page.wait_for_selector(".notice.error >> text=not valid JSON")
+    editor.fill('{"round": 2}')
+    page.wait_for_selector(".json-check.ok >> text=valid JSON")
+    page.locator(".session-editor", has_text="Batch session").get_by_role("button", name="Save session").click()
+    page.wait_for_selector(".notice >> text=saved")
+    assert study["lab"].api("GET", f"/batches/{study['batch']}/session")["data"]["sessionData"] == {"round": 2}
+    snap(page, "sessions")
