@@ -198,7 +198,8 @@ def test_manage_results_filter_all_fields_incl_data_with_regex_and_case(page, li
     page.wait_for_function("document.querySelector('#filter-error').textContent === ''")
 
 
-def test_manage_results_select_filtered_replaces_and_exports_selected_or_all(page, live_server, study) -> None:
+def test_manage_results_select_filtered_replaces_and_export_data_files_metadata_selected_or_all(
+        page, live_server, study) -> None:
     """Select all / filtered (replacing) / none; export data, files and metadata for the selected or all."""
     runs = study["runs"]
     page.goto(f"{live_server.url}/jatos/#study/{study['study']}/Results")
@@ -221,6 +222,9 @@ def test_manage_results_select_filtered_replaces_and_exports_selected_or_all(pag
     assert {run["id"] for run in json.loads(entries["metadata.json"])["data"][0]["studyResults"]} == set(runs.values())
     assert {name.split("/")[0] for name in entries if name != "metadata.json"} == {
         f"study_result_{runs[name]}" for name in ("finished", "running", "failed")}, "an aborted run keeps no data"
+    data = downloaded_zip(page, "Data (ZIP)")
+    assert sorted(data[name].decode() for name in data) == sorted(
+        ['{"answer": "Personal data 42", "rt": [310, 295]}', "plain text", BIG, '{"answer": "zebra"}'])
     files = downloaded_zip(page, "Files")
     assert [content for name, content in files.items() if name.endswith("/files/drawing.bin")] == [DRAWING]
     with page.expect_download() as download:
@@ -325,9 +329,13 @@ def test_manage_results_columns_menu_and_1024_px_without_horizontal_page_scroll(
         assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
         assert page.evaluate("document.querySelector('.results-box').scrollWidth") > 0
         snap(page, f"results_{width}")
-        page.goto(f"{live_server.url}/jatos/#study/{study['study']}/Links")
-        page.wait_for_selector("#links")
-        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+        for tab in ("Properties", "Components", "Batches", "Links", "Sessions", "Progress", "Files", "Log"):
+            page.goto(f"{live_server.url}/jatos/#study/{study['study']}/{tab}")
+            page.wait_for_selector(f"nav.tabs button.on >> text={tab}")
+            page.wait_for_timeout(200)
+            assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), tab
+            if tab in ("Links", "Components", "Batches"):
+                snap(page, f"{tab.lower()}_{width}")
         context.close()
 
 
