@@ -287,6 +287,29 @@ def load_json(text: str | bytes) -> Any:
         raise ValueError("JSON nested too deeply") from None
 
 
+def lan_addresses() -> list[str]:
+    """IPv4 addresses other devices on the local network can reach this machine at."""
+    found: set[str] = set()
+    with contextlib.suppress(OSError):
+        for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET):
+            found.add(str(info[4][0]))
+    with contextlib.suppress(OSError):
+        # connect() on UDP sends nothing; it only asks the routing table which address is ours.
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(("192.0.2.1", 9))
+            found.add(probe.getsockname()[0])
+    return sorted(a for a in found if not a.startswith("127.") and a != "0.0.0.0")
+
+
+def base_urls(config: Config, port: int | None = None) -> list[str]:
+    """The addresses participants' devices can open this server at: each network address it
+    listens on (or localhost when it has none). `port`: the one a request came in on."""
+    port = port or config.port
+    if config.host not in ("0.0.0.0", ""):
+        return [f"http://{config.host}:{port}"]
+    return [f"http://{address}:{port}" for address in lan_addresses()] or [f"http://localhost:{port}"]
+
+
 def minify_json_text(text: Any, what: str) -> str | None:
     """Stored form of a study/component/batch input: minified JSON text, key order kept."""
     if text is None:
@@ -3725,6 +3748,7 @@ SELECTORS = {  # query parameter -> (JSON body key, SQL condition on the joined 
     "studyResultId": ("studyResultIds", "sr.id"), "componentResultId": ("componentResultIds", "cr.id"),
     "batchId": ("batchIds", "sr.batch_id"),
     "groupId": ("groupIds", "COALESCE(sr.group_result_id, sr.history_group_result_id)"),
+    "workerId": ("workerIds", "sr.worker_id"),  # jatos-lite: JATOS's worker results page as a selector
 }
 _RESULT_JOIN = ("FROM component_results cr JOIN study_results sr ON sr.id = cr.study_result_id "
                 "JOIN components c ON c.id = cr.component_id JOIN studies s ON s.id = sr.study_id")
@@ -3800,6 +3824,27 @@ def select_component_results(db: Db, selection: dict[str, set]) -> list[int]:
                                      "ORDER BY cr.id", *args)]
 
 
+def text_matcher(text: str, regex: bool, case_sensitive: bool) -> Callable[[str], bool]:
+    """Whether a text contains `text` (or, as a regular expression, matches it somewhere)."""
+    if regex:
+        try:
+            pattern = re.compile(text, 0 if case_sensitive else re.IGNORECASE)
+        except re.error as exc:
+            raise JatosError(400, f"Invalid regular expression: {exc}", "INVALID_REQUEST")
+        return lambda haystack: pattern.search(haystack) is not None
+    if case_sensitive:
+        return lambda haystack: text in haystack
+    folded = text.casefold()
+    return lambda haystack: folded in haystack.casefold()
+
+
+def search_result_data(conn: sqlite3.Connection, cr_ids: list[int], matches: Callable[[str], bool]) -> list[int]:
+    """jatos-lite: the selected component results whose data matches (the admin page's filter)."""
+    rows = conn.execute("SELECT id, data FROM component_results WHERE id IN (SELECT value FROM json_each(?)) "
+                        "AND data IS NOT NULL ORDER BY id", (to_json(cr_ids),))
+    return [cr_id for cr_id, data in rows if matches(data)]
+
+
 # --- results export -----------------------------------------------------------
 
 _EXPORT_SQL = f"""
@@ -3811,7 +3856,8 @@ _EXPORT_SQL = f"""
            COALESCE(sr.group_result_id, sr.history_group_result_id) AS group_id,
            sr.confirmation_code, sr.quota_reached AS sr_quota, w.mturk_worker_id,
            cr.id AS cr_id, cr.component_id, c.uuid AS component_uuid, cr.start_date AS cr_start,
-           cr.end_date AS cr_end, cr.state AS cr_state, cr.data_size, cr.quota_reached AS cr_quota
+           cr.end_date AS cr_end, cr.state AS cr_state, cr.data_size, cr.quota_reached AS cr_quota,
+           cr.message AS cr_message, c.title AS component_title
            {{data}}
     {_RESULT_JOIN} JOIN workers w ON w.id = sr.worker_id JOIN batches b ON b.id = sr.batch_id
     WHERE cr.id IN (SELECT value FROM json_each(?))
@@ -3830,7 +3876,7 @@ def _result_files(config: Config, sr_id: int, cr_id: int) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".upload-"))
 
 
-def _component_result_metadata(config: Config, row: sqlite3.Row) -> dict:
+def _component_result_metadata(config: Config, row: sqlite3.Row, details: bool = False) -> dict:
     size = row["data_size"]
     data = {"size": size, "sizeHumanReadable": human_bytes(size)}
     if size == 0:
@@ -3841,10 +3887,11 @@ def _component_result_metadata(config: Config, row: sqlite3.Row) -> dict:
             "startDate": row["cr_start"], "endDate": row["cr_end"],
             "duration": duration_text(row["cr_start"], row["cr_end"]), "componentState": row["cr_state"],
             "path": "/" + result_path(row["sr_id"], row["cr_id"]), "data": data, "files": files,
-            "isQuotaReached": bool(row["cr_quota"])}
+            "isQuotaReached": bool(row["cr_quota"]),
+            **({"componentTitle": row["component_title"], "message": row["cr_message"]} if details else {})}
 
 
-def _study_result_metadata(row: sqlite3.Row, component_results: list[dict]) -> dict:
+def _study_result_metadata(row: sqlite3.Row, component_results: list[dict], details: bool = False) -> dict:
     meta: dict[str, Any] = {"id": row["sr_id"], "uuid": row["sr_uuid"], "studyCode": row["study_code"]}
     if row["worker_comment"]:
         meta["comment"] = row["worker_comment"]
@@ -3861,6 +3908,8 @@ def _study_result_metadata(row: sqlite3.Row, component_results: list[dict]) -> d
                  "groupId": row["group_id"]})
     if row["confirmation_code"] is not None:
         meta["confirmationCode"] = row["confirmation_code"]
+    if details:
+        meta["mturkWorkerId"] = row["mturk_worker_id"]
     meta.update({"isQuotaReached": bool(row["sr_quota"]), "componentResults": component_results})
     return meta
 
@@ -3877,8 +3926,10 @@ def _grouped(rows: Iterable[sqlite3.Row], key: str) -> Iterator[list[sqlite3.Row
         yield group
 
 
-def metadata_chunks(conn: sqlite3.Connection, config: Config, cr_ids: list[int], api_call: bool) -> Iterator[str]:
-    """The results metadata JSON (§2.6), one study result at a time."""
+def metadata_chunks(conn: sqlite3.Connection, config: Config, cr_ids: list[int], api_call: bool,
+                    details: bool = False) -> Iterator[str]:
+    """The results metadata JSON (§2.6), one study result at a time; `details` (jatos-lite, for
+    the admin page) adds each component's title and message and the MTurk worker ID."""
     yield '{"apiVersion":"%s","data":[' % API_VERSION if api_call else '{"data":['
     rows = conn.execute(_EXPORT_SQL.format(data=""), (to_json(cr_ids),))
     first_study = True
@@ -3893,7 +3944,7 @@ def metadata_chunks(conn: sqlite3.Connection, config: Config, cr_ids: list[int],
             )[:-1] + ',"studyResults":['
             first_study, study_id, first_sr = False, head["study_id"], True
         yield ("" if first_sr else ",") + to_json(
-            _study_result_metadata(head, [_component_result_metadata(config, r) for r in sr_rows]))
+            _study_result_metadata(head, [_component_result_metadata(config, r, details) for r in sr_rows], details))
         first_sr = False
     if study_id is not None:
         yield "]}"
@@ -4004,10 +4055,11 @@ def results_zip(store: Store, config: Config, cr_ids: list[int], with_data: bool
         conn.close()
 
 
-def results_metadata(store: Store, config: Config, cr_ids: list[int], api_call: bool) -> Iterator[bytes]:
+def results_metadata(store: Store, config: Config, cr_ids: list[int], api_call: bool,
+                     details: bool = False) -> Iterator[bytes]:
     conn = store.connect()
     try:
-        for chunk in metadata_chunks(conn, config, cr_ids, api_call):
+        for chunk in metadata_chunks(conn, config, cr_ids, api_call, details):
             yield chunk.encode("utf-8")
     finally:
         conn.close()
@@ -4594,6 +4646,11 @@ OPENAPI_PARAMETERS = {
     "asPlainText": _flag_parameter("asPlainText", False, "The data as plain text instead of a ZIP"),
     "isApiCall": _flag_parameter("isApiCall", True, "Wrap the metadata in the API envelope"),
     "format": _query_parameter("format", {"type": "string", "enum": ["csv"]}, "jatos-lite: as CSV"),
+    "details": _flag_parameter("details", False, "jatos-lite: with components' titles and messages and the "
+                                                 "MTurk worker ID (the admin page's table)"),
+    "text": _query_parameter("text", {"type": "string"}, "The text to look for"),
+    "regex": _flag_parameter("regex", False, "The text is a regular expression"),
+    "caseSensitive": _flag_parameter("caseSensitive", False, "Upper and lower case differ"),
     "componentResultId": {**_query_parameter("componentResultId", {"type": "integer"},
                                              "The component result the file belongs to"), "required": True},
     "type": _query_parameter("type", {"type": "string"}, "Worker type of the study codes: ps, pm, gs, gm, mt, jatos"),
@@ -5127,6 +5184,16 @@ def admin_csrf_token(call: Call) -> str:
                      "freeDiskBytes": call.free_space.bytes(), "diskWarning": call.free_space.warning()})
 
 
+def api_addresses(call: Call) -> str:
+    """jatos-lite: the addresses study links can be built from: this computer (localhost), then
+    each network address the server listens on, all with the port this request came in on."""
+    port = bottle.request.urlparts.port or call.config.port
+    local = [{"url": f"http://localhost:{port}", "network": False}] if call.config.host in (
+        "0.0.0.0", "", "127.0.0.1", "localhost") else []
+    return envelope(local + [{"url": url, "network": True} for url in base_urls(call.config, port)
+                             if not url.startswith("http://localhost:")])
+
+
 @functools.cache
 def _openapi_text() -> str:
     return json.dumps(openapi_document(), indent=2)
@@ -5507,7 +5574,8 @@ def api_results_metadata(call: Call) -> Any:
     bottle.response.content_type = "application/json"
     if _flag(call.query, "download", True):
         _download("metadata_", "json")
-    return results_metadata(call.store, call.config, cr_ids, _flag(call.query, "isApiCall", True))
+    return results_metadata(call.store, call.config, cr_ids, _flag(call.query, "isApiCall", True),
+                            _flag(call.query, "details", False))
 
 
 def api_results_data(call: Call) -> Any:
@@ -5533,6 +5601,15 @@ def api_results_files(call: Call) -> Any:
     bottle.response.content_type = "application/zip"
     _download("files_", "zip")
     return results_zip(call.store, call.config, cr_ids, with_data=False, with_files=True)
+
+
+def api_results_search(call: Call) -> str:
+    """jatos-lite: the component results among the selected whose data contains `text`."""
+    matches = text_matcher(call.query.get("text", ""), _flag(call.query, "regex", False),
+                           _flag(call.query, "caseSensitive", False))
+    cr_ids = _selected_results(call)
+    with call.store.snapshot() as db:
+        return envelope(search_result_data(db.conn, cr_ids, matches))
 
 
 def api_results_delete(call: Call) -> str:
@@ -5567,6 +5644,7 @@ def _results_delete_doc(method: str) -> dict:
 _METADATA_ANSWER = {**_ENVELOPE_ANSWER, "text/csv": _TEXT}
 _DATA_ANSWER = {**_ZIP_ANSWER, "text/plain": _TEXT, "text/csv": _TEXT}
 _DATA_QUERY = ("asPlainText", "textDownload", "format")
+_METADATA_QUERY = ("download", "isApiCall", "format", "details")
 _STUDY_CODES_QUERY = ("type", "batchId", "comment", "amount")
 
 ROUTES: tuple[Route, ...] = (
@@ -5632,7 +5710,10 @@ ROUTES: tuple[Route, ...] = (
     Route("DELETE", "/jatos/api/v1/tokens/<token_id>", api_token_delete, "api", "write",
           _operation("Delete an API token")),
     Route("GET", "/jatos/api/v1/admin/session", admin_csrf_token, "plain", "read", _operation(
-        "jatos-lite: the admin page's CSRF token and the data disk's free space (session cookie only)", security=[{"adminSession": []}])),
+        "jatos-lite: the admin page's CSRF token and the data disk's free space (session cookie only)",
+        security=[{"adminSession": []}])),
+    Route("GET", "/jatos/api/v1/admin/addresses", api_addresses, "api", None, _operation(
+        "jatos-lite: the addresses study links can be built from (this computer, each network address)")),
     # JATOS API v1: studies
     Route("POST", "/jatos/api/v1/studies", api_studies_post, "api", None, _operation(
         "Import a study archive (.jzip), or create a study from a JSON body", *IMPORT_FLAG_DEFAULTS,
@@ -5717,9 +5798,9 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/jatos/api/v1/results", api_results, "api", None, _results_doc(
         "The results archive (data, files, metadata)", "POST", ("isApiCall",), _ZIP_ANSWER)),
     Route("GET", "/jatos/api/v1/results/metadata", api_results_metadata, "api", None, _results_doc(
-        "The results metadata", "GET", ("download", "isApiCall", "format"), _METADATA_ANSWER)),
+        "The results metadata", "GET", _METADATA_QUERY, _METADATA_ANSWER)),
     Route("POST", "/jatos/api/v1/results/metadata", api_results_metadata, "api", None, _results_doc(
-        "The results metadata", "POST", ("download", "isApiCall", "format"), _METADATA_ANSWER)),
+        "The results metadata", "POST", _METADATA_QUERY, _METADATA_ANSWER)),
     Route("GET", "/jatos/api/v1/results/data", api_results_data, "api", None, _results_doc(
         "The result data as a ZIP, plain text or (jatos-lite) CSV", "GET", _DATA_QUERY, _DATA_ANSWER)),
     Route("POST", "/jatos/api/v1/results/data", api_results_data, "api", None, _results_doc(
@@ -5728,6 +5809,9 @@ ROUTES: tuple[Route, ...] = (
         "The uploaded result files as a ZIP", "GET", (), _ZIP_ANSWER)),
     Route("POST", "/jatos/api/v1/results/files", api_results_files, "api", None, _results_doc(
         "The uploaded result files as a ZIP", "POST", (), _ZIP_ANSWER)),
+    Route("GET", "/jatos/api/v1/results/search", api_results_search, "api", None, _results_doc(
+        "jatos-lite: the selected component results whose data contains a text", "GET",
+        ("text", "regex", "caseSensitive"), _ENVELOPE_ANSWER)),
     Route("POST", "/jatos/api/v1/results/delete", api_results_delete, "api", None, _results_delete_doc("POST")),
     Route("PUT", "/jatos/api/v1/results/delete", api_results_delete, "api", None, _results_delete_doc("PUT")),
     Route("GET", "/jatos/api/v1/results/files/<filename:path>", api_result_file, "api", "write", _operation(
@@ -5852,20 +5936,6 @@ def install_example_study(store: Store, config: Config) -> None:
         insert_batch(db, study_id, batch_fields(batch), batch["uuid"])
 
 
-def lan_addresses() -> list[str]:
-    """IPv4 addresses other devices on the local network can reach this machine at."""
-    found: set[str] = set()
-    with contextlib.suppress(OSError):
-        for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET):
-            found.add(str(info[4][0]))
-    with contextlib.suppress(OSError):
-        # connect() on UDP sends nothing; it only asks the routing table which address is ours.
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            probe.connect(("192.0.2.1", 9))
-            found.add(probe.getsockname()[0])
-    return sorted(a for a in found if not a.startswith("127.") and a != "0.0.0.0")
-
-
 # Folders of file-sync clients: they copy SQLite's files one by one and can tear a database apart.
 SYNCED_FOLDER_NAMES = {"dropbox", "onedrive", "icloud drive", "iclouddrive", "mobile documents", "cloudstorage",
                        "google drive", "googledrive", "my drive", "box", "box sync", "nextcloud", "owncloud",
@@ -5922,12 +5992,6 @@ def storage_warnings(data: Path, mounts: str | None = None) -> list[str]:
         warnings.append(f"The data folder is on a network file system ({network}). SQLite is not safe there: "
                         "use a folder on this computer's own disk (--data).")
     return warnings
-
-
-def base_urls(config: Config) -> list[str]:
-    if config.host not in ("0.0.0.0", ""):
-        return [f"http://{config.host}:{config.port}"]
-    return [f"http://{address}:{config.port}" for address in lan_addresses()] or [f"http://localhost:{config.port}"]
 
 
 def _resolve_study(store: Store, key: str) -> sqlite3.Row:
@@ -6135,6 +6199,28 @@ def backup(store: Store, config: Config, target: Path) -> int:
         return write_download(zip_stream(entries), target)
 
 
+def links_command(store: Store, config: Config, args: argparse.Namespace) -> None:
+    """`jatos-lite links`: participant links, printed as full URLs. A type the batch does not
+    allow is refused (every participant would get 403), or with --allow turned on first."""
+    study = _resolve_study(store, args.study)
+    worker_type = worker_type_from_alias(args.type)
+    label = WORKER_TYPE_LABELS[worker_type]
+    with store.tx() as db:
+        batch = find_batch(db, args.batch, study["id"]) if args.batch else default_batch(db, study["id"])
+        allowed = json.loads(batch["allowed_worker_types"])
+        where = f"batch '{batch['title']}' (ID {batch['id']})"
+        if worker_type not in allowed:
+            if not args.allow:
+                raise JatosError(403, f"{where} does not allow {label} links, so every participant would be "
+                                      "refused. Turn the type on with --allow (or on the admin page's Links tab).")
+            update_batch(db, batch, {"allowedWorkerTypes": allowed + [worker_type]})
+            print(f"Turned on {label} links in {where}.", file=sys.stderr)
+        codes = study_links_for(db, batch, worker_type, args.count, args.comment)
+    base = base_urls(config)[0]
+    for code in codes:
+        print(f"{base}/publix/{code}")
+
+
 def token_command(store: Store, action: str, name: str, token_id: int | None) -> None:
     """`jatos-lite token create|list|revoke`."""
     with store.tx() as db:
@@ -6188,6 +6274,8 @@ def build_parser() -> argparse.ArgumentParser:
     links_parser.add_argument("--count", type=int, default=1, help="how many personal links (default 1)")
     links_parser.add_argument("--batch", help="batch ID (default: the study's first batch)")
     links_parser.add_argument("--comment", help="comment stored with personal links' workers")
+    links_parser.add_argument("--allow", action="store_true",
+                              help="turn the type on in the batch if it does not allow it (else: refuse)")
     for name, help_text in (("export", "write a study's results archive (data, files, metadata)"),
                             ("export-study", "write a study archive (.jzip) that JATOS imports")):
         export_parser = commands.add_parser(name, help=help_text)
@@ -6225,14 +6313,7 @@ def main(argv: list[str] | None = None) -> int:
             verb = "Imported" if created else "Updated"
             print(f"{verb} study '{study['title']}' (ID {study_id}) in {config.studies / study['dir_name']}")
         elif args.command == "links":
-            store = Store(config.db_path)
-            study = _resolve_study(store, args.study)
-            with store.tx() as db:
-                batch = find_batch(db, args.batch, study["id"]) if args.batch else default_batch(db, study["id"])
-                codes = study_links_for(db, batch, worker_type_from_alias(args.type), args.count, args.comment)
-            base = base_urls(config)[0]
-            for code in codes:
-                print(f"{base}/publix/{code}")
+            links_command(Store(config.db_path), config, args)
         elif args.command == "token":
             token_command(Store(config.db_path), args.action, args.name, args.id)
         elif args.command in ("export", "export-study"):

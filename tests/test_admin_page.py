@@ -69,9 +69,10 @@ def test_a_researchers_session_from_import_to_delete(admin, live_server: LiveSer
 
     title.click()
     admin.click("nav.tabs >> text=Links")
-    admin.select_option("#tab select >> nth=0", "gm")
+    admin.select_option("#link-type", "gm")
     admin.get_by_role("button", name="Create links", exact=True).click()
     admin.locator("#links .link").first.wait_for()
+    admin.select_option("#link-base", live_server.url)  # the test's server listens on loopback only
     link = admin.locator("#links .link").first.inner_text()
     snap(admin, "links")
 
@@ -84,9 +85,10 @@ def test_a_researchers_session_from_import_to_delete(admin, live_server: LiveSer
     assert admin.locator("#results tr[data-result]").first.inner_text().count("FINISHED") == 1
 
     admin.fill("#filter", "FINISHED")
-    assert admin.locator("#results tr[data-result]").count() == 1
+    admin.wait_for_function("document.querySelectorAll('#results tr[data-result]').length === 1")
     admin.fill("#filter", "")
-    admin.get_by_role("button", name="Select all", exact=True).click()
+    admin.wait_for_function("document.querySelectorAll('#results tr[data-result]').length === 2")
+    admin.get_by_role("button", name="All", exact=True).click()
 
     admin.locator("#results tr[data-result]").first.get_by_role("button", name="Data").click()
     admin.wait_for_selector("#results pre")
@@ -101,8 +103,8 @@ def test_a_researchers_session_from_import_to_delete(admin, live_server: LiveSer
     assert sorted(data) == sorted([HOSTILE, "second"])
 
     admin.on("dialog", lambda dialog: dialog.accept())
-    admin.get_by_role("button", name="Delete selected", exact=True).click()
-    admin.wait_for_selector("text=Deleted.")
+    admin.click("#delete-results")
+    admin.wait_for_selector("text=Deleted 2 runs (selected).")
     admin.wait_for_function("document.querySelectorAll('#results tr[data-result]').length === 0")
     study_id = lab.api("GET", "/studies/properties")["data"][0]["id"]
     assert lab.api("GET", f"/results/metadata?studyId={study_id}")["data"] == []

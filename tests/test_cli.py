@@ -84,6 +84,27 @@ def test_links_of_an_unknown_study_fail_with_a_message(tmp_path: Path, capsys) -
     assert "nothing" in capsys.readouterr().err
 
 
+def test_links_refuse_a_worker_type_the_batch_does_not_allow_or_turn_it_on(tmp_path: Path, capsys) -> None:
+    """As in JATOS, a batch with allowedWorkerTypes null allows no type: its links would all answer 403."""
+    archive = tmp_path / "study.jzip"
+    archive.write_bytes(make_jzip(dir_name="closed", batches=[{"title": "Lab", "allowedWorkerTypes": None}]))
+    assert jatos_lite.main(["import", str(archive), *folders(tmp_path)]) == 0
+    capsys.readouterr()
+    assert jatos_lite.main(["links", "closed", "--type", "pm", *folders(tmp_path)]) == 1
+    printed = capsys.readouterr()
+    assert printed.out == "" and "does not allow Personal Multiple links" in printed.err and "--allow" in printed.err
+    assert jatos_lite.main(["links", "closed", "--type", "pm", "--allow", "--host", "10.1.2.3",
+                            *folders(tmp_path)]) == 0
+    printed = capsys.readouterr()
+    assert "Turned on Personal Multiple links in batch 'Lab'" in printed.err
+    url = printed.out.split()[0]
+    config = jatos_lite.Config(studies=tmp_path / "studies", data=tmp_path / "data")
+    participant = webtest.TestApp(jatos_lite.create_app(config))
+    assert participant.get(urllib.parse.urlsplit(url).path, status=303).location
+    assert jatos_lite.main(["links", "closed", "--type", "pm", *folders(tmp_path)]) == 0
+    assert "Turned on" not in capsys.readouterr().err, "a type already on is simply used"
+
+
 def test_import_and_links_work_while_a_server_runs(live_server: LiveServer, capsys) -> None:
     paths = ["--studies", str(live_server.config.studies), "--data", str(live_server.config.data)]
     archive = live_server.config.data / "upload.jzip"

@@ -166,3 +166,35 @@ def test_csv_and_json_data_merge_into_one_csv_with_the_ids_first(lab: Lab, clien
     assert table[0] == jatos_lite.CSV_ID_COLUMNS + ["trial", "rt", "correct"]
     assert [row[5:] for row in table[1:]] == [["1", "350", ""], ["2", "420", ""], ["1", "500", "true"]]
     assert table[1][:2] == table[2][:2] != table[3][:2], "each row carries its study and component result IDs"
+
+
+def test_search_finds_runs_by_their_data_plain_case_or_regex(client: webtest.TestApp, finished: dict) -> None:
+    """jatos-lite: GET /results/search, the admin page's filter over result data."""
+    study = finished["study"]["id"]
+
+    def found(**query: object) -> list[int]:
+        return client.get("/jatos/api/v1/results/search", {"studyId": study, **query}, headers=AUTH).json["data"]
+
+    every = client.get(f"/jatos/api/v1/results/metadata?studyId={study}", headers=AUTH).json["data"][0]
+    crs = {cr["id"]: run["workerType"] for run in every["studyResults"] for cr in run["componentResults"]}
+    assert [crs[i] for i in found(text="GS-2")] == ["GeneralSingle"]
+    assert found(text="GS-2", caseSensitive="true") == []
+    assert [crs[i] for i in found(text="gs-2", caseSensitive="true")] == ["GeneralSingle"]
+    assert len(found(text=r"^(ps|pm)-[13]:éü", regex="true")) == 4
+    refused = client.get("/jatos/api/v1/results/search", {"studyId": study, "text": "(", "regex": "true"},
+                         headers=AUTH, status=400)
+    assert "Invalid regular expression" in refused.json["error"]["message"]
+    assert found(text="zzz") == [] and client.get("/jatos/api/v1/results/search?text=gs", headers=AUTH).json["data"] == []
+
+
+def test_worker_selector_and_details_for_the_admin_page(client: webtest.TestApp, finished: dict) -> None:
+    """jatos-lite: workerId selects a worker's runs (JATOS's worker results page); details=true adds each
+    component's title and message and the MTurk worker ID; without it the metadata stays JATOS's."""
+    every = client.get(f"/jatos/api/v1/results/metadata?studyId={finished['study']['id']}", headers=AUTH).json
+    run = every["data"][0]["studyResults"][0]
+    assert "message" not in run["componentResults"][0] and "mturkWorkerId" not in run
+    mine = client.get(f"/jatos/api/v1/results/metadata?workerId={run['workerId']}&details=true", headers=AUTH).json
+    runs = mine["data"][0]["studyResults"]
+    assert [r["id"] for r in runs] == [run["id"]] and runs[0]["mturkWorkerId"] is None
+    assert [c["componentTitle"] for c in runs[0]["componentResults"]] == ["Part 1", "Part 2", "Part 3"]
+    assert all("message" in c for c in runs[0]["componentResults"])
