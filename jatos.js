@@ -6,9 +6,30 @@
  * page: they leave in call order, never overlap, carry a request id the server applies once,
  * are retried while the server is unreachable, and survive a reload of the same run
  * (kept in sessionStorage until acknowledged).
+ *
+ * Layers, top to bottom; each uses what stands above it:
+ *   1. Transport: http() with one timeout and retry policy, the ordered data queue, the
+ *      heartbeat, and channel conns (a WebSocket's surface over one long poll per page).
+ *      startTransport tells it the run's identity and HTTP settings; it knows nothing else
+ *      about studies.
+ *   2. Session patches: JSON Pointer and Patch, and the page's copy of a shared session.
+ *   3. Channels: openChannel and what keeps a channel open (heartbeat, watchdog, reopening
+ *      with backoff). The batch and the group channel are two Channels of different kinds.
+ *   4. The jatos.* API.
+ * A new jatos.* function goes into layer 4, beside its kin: a few lines that check their
+ * arguments and the run's state, then delegate to the layers above.
  */
 (function () {
   "use strict";
+
+  var DATA_RETRY_MAX_WAIT = 10000;   // an unreachable server: waits double from jatos.httpRetryWait up to this
+  var BACKOFF_MAX_DOUBLINGS = 6;
+  var CHANNEL_RETRY_FIRST_WAIT = 500;  // channels.md §7.8: polls and sends wait 0.5, 1, 2, 4, 5, 5 … s
+  var CHANNEL_RETRY_MAX_WAIT = 5000;
+  var HEARTBEAT_PERIOD = 60000;
+  var SENDING_OVERLAY_DELAY = 1000;  // "Sending data. Please wait." only when leaving takes longer
+  var TOO_LARGE_OVERLAY_TIME = 8000;
+  var RANDOM_ID_BYTES = 16;
 
   var jatos = {};
   window.jatos = jatos;
@@ -25,6 +46,8 @@
   jatos.channelClosedCheckInterval = 2000;
   jatos.channelOpeningBackoffTimeMin = 1000;
   jatos.channelOpeningBackoffTimeMax = 120000;
+  jatos.batchSessionVersioning = true;
+  jatos.groupSessionVersioning = true;
 
   jatos.studyProperties = {};
   jatos.batchProperties = {};
@@ -44,12 +67,15 @@
   jatos.jQuery = {};
 
   // ---------------------------------------------------------------------------
-  // Promises as study code expects them: native, plus jQuery's done/fail/always.
+  // Helpers: promises as study code expects them (native, plus jQuery's done/fail/always),
+  // callbacks that cannot break the caller, ids, waits.
   // ---------------------------------------------------------------------------
+
+  function noop() {}
 
   function withDeferredMethods(promise) {
     promise.catch(function () { /* a study need not handle every rejection */ });
-    promise.done = function (f) { promise.then(f, function () {}); return promise; };
+    promise.done = function (f) { promise.then(f, noop); return promise; };
     promise.fail = function (f) { promise.catch(f); return promise; };
     promise.always = function (f) { promise.then(f, f); return promise; };
     return promise;
@@ -65,6 +91,48 @@
     return settled(function (resolve, reject) { reject(message); });
   }
 
+  // The promise study code gets for `promise`: its callback first, then the promise, as in JATOS.
+  function answered(promise, onSuccess, onError) {
+    return settled(function (resolve, reject) {
+      promise.then(function (result) {
+        call(onSuccess, result);
+        resolve(result);
+      }, function (reason) {
+        call(onError, reason);
+        reject(reason);
+      });
+    });
+  }
+
+  // An answer that may never come: succeed/fail settle it (callback first), else the timeout
+  // fails it; cleanUp runs once, before the callbacks.
+  function pendingAnswer(timeout, timeoutMessage, onSuccess, onFail, cleanUp) {
+    var answer = {};
+    answer.promise = settled(function (resolve, reject) {
+      var timer = setTimeout(function () { answer.fail(timeoutMessage); }, timeout);
+      function finish(settle, callback, result) {
+        clearTimeout(timer);
+        cleanUp();
+        call(callback, result);
+        settle(result);
+      }
+      answer.succeed = function (result) { finish(resolve, onSuccess, result); };
+      answer.fail = function (result) { finish(reject, onFail, result); };
+    });
+    return answer;
+  }
+
+  // Runs cleanUp when promise settles, before whatever is chained to the result.
+  function whenSettled(promise, cleanUp) {
+    return promise.then(function (value) {
+      cleanUp();
+      return value;
+    }, function (reason) {
+      cleanUp();
+      throw reason;
+    });
+  }
+
   function call(f) {
     if (typeof f !== "function") return;
     try {
@@ -78,28 +146,88 @@
     return new Promise(function (resolve) { setTimeout(resolve, ms); });
   }
 
+  function backoff(failures, firstWait, maxWait) {
+    return Math.min(firstWait * Math.pow(2, Math.min(failures - 1, BACKOFF_MAX_DOUBLINGS)), maxWait);
+  }
+
   function url(relative) {
     return new URL(relative, window.location.href).toString();
   }
 
   function randomId() {
-    var bytes = new Uint8Array(16);
+    var bytes = new Uint8Array(RANDOM_ID_BYTES);
     window.crypto.getRandomValues(bytes);
     return Array.prototype.map.call(bytes, function (b) { return ("0" + b.toString(16)).slice(-2); }).join("");
   }
 
   // ---------------------------------------------------------------------------
-  // The request queue: ordered, exactly-once, retried, kept across reloads.
+  // Transport: HTTP, the data queue (ordered, exactly-once, retried, kept across reloads),
+  // the heartbeat, channel conns.
   // ---------------------------------------------------------------------------
 
-  var studyRunInvalid = false;  // the server replaced this run's batch channel: refuse everything
+  var runId = null;     // whose requests are kept across a reload
+  var settings = null;  // gives the current { timeout, retries, wait }
+
+  function startTransport(id, currentSettings) {
+    runId = id;
+    settings = currentSettings;
+    readStored().forEach(function (item) {
+      enqueue({ id: item.id, method: item.method, url: item.url, body: item.body });
+    });
+  }
+
+  // Sends request and resolves with its answer { status, statusText, type, body }, the body read
+  // as text (a Blob if request.binary); rejects if the server could not be reached. No answer
+  // within settings().timeout (unless policy.untimed) counts as unreachable. A failure is tried
+  // again after settings().wait: an unreachable server, and an answer whose status
+  // policy.retryStatus accepts, together at most policy.retries times (else settings().retries);
+  // with policy.persistent an unreachable server is tried for as long as the page is open, with
+  // waits doubling up to DATA_RETRY_MAX_WAIT.
+  function http(request, policy) {
+    var failures = 0, unanswered = 0;
+    function mayRetry() {
+      return failures < (policy.retries === undefined ? settings().retries : policy.retries);
+    }
+    function tryOnce() {
+      return exchange(request, !policy.untimed).then(function (answer) {
+        if (!policy.retryStatus || !policy.retryStatus(answer.status) || !mayRetry()) return answer;
+        failures++;
+        return sleep(settings().wait).then(tryOnce);
+      }, function (error) {
+        if (policy.persistent) return sleep(backoff(++unanswered, settings().wait, DATA_RETRY_MAX_WAIT)).then(tryOnce);
+        if (!mayRetry()) throw error;
+        failures++;
+        return sleep(settings().wait).then(tryOnce);
+      });
+    }
+    return tryOnce();
+  }
+
+  function exchange(request, timed) {
+    var controller = new AbortController();
+    var timer = timed ? setTimeout(function () { controller.abort(); }, settings().timeout) : null;
+    return fetch(request.url, {
+      method: request.method || "GET", headers: request.headers, body: request.body, credentials: "same-origin",
+      signal: controller.signal, cache: "no-store"
+    }).then(function (response) {
+      return (request.binary ? response.blob() : response.text()).then(function (body) {
+        clearTimeout(timer);
+        return { status: response.status, statusText: response.statusText,
+                 type: response.headers.get("Content-Type") || "", body: body };
+      });
+    }, function (error) {
+      clearTimeout(timer);
+      throw error;
+    });
+  }
+
   var queue = [];
   var sending = false;
-  var requestCounter = 0;
+  var requestCount = 0;
   var idleWaiters = [];
 
   function storageKey() {
-    return "jatos-lite:pending:" + jatos.studyResultUuid;
+    return "jatos-lite:pending:" + runId;
   }
 
   function readStored() {
@@ -128,21 +256,15 @@
     writeStored(readStored().filter(function (item) { return item.id !== request.id; }));
   }
 
-  function enqueue(request, onSuccess, onError) {
-    if (studyRunInvalid) return rejected("This study run is invalid.", onError);
+  // done(body) or failed(message, status) is called once the request is through.
+  function enqueue(request, done, failed) {
     request.id = request.id || randomId();
-    requestCounter++;
+    requestCount++;
     if (request.persist) remember(request);
-    return settled(function (resolve, reject) {
-      request.resolve = function (body) { call(onSuccess, body); resolve(body); };
-      request.reject = function (message, status) {
-        call(onError, message);
-        reject(message);
-        if (request.onFinalStatus) request.onFinalStatus(status);
-      };
-      queue.push(request);
-      pump();
-    });
+    request.done = done;
+    request.failed = failed;
+    queue.push(request);
+    pump();
   }
 
   function pump() {
@@ -164,9 +286,8 @@
     return new Promise(function (resolve) { idleWaiters.push(resolve); });
   }
 
-  function attempt(request) {
-    var controller = new AbortController();
-    var timer = setTimeout(function () { controller.abort(); }, jatos.httpTimeout);
+  // HTTP errors as in JATOS: 400 and 413 are final, others are tried again (jatos.httpRetry times).
+  function deliver(request) {
     var headers = { "X-Requested-With": "XMLHttpRequest", "X-Request-Id": request.id };
     var body = request.body;
     if (typeof body === "string") {
@@ -175,346 +296,81 @@
       body = new FormData();
       body.append("file", request.blob, request.filename);
     }
-    return fetch(request.url, {
-      method: request.method, headers: headers, body: body, credentials: "same-origin",
-      signal: controller.signal, cache: "no-store"
-    }).then(function (response) {
-      return response.text().then(function (text) {
-        clearTimeout(timer);
-        return { status: response.status, statusText: response.statusText, text: text };
-      });
-    }, function (error) {
+    return http({ method: request.method, url: request.url, headers: headers, body: body }, {
+      persistent: true,
+      retryStatus: function (status) { return status !== 200 && status !== 400 && status !== 413; }
+    }).then(function (answer) {
+      forget(request);
+      if (answer.status === 200) return call(request.done, answer.body);
+      var details = [answer.status, answer.statusText, answer.body.trim()].filter(Boolean).join(", ");
+      call(request.failed, request.method + " to " + request.url + " failed: " + details, answer.status);
+    });
+  }
+
+  // The heartbeat's code. Its source text runs in a Web Worker, whose timers keep going in
+  // background tabs, where page timers are throttled; in the page only where no worker may run.
+  function beating(period) {
+    var target, timer;
+    function beat() {
+      fetch(target, { method: "POST", headers: { "Content-Type": "text/plain" } }).catch(function () {}).then(schedule);
+    }
+    function schedule() {
       clearTimeout(timer);
-      throw error;
-    });
-  }
-
-  // Network failures and timeouts are retried for as long as the page is open (with backoff);
-  // HTTP errors as in JATOS: 400 and 413 are final, others are retried jatos.httpRetry times.
-  function deliver(request) {
-    var httpFailures = 0, networkFailures = 0;
-    function tryOnce() {
-      return attempt(request).then(function (response) {
-        if (response.status === 200) {
-          forget(request);
-          request.resolve(response.text);
-          return;
-        }
-        if (response.status !== 400 && response.status !== 413 && httpFailures < jatos.httpRetry) {
-          httpFailures++;
-          return sleep(jatos.httpRetryWait).then(tryOnce);
-        }
-        forget(request);
-        var details = [response.status, response.statusText, response.text.trim()].filter(Boolean).join(", ");
-        request.reject(request.method + " to " + request.url + " failed: " + details, response.status);
-      }, function () {
-        networkFailures++;
-        var wait = Math.min(jatos.httpRetryWait * Math.pow(2, Math.min(networkFailures - 1, 6)), 10000);
-        return sleep(wait).then(tryOnce);
-      });
+      timer = setTimeout(beat, period);
     }
-    return tryOnce();
-  }
-
-  function resendStoredRequests() {
-    readStored().forEach(function (item) {
-      enqueue({ id: item.id, method: item.method, url: item.url, body: item.body });
-    });
-  }
-
-  // ---------------------------------------------------------------------------
-  // Start-up: IDs from the cookie, init data, heartbeat, then jatos.onLoad.
-  // ---------------------------------------------------------------------------
-
-  var initialized = false;
-  var onLoadCallbacks = [];
-  var startingComponent = false;
-  var endingStudy = false;
-  var heartbeat = null;
-
-  function readIdCookie() {
-    var row = document.cookie.split("; ").filter(function (entry) {
-      return entry.indexOf("JATOS_ID") !== -1 && entry.indexOf(jatos.studyResultUuid) !== -1;
-    })[0];
-    if (!row) {
-      console.error("jatos.js: no JATOS ID cookie for this study run");
-      return;
-    }
-    new URLSearchParams(row.substring(row.indexOf("=") + 1)).forEach(function (value, key) {
-      jatos[key] = value;
-    });
-    jatos.componentPos = parseInt(jatos.componentPos, 10);
-  }
-
-  function parsedInput(text, fallback) {
-    if (typeof text !== "string") return fallback;
-    try {
-      return JSON.parse(text);
-    } catch (error) {
-      console.error("jatos.js: input is not valid JSON", error);
-      return fallback;
-    }
-  }
-
-  function applyInitData(data) {
-    jatos.studySessionData = parsedInput(data.studySessionData, {});
-    jatos.studyProperties = data.studyProperties;
-    jatos.studyInput = jatos.studyJsonInput = parsedInput(data.studyProperties.studyInput, {});
-    delete jatos.studyProperties.studyInput;
-    jatos.batchProperties = data.batchProperties;
-    jatos.batchInput = jatos.batchJsonInput = parsedInput(data.batchProperties.batchInput, null);
-    delete jatos.batchProperties.batchInput;
-    jatos.componentProperties = data.componentProperties;
-    jatos.componentInput = jatos.componentJsonInput = parsedInput(data.componentProperties.componentInput, {});
-    delete jatos.componentProperties.componentInput;
-    jatos.componentList = data.componentList;
-    jatos.studyLength = data.componentList.length;
-    jatos.urlQueryParameters = data.urlQueryParameters || {};
-    jatos.frameId = jatos.urlQueryParameters.frameId || undefined;
-    jatos.studyCode = data.studyCode;
-  }
-
-  function fetchInitData() {
-    var failures = 0;
-    function tryOnce() {
-      var controller = new AbortController();
-      var timer = setTimeout(function () { controller.abort(); }, jatos.httpTimeout);
-      return fetch(url("initData"), { credentials: "same-origin", cache: "no-store", signal: controller.signal })
-        .then(function (response) {
-          clearTimeout(timer);
-          if (response.status !== 200) throw new Error("initData answered " + response.status);
-          return response.json();
-        })
-        .then(applyInitData)
-        .catch(function (error) {
-          clearTimeout(timer);
-          if (++failures > jatos.httpRetry) {
-            console.error("jatos.js: couldn't load init data", error);
-            return;
-          }
-          return sleep(jatos.httpRetryWait).then(tryOnce);
-        });
-    }
-    return tryOnce();
-  }
-
-  var HEARTBEAT_WORKER =
-    "var target, period = 60000, timer;" +
-    "function beat() { fetch(target, { method: 'POST', headers: { 'Content-Type': 'text/plain' } })" +
-    "  .catch(function () {}).then(schedule); }" +
-    "function schedule() { clearTimeout(timer); timer = setTimeout(beat, period); }" +
-    "onmessage = function (e) { target = e.data.url; if (e.data.period) period = e.data.period;" +
-    "  if (e.data.now) beat(); else schedule(); };";
-
-  // A Web Worker keeps beating in background tabs, where page timers are throttled.
-  function startHeartbeat() {
-    var target = url("../heartbeat");
-    try {
-      heartbeat = new Worker(URL.createObjectURL(new Blob([HEARTBEAT_WORKER], { type: "text/javascript" })));
-      heartbeat.postMessage({ url: target, now: true });
-    } catch (error) {
-      var period = 60000;
-      var beat = function () {
-        fetch(target, { method: "POST", headers: { "Content-Type": "text/plain" } }).catch(function () {})
-          .then(function () { heartbeat.timer = setTimeout(beat, period); });
-      };
-      heartbeat = {
-        timer: null,
-        postMessage: function (message) {
-          clearTimeout(heartbeat.timer);
-          if (message.period) period = message.period;
-          heartbeat.timer = setTimeout(beat, message.now ? 0 : period);
-        },
-        terminate: function () { clearTimeout(heartbeat.timer); }
-      };
-      beat();
-    }
-  }
-
-  function stopBackgroundWork() {
-    if (heartbeat) heartbeat.terminate();
-    closeChannels();
-  }
-
-  function fireOnLoad() {
-    // JATOS ships jQuery as jatos.jQuery; we ship none, so studies get the page's own, if any.
-    jatos.jQuery = window.jQuery || {};
-    initialized = true;
-    onLoadCallbacks.splice(0).forEach(function (callback) { call(callback); });
-  }
-
-  function init() {
-    jatos.studyResultUuid = window.location.pathname.split("/").reverse()[2];
-    readIdCookie();
-    startHeartbeat();
-    resendStoredRequests();
-    fetchInitData()
-      .then(function () { return openBatchChannelWithRetry().catch(function () {}); })
-      .then(showIdOverlay)
-      .then(fireOnLoad, fireOnLoad);
-  }
-
-  jatos.onLoad = function (callback) {
-    if (initialized) call(callback);
-    else onLoadCallbacks.push(callback);
-  };
-  jatos.onload = jatos.onLoad;
-
-  jatos.onError = function () {
-    console.warn("jatos.onError is abolished - use the specific function's error callback or Promise function");
-  };
-
-  jatos.setHeartbeatPeriod = function (period) {
-    if (typeof period === "number" && heartbeat) heartbeat.postMessage({ url: url("../heartbeat"), period: period });
-  };
-
-  jatos.getHttpLoopCounter = function () {
-    return requestCounter;
-  };
-
-  // ---------------------------------------------------------------------------
-  // Data: result data, files, study session, log.
-  // ---------------------------------------------------------------------------
-
-  function sendResultData(resultData, append, onSuccess, onError) {
-    if (resultData === Object(resultData)) resultData = JSON.stringify(resultData);
-    var request = { method: append ? "POST" : "PUT", url: url("resultData"), body: String(resultData), persist: true };
-    request.onFinalStatus = tooLargeOverlay("Couldn't send result data: too large!");
-    return enqueue(request, onSuccess, onError);
-  }
-
-  function tooLargeOverlay(text) {
-    return function (status) {
-      if (status === 413) jatos.showOverlay({ text: text, id: "result413", timeout: 8000, showImg: false });
+    return {
+      message: function (message) {
+        target = message.url;
+        if (message.period) period = message.period;
+        if (message.now) beat();
+        else schedule();
+      },
+      stop: function () { clearTimeout(timer); }
     };
   }
 
-  jatos.submitResultData = function (resultData, onSuccess, onError) {
-    return sendResultData(resultData, false, onSuccess, onError);
-  };
+  var heartbeat = null;
 
-  jatos.appendResultData = function (resultData, onSuccess, onError) {
-    return sendResultData(resultData, true, onSuccess, onError);
-  };
-
-  jatos.uploadResultFile = function (obj, filename, onSuccess, onError) {
-    if (typeof filename !== "string" || filename.length === 0) return rejected("No filename specified.", onError);
-    var blob;
-    if (obj instanceof Blob) blob = obj;
-    else if (typeof obj === "string") blob = new Blob([obj], { type: "text/plain" });
-    else if (obj === Object(obj)) blob = new Blob([JSON.stringify(obj, null, 2)], { type: "application/json" });
-    else return rejected("Only string, Object or Blob allowed.", onError);
-    var request = { method: "POST", url: url("files/" + encodeURI(filename)), blob: blob, filename: filename };
-    request.onFinalStatus = tooLargeOverlay("Couldn't send result file: too large!");
-    return enqueue(request, onSuccess, onError);
-  };
-
-  function readDownload(response) {
-    var type = (response.headers.get("Content-Type") || "").split(";")[0].trim();
-    if (type === "application/json") return response.text().then(JSON.parse);
-    if (type === "text/plain") return response.text();
-    return response.blob();
+  function startHeartbeat(target) {
+    try {
+      var source = "var heart = (" + beating + ")(" + HEARTBEAT_PERIOD + ");" +
+        "onmessage = function (e) { heart.message(e.data); };";
+      heartbeat = new Worker(URL.createObjectURL(new Blob([source], { type: "text/javascript" })));
+    } catch (error) {
+      var heart = beating(HEARTBEAT_PERIOD);
+      heartbeat = { postMessage: heart.message, terminate: heart.stop };
+    }
+    heartbeat.postMessage({ url: target, now: true });
   }
 
-  jatos.downloadResultFile = function (param1, param2, param3, param4) {
-    var componentPos, filename, onSuccess, onError;
-    if (typeof param1 === "number") {
-      componentPos = param1; filename = param2; onSuccess = param3; onError = param4;
-    } else if (typeof param1 === "string") {
-      filename = param1; onSuccess = param2; onError = param3;
-    } else {
-      return rejected("Unknown first parameter.");
-    }
-    if (typeof filename !== "string" || filename.length === 0) return rejected("No filename specified.", onError);
-    var target = url("../files/" + encodeURI(filename));
-    if (componentPos) {
-      if (componentPos <= 0 || componentPos > jatos.componentList.length) {
-        return rejected("Component position does not exist.", onError);
-      }
-      target += "?componentId=" + jatos.componentList[componentPos - 1].id;
-    }
-    // Waiting for the queue lets a page download what it has just uploaded.
-    return settled(function (resolve, reject) {
-      whenIdle().then(function () {
-        return fetch(target, { credentials: "same-origin", cache: "no-store" });
-      }).then(function (response) {
-        if (response.status !== 200) throw new Error(response.statusText || String(response.status));
-        return readDownload(response);
-      }).then(function (result) {
-        call(onSuccess, result);
-        resolve(result);
-      }, function (error) {
-        var message = "Download of " + filename + " returned " + (error && error.message);
-        call(onError, message);
-        reject(message);
-      });
-    });
-  };
+  function setHeartbeatPeriod(target, period) {
+    if (heartbeat) heartbeat.postMessage({ url: target, period: period });
+  }
 
-  jatos.setStudySessionData = function (studySessionData, onSuccess, onError) {
-    jatos.studySessionData = studySessionData;
-    return enqueue({ method: "POST", url: url("../studySessionData"), body: JSON.stringify(studySessionData),
-                     persist: true }, onSuccess, onError);
-  };
+  function stopHeartbeat() {
+    if (heartbeat) heartbeat.terminate();
+  }
 
-  jatos.log = function (message) {
-    return enqueue({ method: "POST", url: url("log"), body: String(message), persist: true });
-  };
-
-  jatos.logError = function () {
-    console.warn("jatos.logError is abolished - use jatos.log instead");
-  };
-
-  jatos.catchAndLogErrors = function () {
-    window.addEventListener("error", function (e) {
-      jatos.log("Via 'error' event in " + e.filename + ":" + e.lineno + " - " + e.message);
-    });
-    window.addEventListener("unhandledrejection", function (e) {
-      jatos.log("Via 'unhandledrejection' event - " + (e.reason && e.reason.message || e.reason));
-    });
-    ["error", "warn"].forEach(function (level) {
-      var original = console[level];
-      console[level] = function (message) {
-        jatos.log("Via console." + level + " - " + message);
-        original.apply(console, arguments);
-      };
-    });
-  };
-
-  jatos.addJatosIds = function (obj) {
-    obj = obj || {};
-    obj.studyCode = jatos.studyCode;
-    obj.studyId = jatos.studyId;
-    obj.studyTitle = jatos.studyProperties.title;
-    obj.batchId = jatos.batchId;
-    obj.batchTitle = jatos.batchProperties.title;
-    obj.componentId = jatos.componentId;
-    obj.componentPos = jatos.componentPos;
-    obj.componentTitle = jatos.componentProperties.title;
-    obj.workerId = jatos.workerId;
-    obj.studyResultId = jatos.studyResultId;
-    obj.componentResultId = jatos.componentResultId;
-    obj.groupResultId = jatos.groupResultId;
-    obj.groupMemberId = jatos.groupMemberId;
-    return obj;
-  };
-
-  // ---------------------------------------------------------------------------
-  // Channel transport: the WebSocket surface (readyState, send, close, on*) over HTTP.
-  // One long-poll per page carries the events of all its channels.
-  // ---------------------------------------------------------------------------
+  // Channel conns: the WebSocket surface (readyState, send, close, on*) over HTTP. One long poll
+  // per page carries the events of all its conns.
 
   var CONNECTING = 0, OPEN = 1, CLOSED = 3;
   var pageId = randomId();
   var pollSockets = {};
   var pollAbort = null;
   var polling = false;
+  var pollFailures = 0;
+  var pollNumber = 0;
 
   function postJson(target, body) {
     return fetch(target, {
       method: "POST", credentials: "same-origin", cache: "no-store",
       headers: { "Content-Type": "application/json" }, body: JSON.stringify(body || {})
     });
+  }
+
+  function connGone(status) {
+    return status === 410 || status === 404;
   }
 
   function PollingSocket(openPath) {
@@ -564,7 +420,7 @@
     fetch(socket.base() + "ping", { method: "POST", credentials: "same-origin", cache: "no-store" })
       .then(function (response) {
         if (response.status === 200) socket.deliver({ heartbeat: "pong" });
-        else if (response.status === 410 || response.status === 404) socket.lost();
+        else if (connGone(response.status)) socket.lost();
       }, function () { /* no pong: the heartbeat timeout notices */ });
   };
 
@@ -580,13 +436,12 @@
     function attemptSend() {
       if (socket.readyState !== OPEN) return;
       postJson(socket.base() + "send", body).then(function (response) {
-        if (response.status === 410 || response.status === 404) return socket.lost();
+        if (connGone(response.status)) return socket.lost();
         if (response.status !== 200) throw new Error(String(response.status));
         socket.sending = false;
         socket.flush();
       }).catch(function () {
-        failures++;
-        setTimeout(attemptSend, Math.min(250 * Math.pow(2, failures), 5000));
+        setTimeout(attemptSend, backoff(++failures, CHANNEL_RETRY_FIRST_WAIT, CHANNEL_RETRY_MAX_WAIT));
       });
     }
     attemptSend();
@@ -605,8 +460,7 @@
     this.readyState = CLOSED;
     if (conn) {
       delete pollSockets[conn];
-      fetch(this.base() + "close", { method: "POST", credentials: "same-origin", keepalive: true })
-        .catch(function () {});
+      fetch(this.base() + "close", { method: "POST", credentials: "same-origin", keepalive: true }).catch(noop);
       restartPolling();
     }
     call(this.onclose);
@@ -641,12 +495,9 @@
       else pollLoop();
     }).catch(function () {
       if (controller.signal.aborted) return pollLoop();
-      pollFailures++;
-      setTimeout(pollLoop, Math.min(500 * Math.pow(2, pollFailures - 1), 5000));
+      setTimeout(pollLoop, backoff(++pollFailures, CHANNEL_RETRY_FIRST_WAIT, CHANNEL_RETRY_MAX_WAIT));
     });
   }
-  var pollFailures = 0;
-  var pollNumber = 0;
 
   function handlePollAnswer(conn, answer) {
     var socket = pollSockets[conn];
@@ -668,7 +519,8 @@
   });
 
   // ---------------------------------------------------------------------------
-  // JSON Pointer (RFC 6901) and JSON Patch (RFC 6902) for the local session copies.
+  // Session patches: JSON Pointer (RFC 6901), JSON Patch (RFC 6902) and the page's copy of a
+  // batch or group session.
   // ---------------------------------------------------------------------------
 
   function pointerTokens(pointer) {
@@ -753,20 +605,33 @@
     return patches.reduce(applyOperation, clone(document) || {});
   }
 
-  // ---------------------------------------------------------------------------
-  // Batch and group sessions: the same API over two channels with different key names.
-  // ---------------------------------------------------------------------------
+  function applyPatchesSafely(document, patches) {
+    try {
+      return applyPatches(document, patches);
+    } catch (error) {
+      console.error("jatos.js: couldn't apply session patch", error);
+      return document;
+    }
+  }
 
-  function SharedSession(channelName, words) {
-    this.channelName = channelName;
+  function patch(op, path, value, from) {
+    var operation = { op: op, path: path };
+    if (value !== undefined) operation.value = value;
+    if (from !== undefined) operation.from = from;
+    return operation;
+  }
+
+  // The batch and the group channel carry the same things under different key names (`words`);
+  // versioning() says whether the study wants its patches versioned.
+  function SharedSession(name, words, versioning) {
+    this.name = name;
     this.words = words;
+    this.versioning = versioning;
     this.data = {};
     this.version = null;
     this.counter = 0;
     this.waiting = {};
     this.sending = null;
-    this.socket = null;
-    this.context = {};
   }
 
   SharedSession.prototype.reset = function () {
@@ -780,301 +645,249 @@
     if (message[this.words.version] !== undefined) this.version = message[this.words.version];
   };
 
-  function applyPatchesSafely(document, patches) {
-    try {
-      return applyPatches(document, patches);
-    } catch (error) {
-      console.error("jatos.js: couldn't apply session patch", error);
-      return document;
-    }
-  }
-
   SharedSession.prototype.settle = function (message) {
     var waiter = this.waiting[message[this.words.id]];
     if (!waiter) return;
     if (message.action === "SESSION_ACK") waiter.succeed("success");
-    else waiter.fail(this.channelName + " session update failed");
+    else waiter.fail(this.name + " session update failed");
   };
 
-  SharedSession.prototype.versioning = function () {
-    return this.channelName === "Batch" ? jatos.batchSessionVersioning : jatos.groupSessionVersioning;
+  // With versioning, one patch at a time may wait for its answer.
+  SharedSession.prototype.busy = function () {
+    return this.versioning() && this.sending !== null;
   };
 
-  SharedSession.prototype.send = function (patches, onSuccess, onFail) {
+  SharedSession.prototype.send = function (socket, operation, timeout, onSuccess, onFail) {
     var session = this, words = this.words;
-    var description = this.channelName + " session patch";
-    // Refusals are logged like JATOS does (studies with catchAndLogErrors send them to the server log).
-    if (!session.socket || session.socket.readyState !== OPEN) {
-      return rejected("Can't send " + description.toLowerCase() + ". No open " + this.channelName.toLowerCase() +
-        " channel.", onFail, console.error);
-    }
-    if (session.versioning() && session.sending) {
-      return rejected("Can send only one " + description.toLowerCase() + " at a time.", onFail, console.error);
-    }
-    if (studyRunInvalid) {
-      return rejected("Can't send " + description.toLowerCase() + ". This study run is invalid.", onFail, console.warn);
-    }
     var actionId = session.counter++;
     var message = { action: "SESSION" };
     message[words.id] = actionId;
-    message[words.patches] = Array.isArray(patches) ? patches : [patches];
+    message[words.patches] = [operation];
     message[words.version] = session.version;
     message[words.versioning] = !!session.versioning();
-    var promise = settled(function (resolve, reject) {
-      var timer = setTimeout(function () { finish(reject, onFail, "Timeout sending session patch"); },
-        jatos.channelSendingTimeoutTime);
-      function finish(settle, callback, result) {
-        clearTimeout(timer);
-        delete session.waiting[actionId];
-        if (session.sending === promise) session.sending = null;
-        call(callback, result);
-        settle(result);
-      }
-      session.waiting[actionId] = {
-        succeed: function (result) { finish(resolve, onSuccess, result); },
-        fail: function (result) { finish(reject, onFail, result); }
-      };
+    var answer = pendingAnswer(timeout, "Timeout sending session patch", onSuccess, onFail, function () {
+      delete session.waiting[actionId];
+      if (session.sending === answer.promise) session.sending = null;
     });
-    if (session.versioning()) session.sending = promise;
-    session.socket.send(JSON.stringify(message));
-    return promise;
+    session.waiting[actionId] = answer;
+    if (session.versioning()) session.sending = answer.promise;
+    socket.send(JSON.stringify(message));
+    return answer.promise;
   };
-
-  function patch(op, path, value, from) {
-    var operation = { op: op, path: path };
-    if (value !== undefined) operation.value = value;
-    if (from !== undefined) operation.from = from;
-    return operation;
-  }
-
-  function sessionApi(session) {
-    var api = {};
-    api.get = function (name) { return clone(getByPointer(session.data, "/" + name)); };
-    api.getAll = function () { return clone(session.data); };
-    api.find = function (path) { return clone(getByPointer(session.data, path)); };
-    api.test = function (path, value) { return getByPointer(session.data, path) === value; };
-    api.defined = function (path) { return getByPointer(session.data, path) !== undefined; };
-    api.add = function (path, value, onSuccess, onFail) { return session.send(patch("add", path, value), onSuccess, onFail); };
-    api.set = function (name, value, onSuccess, onFail) { return api.add("/" + name, value, onSuccess, onFail); };
-    api.setAll = function (value, onSuccess, onFail) { return api.replace("", value, onSuccess, onFail); };
-    api.remove = function (path, onSuccess, onFail) { return session.send(patch("remove", path), onSuccess, onFail); };
-    api.clear = function (onSuccess, onFail) { return session.send(patch("remove", "/"), onSuccess, onFail); };
-    api.replace = function (path, value, onSuccess, onFail) { return session.send(patch("replace", path, value), onSuccess, onFail); };
-    api.copy = function (from, path, onSuccess, onFail) { return session.send(patch("copy", path, undefined, from), onSuccess, onFail); };
-    api.move = function (from, path, onSuccess, onFail) { return session.send(patch("move", path, undefined, from), onSuccess, onFail); };
-    return api;
-  }
-
-  var batchSession = new SharedSession("Batch", { id: "id", patches: "patches", data: "data", version: "version",
-                                                  versioning: "versioning" });
-  var groupSession = new SharedSession("Group", { id: "sessionActionId", patches: "sessionPatches", data: "sessionData",
-                                                  version: "sessionVersion", versioning: "sessionVersioning" });
-  jatos.batchSession = sessionApi(batchSession);
-  jatos.groupSession = sessionApi(groupSession);
-  jatos.batchSessionVersioning = true;
-  jatos.groupSessionVersioning = true;
 
   // ---------------------------------------------------------------------------
-  // Channel life: heartbeat, watchdog, reopening with backoff (channels.md §5).
+  // Channels: a conn carrying one shared session, kept open by a heartbeat and a watchdog and
+  // reopened with backoff (channels.md §5).
   // ---------------------------------------------------------------------------
 
-  function ChannelKeeper(name, onDead, onClosed) {
-    this.name = name;
-    this.onDead = onDead;
-    this.onClosed = onClosed;
-    this.heartbeatTimer = null;
-    this.heartbeatTimeouts = [];
-    this.watchdog = null;
-  }
+  // Where this page's run stands: no channel opens once it moves on or has become invalid.
+  var studyRunInvalid = false;  // the server replaced this run's batch channel: refuse everything
+  var startingComponent = false;
+  var endingStudy = false;
 
-  ChannelKeeper.prototype.start = function (socket) {
-    var keeper = this;
-    keeper.stopHeartbeat();
-    keeper.heartbeatTimer = setInterval(function () {
-      if (socket.readyState !== OPEN) return;
-      socket.send('{"heartbeat":"ping"}');
-      keeper.heartbeatTimeouts.push(setTimeout(function () { keeper.onDead(); }, jatos.channelHeartbeatTimeoutTime));
-    }, jatos.channelHeartbeatInterval);
-    clearInterval(keeper.watchdog);
-    keeper.watchdog = setInterval(function () {
-      if (socket.readyState === CLOSED) {
-        clearInterval(keeper.watchdog);
-        keeper.onClosed();
-      }
-    }, jatos.channelClosedCheckInterval);
-  };
-
-  ChannelKeeper.prototype.pong = function () {
-    this.heartbeatTimeouts.splice(0).forEach(clearTimeout);
-  };
-
-  ChannelKeeper.prototype.stopHeartbeat = function () {
-    clearInterval(this.heartbeatTimer);
-    this.pong();
-  };
-
-  ChannelKeeper.prototype.stop = function () {
-    this.stopHeartbeat();
-    clearInterval(this.watchdog);
-  };
-
-  function channelsMayOpen() {
+  function channelRefusal() {
     if (endingStudy || startingComponent) return "study is about to move to the next component or finish";
     if (studyRunInvalid) return "this study run is invalid";
     return null;
   }
 
-  function closeChannels() {
-    batchKeeper.stop();
-    groupKeeper.stop();
-    [batchSession.socket, groupSession.socket].forEach(function (socket) { if (socket) socket.close(); });
+  // What a kind of channel gives (the batch and group channel in the jatos.* layer):
+  //   path (where it opens), session;
+  //   refusalPrefix, openingText (a second open while one is under way), failedText (the open
+  //   failed), alreadyOpenText (if an open channel refuses another open);
+  //   busy(): whether it may not reopen now; retry(wait): its next attempt after a failed one;
+  //   update(message) before the session takes a message, handle(message) after;
+  //   pong(), dead() (no pong in time), lost() (the watchdog found it closed), closed().
+  function Channel(kind) {
+    this.kind = kind;
+    this.session = kind.session;
+    this.socket = null;
+    this.opening = null;
+    this.heartbeat = null;
+    this.heartbeatTimeouts = [];
+    this.watchdog = null;
   }
 
-  // --- batch channel ---
+  function isOpen(channel) {
+    return !!channel.socket && channel.socket.readyState === OPEN;
+  }
 
-  var batchAlive = false;
-  var batchOpening = null;
-  var onBatchSessionCallback = null;
-  var batchKeeper = new ChannelKeeper("batch", function () {
-    if (batchAlive) {
-      batchAlive = false;
-      window.dispatchEvent(new Event("batchChannelDead"));
+  function openChannel(channel) {
+    var kind = channel.kind, refusal = channelRefusal();
+    if (refusal) return Promise.reject(kind.refusalPrefix + refusal);
+    if (kind.alreadyOpenText && channel.socket && channel.socket.readyState !== CLOSED) {
+      return Promise.reject(kind.alreadyOpenText);
     }
-    reopenBatchChannel();
-  }, reopenBatchChannel);
-
-  function openBatchChannel() {
-    var refusal = channelsMayOpen();
-    if (refusal) return Promise.reject(refusal);
-    if (batchOpening) return Promise.reject("Can open only one batch channel.");
-    batchOpening = new Promise(function (resolve, reject) {
-      var socket = new PollingSocket("../batch/open");
-      batchSession.socket = socket;
-      socket.onopen = function () { batchKeeper.start(socket); };
-      socket.onmessage = function (event) { handleBatchMessage(JSON.parse(event.data), resolve); };
-      socket.onerror = function () { reject("Batch channel error"); };
+    if (channel.opening) return Promise.reject(kind.openingText);
+    var opening = channel.opening = new Promise(function (resolve, reject) {
+      var socket = channel.socket = new PollingSocket(kind.path);
+      socket.onopen = function () { keepOpen(channel, socket); };
+      socket.onmessage = function (event) { receive(channel, JSON.parse(event.data), resolve); };
+      socket.onerror = function () { reject(kind.failedText); };
       socket.onclose = function () {
-        batchSession.reset();
-        batchKeeper.stopHeartbeat();
-        reject("Batch channel closed");
+        stopPings(channel);
+        channel.session.reset();
+        kind.closed();
+        reject(channel.session.name + " channel closed");
       };
     });
-    var opening = batchOpening;
-    opening.then(function () { batchOpening = null; }, function () { batchOpening = null; });
+    opening.then(function () { channel.opening = null; }, function () { channel.opening = null; });
     return opening;
   }
 
-  function openBatchChannelWithRetry(backoff) {
-    if (typeof backoff !== "number") backoff = jatos.channelOpeningBackoffTimeMin;
-    return openBatchChannel().catch(function (reason) {
-      if (backoff < jatos.channelOpeningBackoffTimeMax) backoff *= 2;
-      if (!channelsMayOpen()) setTimeout(function () { openBatchChannelWithRetry(backoff); }, backoff);
+  // Opens; after a failure, kind.retry tries again after a doubling wait while channels may open.
+  function keepOpening(channel, wait) {
+    return openChannel(channel).catch(function (reason) {
+      if (wait < jatos.channelOpeningBackoffTimeMax) wait *= 2;
+      if (!channelRefusal()) setTimeout(function () { channel.kind.retry(wait); }, wait);
       throw reason;
     });
   }
 
-  function reopenBatchChannel() {
-    if (batchOpening) return;
-    if (batchSession.socket) batchSession.socket.close();
-    batchSession.reset();
-    openBatchChannelWithRetry().catch(function () {});
+  function reopenChannel(channel, wait) {
+    if (channel.kind.busy()) return;
+    if (channel.socket) channel.socket.close();
+    channel.session.reset();
+    keepOpening(channel, typeof wait === "number" ? wait : jatos.channelOpeningBackoffTimeMin).catch(noop);
   }
 
-  function handleBatchMessage(message, opened) {
-    if (message.heartbeat === "pong") {
-      batchKeeper.pong();
-      if (!batchAlive) {
-        batchAlive = true;
-        window.dispatchEvent(new Event("batchChannelAlive"));
+  function receive(channel, message, opened) {
+    var kind = channel.kind, session = channel.session;
+    if (message.heartbeat !== undefined) {
+      heartbeatAnswered(channel);
+      return kind.pong();
+    }
+    kind.update(message);
+    session.absorb(message);
+    if (message[session.words.version] !== undefined) opened();
+    if (message.action === "SESSION_ACK" || message.action === "SESSION_FAIL") session.settle(message);
+    kind.handle(message);
+  }
+
+  function keepOpen(channel, socket) {
+    stopPings(channel);
+    channel.heartbeat = setInterval(function () {
+      if (socket.readyState !== OPEN) return;
+      socket.send('{"heartbeat":"ping"}');
+      channel.heartbeatTimeouts.push(setTimeout(function () {
+        channel.kind.dead();
+        reopenChannel(channel);
+      }, jatos.channelHeartbeatTimeoutTime));
+    }, jatos.channelHeartbeatInterval);
+    clearInterval(channel.watchdog);
+    channel.watchdog = setInterval(function () {
+      if (socket.readyState === CLOSED) {
+        clearInterval(channel.watchdog);
+        channel.kind.lost();
+        reopenChannel(channel);
       }
-      return;
-    }
-    batchSession.absorb(message);
-    if (message.version !== undefined) opened();
-    if (message.action === "SESSION") {
-      (message.patches || []).forEach(function (operation) { call(onBatchSessionCallback, operation.path, operation.op); });
-    } else if (message.action === "SESSION_ACK" || message.action === "SESSION_FAIL") {
-      batchSession.settle(message);
-    } else if (message.action === "CLOSED") {
-      batchKeeper.stop();
-      studyRunInvalid = true;
-      jatos.showOverlay({ text: "This study run is invalid.", showImg: false });
-    } else if (message.action === "ERROR") {
-      console.error(message.errorMsg);
-    }
+    }, jatos.channelClosedCheckInterval);
   }
 
-  jatos.onBatchSession = function (callback) { onBatchSessionCallback = callback; };
-  jatos.onConnected = function (callback) { window.addEventListener("batchChannelAlive", callback); };
-  jatos.onDisconnected = function (callback) { window.addEventListener("batchChannelDead", callback); };
-  jatos.isConnected = function () { return batchAlive; };
+  function heartbeatAnswered(channel) {
+    channel.heartbeatTimeouts.splice(0).forEach(clearTimeout);
+  }
 
-  // --- group channel ---
+  function stopPings(channel) {
+    clearInterval(channel.heartbeat);
+    heartbeatAnswered(channel);
+  }
 
-  var groupCallbacks = {};
-  var groupJoining = null, groupLeaving = false, groupReassigning = false, groupFixing = null;
-  var onOwnGroupOpened = null;  // set while a reassignment waits for its new group's OPENED
-  var groupKeeper = new ChannelKeeper("group", function () {
-    call(groupCallbacks.onError, "Group channel heartbeat fail");
-    reopenGroupChannel();
-  }, function () {
-    call(groupCallbacks.onError, "Group channel closed");
-    reopenGroupChannel();
+  function stopKeeping(channel) {
+    stopPings(channel);
+    clearInterval(channel.watchdog);
+  }
+
+  function closeChannel(channel) {
+    stopKeeping(channel);
+    if (channel.socket) channel.socket.close();
+  }
+
+  function announcePatches(patches, callback) {
+    (patches || []).forEach(function (operation) { call(callback, operation.path, operation.op); });
+  }
+
+  // ---------------------------------------------------------------------------
+  // The jatos.* API
+  // ---------------------------------------------------------------------------
+
+  // --- the batch channel, opened before jatos.onLoad ---
+
+  var batchAlive = false;
+  var onBatchSessionCallback = null;
+  var batch = new Channel({
+    path: "../batch/open",
+    session: new SharedSession("Batch", { id: "id", patches: "patches", data: "data", version: "version",
+                                          versioning: "versioning" },
+                               function () { return jatos.batchSessionVersioning; }),
+    refusalPrefix: "",
+    openingText: "Can open only one batch channel.",
+    failedText: "Batch channel error",
+    alreadyOpenText: null,
+    busy: function () { return batch.opening; },
+    retry: function (wait) { keepOpening(batch, wait); },
+    update: noop,
+    handle: function (message) {
+      if (message.action === "SESSION") {
+        announcePatches(message.patches, onBatchSessionCallback);
+      } else if (message.action === "CLOSED") {
+        stopKeeping(batch);
+        studyRunInvalid = true;
+        jatos.showOverlay({ text: "This study run is invalid.", showImg: false });
+      } else if (message.action === "ERROR") {
+        console.error(message.errorMsg);
+      }
+    },
+    pong: function () { announceConnection(true); },
+    dead: function () { announceConnection(false); },
+    lost: noop,
+    closed: noop
   });
 
-  function clearGroupVariables() {
-    jatos.groupMemberId = null;
-    jatos.groupResultId = null;
-    jatos.groupMembers = [];
-    jatos.groupChannels = [];
-    groupSession.reset();
+  function announceConnection(alive) {
+    if (batchAlive === alive) return;
+    batchAlive = alive;
+    window.dispatchEvent(new Event(alive ? "batchChannelAlive" : "batchChannelDead"));
   }
 
-  function openGroupChannel() {
-    var refusal = channelsMayOpen();
-    if (refusal) return Promise.reject("Can't join group: " + refusal);
-    if (groupSession.socket && groupSession.socket.readyState !== CLOSED) {
-      return Promise.reject("Can't join group: a group channel is already open");
+  // --- the group channel, opened by jatos.joinGroup ---
+
+  var groupCallbacks = {};
+  var groupLeaving = false, groupReassigning = false, groupFixing = null;
+  var onOwnGroupOpened = null;  // set while a reassignment waits for its new group's OPENED
+  var group = new Channel({
+    path: "../group/join",
+    session: new SharedSession("Group", { id: "sessionActionId", patches: "sessionPatches", data: "sessionData",
+                                          version: "sessionVersion", versioning: "sessionVersioning" },
+                               function () { return jatos.groupSessionVersioning; }),
+    refusalPrefix: "Can't join group: ",
+    openingText: "Can't join group: joining already",
+    failedText: "Couldn't join group",
+    alreadyOpenText: "Can't join group: a group channel is already open",
+    busy: function () { return group.opening || groupLeaving || groupReassigning || channelRefusal(); },
+    retry: function (wait) { reopenChannel(group, wait); },
+    update: function (message) {
+      if (message.groupResultId !== undefined) {
+        jatos.groupResultId = message.groupResultId;
+        jatos.groupMemberId = jatos.studyResultId;
+      }
+      if (message.members !== undefined) jatos.groupMembers = message.members;
+      if (message.channels !== undefined) jatos.groupChannels = message.channels;
+    },
+    handle: handleGroupMessage,
+    pong: noop,
+    dead: function () { call(groupCallbacks.onError, "Group channel heartbeat fail"); },
+    lost: function () { call(groupCallbacks.onError, "Group channel closed"); },
+    closed: function () {
+      jatos.groupMemberId = null;
+      jatos.groupResultId = null;
+      jatos.groupMembers = [];
+      jatos.groupChannels = [];
+      call(groupCallbacks.onClose);
     }
-    if (groupJoining) return Promise.reject("Can't join group: joining already");
-    groupJoining = new Promise(function (resolve, reject) {
-      var socket = new PollingSocket("../group/join");
-      groupSession.socket = socket;
-      socket.onopen = function () { groupKeeper.start(socket); };
-      socket.onmessage = function (event) { handleGroupMessage(JSON.parse(event.data), resolve); };
-      socket.onerror = function () { reject("Couldn't join group"); };
-      socket.onclose = function () {
-        groupKeeper.stopHeartbeat();
-        clearGroupVariables();
-        call(groupCallbacks.onClose);
-        reject("Group channel closed");
-      };
-    });
-    var joining = groupJoining;
-    joining.then(function () { groupJoining = null; }, function () { groupJoining = null; });
-    return joining;
-  }
+  });
 
-  function reopenGroupChannel(backoff) {
-    if (groupJoining || groupLeaving || groupReassigning || channelsMayOpen()) return;
-    if (typeof backoff !== "number") backoff = jatos.channelOpeningBackoffTimeMin;
-    if (groupSession.socket) groupSession.socket.close();
-    openGroupChannel().catch(function () {
-      if (backoff < jatos.channelOpeningBackoffTimeMax) backoff *= 2;
-      setTimeout(function () { reopenGroupChannel(backoff); }, backoff);
-    });
-  }
-
-  function handleGroupMessage(message, opened) {
-    if (message.heartbeat !== undefined) return groupKeeper.pong();
-    if (message.groupResultId !== undefined) {
-      jatos.groupResultId = message.groupResultId;
-      jatos.groupMemberId = jatos.studyResultId;
-    }
-    if (message.members !== undefined) jatos.groupMembers = message.members;
-    if (message.channels !== undefined) jatos.groupChannels = message.channels;
-    groupSession.absorb(message);
-    if (message.sessionVersion !== undefined) opened();
+  function handleGroupMessage(message) {
     var self = message.memberId === jatos.groupMemberId;
     switch (message.action) {
       case "OPENED":
@@ -1086,7 +899,7 @@
         break;
       case "CLOSED":
         if (message.memberId !== undefined && !self) memberEvent(groupCallbacks.onMemberClose, message.memberId);
-        else if (message.memberId === undefined) groupKeeper.stop();
+        else if (message.memberId === undefined) stopKeeping(group);
         break;
       case "JOINED":
         if (!self) memberEvent(groupCallbacks.onMemberJoin, message.memberId);
@@ -1095,18 +908,12 @@
         if (!self) memberEvent(groupCallbacks.onMemberLeave, message.memberId);
         break;
       case "SESSION":
-        (message.sessionPatches || []).forEach(function (operation) {
-          call(groupCallbacks.onGroupSession, operation.path, operation.op);
-        });
+        announcePatches(message.sessionPatches, groupCallbacks.onGroupSession);
         call(groupCallbacks.onUpdate);
         break;
       case "FIXED":
-        if (groupFixing) groupFixing("success");
+        if (groupFixing) groupFixing.succeed("success");
         call(groupCallbacks.onUpdate);
-        break;
-      case "SESSION_ACK":
-      case "SESSION_FAIL":
-        groupSession.settle(message);
         break;
       case "ERROR":
         call(groupCallbacks.onError, message.errorMsg);
@@ -1120,94 +927,316 @@
     call(groupCallbacks.onUpdate);
   }
 
+  // --- start-up: IDs from the cookie, init data, heartbeat, then jatos.onLoad ---
+
+  var initialized = false;
+  var onLoadCallbacks = [];
+
+  function readIdCookie() {
+    var row = document.cookie.split("; ").filter(function (entry) {
+      return entry.indexOf("JATOS_ID") !== -1 && entry.indexOf(jatos.studyResultUuid) !== -1;
+    })[0];
+    if (!row) {
+      console.error("jatos.js: no JATOS ID cookie for this study run");
+      return;
+    }
+    new URLSearchParams(row.substring(row.indexOf("=") + 1)).forEach(function (value, key) {
+      jatos[key] = value;
+    });
+    jatos.componentPos = parseInt(jatos.componentPos, 10);
+  }
+
+  function parsedInput(text, fallback) {
+    if (typeof text !== "string") return fallback;
+    try {
+      return JSON.parse(text);
+    } catch (error) {
+      console.error("jatos.js: input is not valid JSON", error);
+      return fallback;
+    }
+  }
+
+  function applyInitData(data) {
+    jatos.studySessionData = parsedInput(data.studySessionData, {});
+    jatos.studyProperties = data.studyProperties;
+    jatos.studyInput = jatos.studyJsonInput = parsedInput(data.studyProperties.studyInput, {});
+    delete jatos.studyProperties.studyInput;
+    jatos.batchProperties = data.batchProperties;
+    jatos.batchInput = jatos.batchJsonInput = parsedInput(data.batchProperties.batchInput, null);
+    delete jatos.batchProperties.batchInput;
+    jatos.componentProperties = data.componentProperties;
+    jatos.componentInput = jatos.componentJsonInput = parsedInput(data.componentProperties.componentInput, {});
+    delete jatos.componentProperties.componentInput;
+    jatos.componentList = data.componentList;
+    jatos.studyLength = data.componentList.length;
+    jatos.urlQueryParameters = data.urlQueryParameters || {};
+    jatos.frameId = jatos.urlQueryParameters.frameId || undefined;
+    jatos.studyCode = data.studyCode;
+  }
+
+  function loadInitData() {
+    return http({ url: url("initData") }, { retryStatus: function (status) { return status !== 200; } })
+      .then(function (answer) {
+        if (answer.status !== 200) throw new Error("initData answered " + answer.status);
+        applyInitData(JSON.parse(answer.body));
+      })
+      .catch(function (error) { console.error("jatos.js: couldn't load init data", error); });
+  }
+
+  function httpSettings() {
+    return { timeout: jatos.httpTimeout, retries: jatos.httpRetry, wait: jatos.httpRetryWait };
+  }
+
+  function fireOnLoad() {
+    // JATOS ships jQuery as jatos.jQuery; we ship none, so studies get the page's own, if any.
+    jatos.jQuery = window.jQuery || {};
+    initialized = true;
+    onLoadCallbacks.splice(0).forEach(function (callback) { call(callback); });
+  }
+
+  function init() {
+    jatos.studyResultUuid = window.location.pathname.split("/").reverse()[2];
+    readIdCookie();
+    startHeartbeat(url("../heartbeat"));
+    startTransport(jatos.studyResultUuid, httpSettings);
+    loadInitData()
+      .then(function () { return keepOpening(batch, jatos.channelOpeningBackoffTimeMin).catch(noop); })
+      .then(showIdOverlay)
+      .then(fireOnLoad, fireOnLoad);
+  }
+
+  jatos.onLoad = function (callback) {
+    if (initialized) call(callback);
+    else onLoadCallbacks.push(callback);
+  };
+  jatos.onload = jatos.onLoad;
+
+  jatos.onError = function () {
+    console.warn("jatos.onError is abolished - use the specific function's error callback or Promise function");
+  };
+
+  jatos.setHeartbeatPeriod = function (period) {
+    if (typeof period === "number") setHeartbeatPeriod(url("../heartbeat"), period);
+  };
+
+  jatos.getHttpLoopCounter = function () {
+    return requestCount;
+  };
+
+  // --- data: result data, files, study session, log ---
+
+  // Every data request: refused once the run is invalid, else queued. A 413 also shows
+  // tooLargeText in JATOS's overlay.
+  function send(request, onSuccess, onError, tooLargeText) {
+    if (studyRunInvalid) return rejected("This study run is invalid.", onError);
+    return settled(function (resolve, reject) {
+      enqueue(request, function (body) {
+        call(onSuccess, body);
+        resolve(body);
+      }, function (message, status) {
+        call(onError, message);
+        reject(message);
+        if (status === 413 && tooLargeText) {
+          jatos.showOverlay({ text: tooLargeText, id: "result413", timeout: TOO_LARGE_OVERLAY_TIME, showImg: false });
+        }
+      });
+    });
+  }
+
+  function sendResultData(resultData, append, onSuccess, onError) {
+    if (resultData === Object(resultData)) resultData = JSON.stringify(resultData);
+    return send({ method: append ? "POST" : "PUT", url: url("resultData"), body: String(resultData), persist: true },
+                onSuccess, onError, "Couldn't send result data: too large!");
+  }
+
+  jatos.submitResultData = function (resultData, onSuccess, onError) {
+    return sendResultData(resultData, false, onSuccess, onError);
+  };
+
+  jatos.appendResultData = function (resultData, onSuccess, onError) {
+    return sendResultData(resultData, true, onSuccess, onError);
+  };
+
+  jatos.uploadResultFile = function (obj, filename, onSuccess, onError) {
+    if (typeof filename !== "string" || filename.length === 0) return rejected("No filename specified.", onError);
+    var blob;
+    if (obj instanceof Blob) blob = obj;
+    else if (typeof obj === "string") blob = new Blob([obj], { type: "text/plain" });
+    else if (obj === Object(obj)) blob = new Blob([JSON.stringify(obj, null, 2)], { type: "application/json" });
+    else return rejected("Only string, Object or Blob allowed.", onError);
+    return send({ method: "POST", url: url("files/" + encodeURI(filename)), blob: blob, filename: filename },
+                onSuccess, onError, "Couldn't send result file: too large!");
+  };
+
+  function readDownload(answer) {
+    var type = answer.type.split(";")[0].trim();
+    if (type === "application/json") return answer.body.text().then(JSON.parse);
+    if (type === "text/plain") return answer.body.text();
+    return answer.body;
+  }
+
+  jatos.downloadResultFile = function (param1, param2, param3, param4) {
+    var componentPos, filename, onSuccess, onError;
+    if (typeof param1 === "number") {
+      componentPos = param1; filename = param2; onSuccess = param3; onError = param4;
+    } else if (typeof param1 === "string") {
+      filename = param1; onSuccess = param2; onError = param3;
+    } else {
+      return rejected("Unknown first parameter.");
+    }
+    if (typeof filename !== "string" || filename.length === 0) return rejected("No filename specified.", onError);
+    var target = url("../files/" + encodeURI(filename));
+    if (componentPos) {
+      if (componentPos <= 0 || componentPos > jatos.componentList.length) {
+        return rejected("Component position does not exist.", onError);
+      }
+      target += "?componentId=" + jatos.componentList[componentPos - 1].id;
+    }
+    // Waiting for the queue lets a page download what it has just uploaded.
+    return answered(whenIdle().then(function () {
+      return http({ url: target, binary: true }, { retries: 0, untimed: true });
+    }).then(function (answer) {
+      if (answer.status !== 200) throw new Error(answer.statusText || String(answer.status));
+      return readDownload(answer);
+    }).catch(function (error) {
+      throw "Download of " + filename + " returned " + (error && error.message);
+    }), onSuccess, onError);
+  };
+
+  jatos.setStudySessionData = function (studySessionData, onSuccess, onError) {
+    jatos.studySessionData = studySessionData;
+    return send({ method: "POST", url: url("../studySessionData"), body: JSON.stringify(studySessionData),
+                  persist: true }, onSuccess, onError);
+  };
+
+  jatos.log = function (message) {
+    return send({ method: "POST", url: url("log"), body: String(message), persist: true });
+  };
+
+  jatos.logError = function () {
+    console.warn("jatos.logError is abolished - use jatos.log instead");
+  };
+
+  jatos.catchAndLogErrors = function () {
+    window.addEventListener("error", function (e) {
+      jatos.log("Via 'error' event in " + e.filename + ":" + e.lineno + " - " + e.message);
+    });
+    window.addEventListener("unhandledrejection", function (e) {
+      jatos.log("Via 'unhandledrejection' event - " + (e.reason && e.reason.message || e.reason));
+    });
+    ["error", "warn"].forEach(function (level) {
+      var original = console[level];
+      console[level] = function (message) {
+        jatos.log("Via console." + level + " - " + message);
+        original.apply(console, arguments);
+      };
+    });
+  };
+
+  jatos.addJatosIds = function (obj) {
+    obj = obj || {};
+    obj.studyCode = jatos.studyCode;
+    obj.studyId = jatos.studyId;
+    obj.studyTitle = jatos.studyProperties.title;
+    obj.batchId = jatos.batchId;
+    obj.batchTitle = jatos.batchProperties.title;
+    obj.componentId = jatos.componentId;
+    obj.componentPos = jatos.componentPos;
+    obj.componentTitle = jatos.componentProperties.title;
+    obj.workerId = jatos.workerId;
+    obj.studyResultId = jatos.studyResultId;
+    obj.componentResultId = jatos.componentResultId;
+    obj.groupResultId = jatos.groupResultId;
+    obj.groupMemberId = jatos.groupMemberId;
+    return obj;
+  };
+
+  // --- batch and group sessions, the batch channel's connection ---
+
+  function sendPatch(channel, operation, onSuccess, onFail) {
+    var name = channel.session.name.toLowerCase(), what = name + " session patch";
+    // Refusals are logged like JATOS does (studies with catchAndLogErrors send them to the server log).
+    if (!isOpen(channel)) {
+      return rejected("Can't send " + what + ". No open " + name + " channel.", onFail, console.error);
+    }
+    if (channel.session.busy()) return rejected("Can send only one " + what + " at a time.", onFail, console.error);
+    if (studyRunInvalid) return rejected("Can't send " + what + ". This study run is invalid.", onFail, console.warn);
+    return channel.session.send(channel.socket, operation, jatos.channelSendingTimeoutTime, onSuccess, onFail);
+  }
+
+  function sessionApi(channel) {
+    var api = {};
+    var send = function (operation, onSuccess, onFail) { return sendPatch(channel, operation, onSuccess, onFail); };
+    var data = function () { return channel.session.data; };
+    api.get = function (name) { return clone(getByPointer(data(), "/" + name)); };
+    api.getAll = function () { return clone(data()); };
+    api.find = function (path) { return clone(getByPointer(data(), path)); };
+    api.test = function (path, value) { return getByPointer(data(), path) === value; };
+    api.defined = function (path) { return getByPointer(data(), path) !== undefined; };
+    api.add = function (path, value, onSuccess, onFail) { return send(patch("add", path, value), onSuccess, onFail); };
+    api.set = function (name, value, onSuccess, onFail) { return api.add("/" + name, value, onSuccess, onFail); };
+    api.setAll = function (value, onSuccess, onFail) { return api.replace("", value, onSuccess, onFail); };
+    api.remove = function (path, onSuccess, onFail) { return send(patch("remove", path), onSuccess, onFail); };
+    api.clear = function (onSuccess, onFail) { return send(patch("remove", "/"), onSuccess, onFail); };
+    api.replace = function (path, value, onSuccess, onFail) { return send(patch("replace", path, value), onSuccess, onFail); };
+    api.copy = function (from, path, onSuccess, onFail) { return send(patch("copy", path, undefined, from), onSuccess, onFail); };
+    api.move = function (from, path, onSuccess, onFail) { return send(patch("move", path, undefined, from), onSuccess, onFail); };
+    return api;
+  }
+
+  jatos.batchSession = sessionApi(batch);
+  jatos.groupSession = sessionApi(group);
+
+  jatos.onBatchSession = function (callback) { onBatchSessionCallback = callback; };
+  jatos.onConnected = function (callback) { window.addEventListener("batchChannelAlive", callback); };
+  jatos.onDisconnected = function (callback) { window.addEventListener("batchChannelDead", callback); };
+  jatos.isConnected = function () { return batchAlive; };
+
+  // --- groups ---
+
   jatos.joinGroup = function (callbacks) {
     groupCallbacks = callbacks || {};
-    return withDeferredMethods(openGroupChannel().catch(function (reason) {
+    return withDeferredMethods(openChannel(group).catch(function (reason) {
       call(groupCallbacks.onError, reason);
       throw reason;
     }));
   };
 
-  function groupChannelOpen() {
-    return !!groupSession.socket && groupSession.socket.readyState === OPEN;
-  }
-
   jatos.sendGroupMsg = function (msg) {
-    if (groupChannelOpen()) groupSession.socket.send(JSON.stringify({ msg: msg }));
+    if (isOpen(group)) group.socket.send(JSON.stringify({ msg: msg }));
   };
 
   jatos.sendGroupMsgTo = function (recipient, msg) {
-    if (groupChannelOpen()) groupSession.socket.send(JSON.stringify({ recipient: recipient, msg: msg }));
+    if (isOpen(group)) group.socket.send(JSON.stringify({ recipient: recipient, msg: msg }));
   };
 
   jatos.setGroupFixed = function (onSuccess, onFail) {
-    if (!groupChannelOpen()) return rejected("Can't fix group. No open group channel.", onFail);
+    if (!isOpen(group)) return rejected("Can't fix group. No open group channel.", onFail);
     if (groupFixing) return rejected("Can fix group only once.", onFail);
     if (studyRunInvalid) return rejected("Can't fix group. This study run is invalid.", onFail);
-    var promise = settled(function (resolve, reject) {
-      var timer = setTimeout(function () {
-        groupFixing = null;
-        call(onFail, "Timeout sending message");
-        reject("Timeout sending message");
-      }, jatos.channelSendingTimeoutTime);
-      groupFixing = function (result) {
-        clearTimeout(timer);
-        groupFixing = null;
-        call(onSuccess, result);
-        resolve(result);
-      };
-    });
-    groupSession.socket.send(JSON.stringify({ action: "FIXED" }));
-    return promise;
+    groupFixing = pendingAnswer(jatos.channelSendingTimeoutTime, "Timeout sending message", onSuccess, onFail,
+                                function () { groupFixing = null; });
+    var fixed = groupFixing.promise;
+    group.socket.send(JSON.stringify({ action: "FIXED" }));
+    return fixed;
   };
 
-  function groupRequest(path, retries) {
-    var failures = 0;
-    function tryOnce() {
-      var controller = new AbortController();
-      var timer = setTimeout(function () { controller.abort(); }, jatos.httpTimeout);
-      return fetch(url(path), { credentials: "same-origin", cache: "no-store", signal: controller.signal })
-        .then(function (response) {
-          clearTimeout(timer);
-          return response;
-        }, function (error) {
-          clearTimeout(timer);
-          if (failures++ < retries) return sleep(jatos.httpRetryWait).then(tryOnce);
-          throw error;
-        });
-    }
-    return tryOnce();
-  }
-
   jatos.reassignGroup = function (onSuccess, onFail) {
-    if (groupJoining) return rejected("Can't reassign a group if not joined yet.", onFail);
+    if (group.opening) return rejected("Can't reassign a group if not joined yet.", onFail);
     if (groupLeaving) return rejected("Can't reassign a group during leaving.", onFail);
     if (groupReassigning) return rejected("Can't reassign a group twice at the same time.", onFail);
-    if (!groupChannelOpen()) return rejected("Can't reassign group. Group channel not open.", onFail);
+    if (!isOpen(group)) return rejected("Can't reassign group. Group channel not open.", onFail);
     if (studyRunInvalid) return rejected("Can't reassign group. This study run is invalid.", onFail);
     groupReassigning = true;
     var oldGroup = jatos.groupResultId;
-    return settled(function (resolve, reject) {
-      groupRequest("../group/reassign", 0).then(function (response) {
-        if (response.status === 200) {
-          // Beyond JATOS: succeed once the channel has brought the new group (its OPENED), so
-          // jatos.groupResultId and jatos.groupMembers are the new group's in the callbacks.
-          return newGroupOpened(oldGroup).then(function () {
-            groupReassigning = false;
-            call(onSuccess);
-            resolve();
-          });
-        }
-        groupReassigning = false;
-        var reason = response.status === 204 ? undefined : "Reassign answered " + response.status;
-        call(onFail, reason);
-        reject(reason);
-      }, function (error) {
-        groupReassigning = false;
-        call(onFail, String(error));
-        reject(String(error));
-      });
-    });
+    return answered(whenSettled(http({ url: url("../group/reassign") }, { retries: 0 }).then(function (answer) {
+      // Beyond JATOS: succeed once the channel has brought the new group (its OPENED), so
+      // jatos.groupResultId and jatos.groupMembers are the new group's in the callbacks.
+      if (answer.status === 200) return newGroupOpened(oldGroup);
+      throw answer.status === 204 ? undefined : "Reassign answered " + answer.status;
+    }, function (error) {
+      throw String(error);
+    }), function () { groupReassigning = false; }), onSuccess, onFail);
   };
 
   // Resolves when this member's OPENED of a group other than oldGroup has arrived (or after
@@ -1228,50 +1257,45 @@
   }
 
   jatos.leaveGroup = function (onSuccess, onError) {
-    if (groupJoining) return rejected("Can't leave group if not joined yet.", onError);
+    if (group.opening) return rejected("Can't leave group if not joined yet.", onError);
     if (groupReassigning) return rejected("Can't leave group during reassigning.", onError);
     if (groupLeaving) return rejected("Can leave only once.", onError);
     if (studyRunInvalid) return rejected("Can't leave group. This study run is invalid.", onError);
     groupLeaving = true;
-    return settled(function (resolve, reject) {
-      groupRequest("../group/leave", jatos.httpRetry).then(function (response) {
-        groupLeaving = false;
-        if (response.status !== 200) throw new Error("Leave answered " + response.status);
-        groupKeeper.stop();
-        // The server has closed the conn already; close it here too, before the callbacks.
-        if (groupSession.socket) groupSession.socket.lost();
-        call(onSuccess);
-        resolve();
-      }).catch(function (error) {
-        groupLeaving = false;
-        call(onError, String(error));
-        reject(String(error));
-      });
-    });
+    return answered(whenSettled(http({ url: url("../group/leave") }, { retries: jatos.httpRetry }), function () {
+      groupLeaving = false;
+    }).then(function (answer) {
+      if (answer.status !== 200) throw new Error("Leave answered " + answer.status);
+      stopKeeping(group);
+      // The server has closed the conn already; close it here too, before the callbacks.
+      if (group.socket) group.socket.lost();
+    }).catch(function (error) {
+      throw String(error);
+    }), onSuccess, onError);
   };
+
+  function atMaxActiveMembers(members) {
+    var max = jatos.batchProperties && jatos.batchProperties.maxActiveMembers;
+    return max !== null && max !== undefined && members.length >= max;
+  }
 
   jatos.hasJoinedGroup = function () { return jatos.groupResultId !== null; };
-  jatos.hasOpenGroupChannel = function () { return groupChannelOpen(); };
-  jatos.isMaxActiveMemberReached = function () {
-    var max = jatos.batchProperties && jatos.batchProperties.maxActiveMembers;
-    return max !== null && max !== undefined && jatos.groupMembers.length >= max;
-  };
-  jatos.isMaxActiveMemberOpen = function () {
-    var max = jatos.batchProperties && jatos.batchProperties.maxActiveMembers;
-    return max !== null && max !== undefined && jatos.groupChannels.length >= max;
-  };
+  jatos.hasOpenGroupChannel = function () { return isOpen(group); };
+  jatos.isMaxActiveMemberReached = function () { return atMaxActiveMembers(jatos.groupMembers); };
+  jatos.isMaxActiveMemberOpen = function () { return atMaxActiveMembers(jatos.groupChannels); };
   jatos.isGroupOpen = function () {
-    return groupChannelOpen() && jatos.groupMembers.length === jatos.groupChannels.length;
+    return isOpen(group) && jatos.groupMembers.length === jatos.groupChannels.length;
   };
 
-  // ---------------------------------------------------------------------------
-  // Moving on: other components, end and abort.
-  // ---------------------------------------------------------------------------
+  // --- moving on: other components, end and abort ---
 
-  // Navigate once every queued request is acknowledged, with the "Sending data" overlay
-  // if that takes longer than a second.
+  function showSendingOverlaySoon() {
+    return setTimeout(function () { jatos.showOverlay(jatos.waitSendDataOverlayConfig); }, SENDING_OVERLAY_DELAY);
+  }
+
+  // Navigate once every queued request is acknowledged.
   function leaveWhenSent(target) {
-    var overlay = setTimeout(function () { jatos.showOverlay(jatos.waitSendDataOverlayConfig); }, 1000);
+    var overlay = showSendingOverlaySoon();
     whenIdle().then(function () {
       clearTimeout(overlay);
       allowLeaving();
@@ -1302,20 +1326,20 @@
     leaveWhenSent(target);
   };
 
-  function errorCallback(param3, param4) {
-    return typeof param3 === "function" ? param3 : (typeof param4 === "function" ? param4 : undefined);
+  // startComponentByPos and ByTitle: start `component`, or tell the error callback it is `missing`.
+  function startFound(component, missing, resultData, param3, param4) {
+    var onError = typeof param3 === "function" ? param3 : (typeof param4 === "function" ? param4 : undefined);
+    if (!component) return call(onError, missing);
+    jatos.startComponent(component.uuid, resultData, param3, param4);
   }
 
   jatos.startComponentByPos = function (componentPos, resultData, param3, param4) {
-    var component = jatos.componentList[componentPos - 1];
-    if (!component) return call(errorCallback(param3, param4), "Component position does not exist");
-    jatos.startComponent(component.uuid, resultData, param3, param4);
+    startFound(jatos.componentList[componentPos - 1], "Component position does not exist", resultData, param3, param4);
   };
 
   jatos.startComponentByTitle = function (title, resultData, param3, param4) {
     var component = jatos.componentList.filter(function (c) { return c.title === title; })[0];
-    if (!component) return call(errorCallback(param3, param4), "Component with title " + title + " does not exist");
-    jatos.startComponent(component.uuid, resultData, param3, param4);
+    startFound(component, "Component with title " + title + " does not exist", resultData, param3, param4);
   };
 
   function activeComponents() {
@@ -1357,17 +1381,40 @@
     return window.self !== window.top && jatos.workerType === "Jatos" && parent.onIframeComplete;
   }
 
+  // Ending or aborting by Ajax in JATOS's own frame tells the frame once it is done.
+  function finishInPlace(finishing) {
+    if (inJatosFrame()) finishing.done(function () { parent.onIframeComplete(jatos.frameId, jatos.studyId); });
+    return finishing;
+  }
+
   function finishWithoutRedirect(target, onSuccess, onError) {
     if (endingStudy) return rejected("Can end/abort study only once.", onError);
     endingStudy = true;
     allowLeaving();
-    var overlay = setTimeout(function () { jatos.showOverlay(jatos.waitSendDataOverlayConfig); }, 1000);
-    var done = enqueue({ method: "GET", url: target }, onSuccess, onError);
-    done.then(stopBackgroundWork, function () {}).then(function () {
+    var overlay = showSendingOverlaySoon();
+    var done = send({ method: "GET", url: target }, onSuccess, onError);
+    done.then(stopBackgroundWork, noop).then(function () {
       clearTimeout(overlay);
       jatos.removeOverlays();
     });
     return done;
+  }
+
+  function finishAndLeave(target, resultData) {
+    if (endingStudy) return console.warn("Can end/abort study only once");
+    endingStudy = true;
+    if (resultData) jatos.appendResultData(resultData);
+    leaveWhenSent(target);
+  }
+
+  function redirectAfter(target, finishing) {
+    return finishing.done(function () { window.location.href = target; });
+  }
+
+  function stopBackgroundWork() {
+    stopHeartbeat();
+    closeChannel(batch);
+    closeChannel(group);
   }
 
   jatos.endStudyWithoutRedirect = function () {
@@ -1378,9 +1425,7 @@
   jatos.endStudyAjax = jatos.endStudyWithoutRedirect;
 
   jatos.endStudyAndRedirect = function (target) {
-    return jatos.endStudyWithoutRedirect.apply(null, Array.prototype.slice.call(arguments, 1)).done(function () {
-      window.location.href = target;
-    });
+    return redirectAfter(target, jatos.endStudyWithoutRedirect.apply(null, Array.prototype.slice.call(arguments, 1)));
   };
 
   jatos.endStudy = function () {
@@ -1388,14 +1433,9 @@
     var showEndPage = a.rest[0];
     if ((typeof showEndPage !== "undefined" && !showEndPage) || inJatosFrame()) {
       var args = a.resultData ? [a.resultData, a.successful, a.message] : [a.successful, a.message];
-      var ended = jatos.endStudyWithoutRedirect.apply(null, args);
-      if (inJatosFrame()) ended.done(function () { parent.onIframeComplete(jatos.frameId, jatos.studyId); });
-      return ended;
+      return finishInPlace(jatos.endStudyWithoutRedirect.apply(null, args));
     }
-    if (endingStudy) return console.warn("Can end/abort study only once");
-    endingStudy = true;
-    if (a.resultData) jatos.appendResultData(a.resultData);
-    leaveWhenSent(endUrl(a.successful, a.message));
+    finishAndLeave(endUrl(a.successful, a.message), a.resultData);
   };
 
   jatos.abortStudyWithoutRedirect = function (message, onSuccess, onError) {
@@ -1404,25 +1444,15 @@
   jatos.abortStudyAjax = jatos.abortStudyWithoutRedirect;
 
   jatos.abortStudyAndRedirect = function (target, message, onSuccess, onError) {
-    return jatos.abortStudyWithoutRedirect(message, onSuccess, onError).done(function () {
-      window.location.href = target;
-    });
+    return redirectAfter(target, jatos.abortStudyWithoutRedirect(message, onSuccess, onError));
   };
 
   jatos.abortStudy = function (message, showEndPage) {
-    if (showEndPage === false || inJatosFrame()) {
-      var aborted = jatos.abortStudyWithoutRedirect(message);
-      if (inJatosFrame()) aborted.done(function () { parent.onIframeComplete(jatos.frameId, jatos.studyId); });
-      return aborted;
-    }
-    if (endingStudy) return console.warn("Can end/abort study only once");
-    endingStudy = true;
-    leaveWhenSent(abortUrl(message));
+    if (showEndPage === false || inJatosFrame()) return finishInPlace(jatos.abortStudyWithoutRedirect(message));
+    finishAndLeave(abortUrl(message));
   };
 
-  // ---------------------------------------------------------------------------
-  // Page furniture: overlays, abort button, the reload warning.
-  // ---------------------------------------------------------------------------
+  // --- page furniture: overlays, abort button, the reload warning ---
 
   var OVERLAY_STYLE = "color:black;font-family:sans-serif;font-size:30px;letter-spacing:2px;opacity:0.8;" +
     "text-shadow:-1px 0 white,0 1px white,1px 0 white,0 -1px white;z-index:9999;position:fixed;left:50%;top:50%;" +

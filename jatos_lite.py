@@ -1031,8 +1031,6 @@ def study_uuid_of(db: Db, study_id: int) -> str:
 # Study model: studies, components, batches, workers, study links
 ###############################################################################
 
-WORKER_TYPES = ("Jatos", "PersonalSingle", "PersonalMultiple", "GeneralSingle", "GeneralMultiple",
-                "MT", "MTSandbox")
 WORKER_TYPE_LABELS = {"Jatos": "Jatos", "PersonalSingle": "Personal Single",
                       "PersonalMultiple": "Personal Multiple", "GeneralSingle": "General Single",
                       "GeneralMultiple": "General Multiple", "MT": "MTurk", "MTSandbox": "MTurk Sandbox"}

@@ -129,6 +129,28 @@ def test_properties_and_progress(admin, live_server: LiveServer) -> None:
     snap(admin, "progress")
 
 
+def test_the_servers_address_of_a_study_shows_the_study(admin, live_server: LiveServer) -> None:
+    """/jatos/<id> (where JATOS links a study) redirects to #/studies/<id>: the study's page, not the list."""
+    study_id = RemoteLab(live_server).import_study(make_jzip(title="Addressed", dir_name="addressed"))
+    admin.goto(f"{live_server.url}/jatos/{study_id}")
+    admin.wait_for_selector("h2 >> text=Addressed")
+    assert admin.locator("nav.tabs button.on").inner_text() == "Properties"
+
+
+@pytest.mark.parametrize("leave", ["jatos.endStudy()", "jatos.abortStudy()"])
+def test_a_researchers_test_run_ends_on_the_studys_page(admin, live_server: LiveServer, leave: str) -> None:
+    """A test run (Jatos worker) that ends or aborts is sent back to /jatos/<id>, which shows the study."""
+    page = '<!DOCTYPE html><script src="jatos.js"></script><script>jatos.onLoad(() => window.loaded = true)</script>'
+    study_id = RemoteLab(live_server).import_study(make_jzip(title="Tested", dir_name="tested",
+                                                             files={"c1.html": page}))
+    admin.goto(f"{live_server.url}/jatos/{study_id}/run")
+    admin.wait_for_function("window.loaded === true")
+    admin.evaluate(f"setTimeout(() => {{ {leave}; }}, 0)")
+    admin.wait_for_url(f"**/jatos/#/studies/{study_id}")
+    admin.wait_for_selector("h2 >> text=Tested")
+    assert admin.locator("nav.tabs").count() == 1
+
+
 @pytest.mark.parametrize("text, version", [("hello", 1), ("http://192.168.1.20:9000/publix/AbCdEfGhIjK", 4),
                                            ("http://10.0.0.2:9000/publix/" + "x" * 100, 8),
                                            ("é" * 100, 10)])
