@@ -2789,6 +2789,7 @@ POLLED_CONN_MEMORY_SECONDS = 1.0
 WATCH_INTERVAL_SECONDS = 0.025  # how often the hub looks for other processes' commits
 WATCH_ERROR_PAUSE_SECONDS = 1.0
 HELD_POLLS_PER_BROWSER = 4
+CROWDED_SHARE = 0.8  # of the held-poll limit: the server warns, and the admin page shows it
 HELD_POLLS_PER_RUN = 2  # a run's page holds one; a reloaded page's old poll may not have ended yet
 POLL_RETRY_AFTER_MS = 1000  # a poll released to make room asks its page to wait before the next
 
@@ -3209,6 +3210,7 @@ class ChannelHub:
         self.store = store
         self.max_held = max_held
         self.config = config or Config()
+        self._crowded = False  # warned that held polls near max_held
         self.generation = 0
         self._scope_generation: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -3432,6 +3434,28 @@ class ChannelHub:
         holding = [t for t in holding if t not in self._released]
         if len(holding) >= self.max_held:
             self._release(holding[0])
+        self._note_crowding(len(holding) + 1)
+
+    def _note_crowding(self, held: int) -> None:
+        """(Under the lock.) Warn once when held polls near the limit, again only after they fell
+        well below it."""
+        if not self._crowded and held >= self.max_held * CROWDED_SHARE:
+            self._crowded = True
+            log.warning("%d of at most %d pages are waiting for channel news: near the limit, pages wait "
+                        "longer. Start jatos-lite with more --threads (now %d).", held, self.max_held,
+                        self.config.threads)
+        elif self._crowded and held < self.max_held * CROWDED_SHARE / 2:
+            self._crowded = False
+
+    def capacity(self) -> dict:
+        """How many pages hold a channel poll, against the most that can, with advice when near it."""
+        with self._lock:
+            held = len(self._held)
+        near = held >= self.max_held * CROWDED_SHARE
+        advice = (f"{held} of at most {self.max_held} pages are connected to channels: near the limit, pages "
+                  f"wait longer for messages. Restart jatos-lite with more threads, e.g. --threads "
+                  f"{self.config.threads * 2}.") if near else None
+        return {"connectedPages": held, "maxConnectedPages": self.max_held, "capacityWarning": advice}
 
     def wait(self, ticket: int, generation: int, conns: dict[str, str], timeout: float) -> bool:
         """Until the scope of one of `conns` (id -> scope) got events after `generation` (True),
@@ -5182,6 +5206,12 @@ def admin_csrf_token(call: Call) -> str:
                      "freeDiskBytes": call.free_space.bytes(), "diskWarning": call.free_space.warning()})
 
 
+def api_server_status(call: Call) -> str:
+    """jatos-lite: what the admin page shows about the server: free disk, pages connected to channels."""
+    return envelope({"freeDiskBytes": call.free_space.bytes(), "diskWarning": call.free_space.warning(),
+                     **call.hub.capacity()})
+
+
 def api_addresses(call: Call) -> str:
     """jatos-lite: the addresses study links can be built from: this computer (localhost), then
     each network address the server listens on, all with the port this request came in on."""
@@ -5710,6 +5740,8 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/jatos/api/v1/admin/session", admin_csrf_token, "plain", "read", _operation(
         "jatos-lite: the admin page's CSRF token and the data disk's free space (session cookie only)",
         security=[{"adminSession": []}])),
+    Route("GET", "/jatos/api/v1/admin/status", api_server_status, "api", None, _operation(
+        "jatos-lite: free disk space and how many pages are connected to channels, with warnings")),
     Route("GET", "/jatos/api/v1/admin/addresses", api_addresses, "api", None, _operation(
         "jatos-lite: the addresses study links can be built from (this computer, each network address)")),
     # JATOS API v1: studies

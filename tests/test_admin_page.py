@@ -4,6 +4,7 @@ import a study, make a link, watch a participant's result appear, filter, export
 
 from __future__ import annotations
 
+import contextlib
 import http.cookiejar
 import io
 import json
@@ -226,3 +227,19 @@ def test_api_tokens_are_made_shown_once_and_deactivated(admin, live_server: Live
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=10)
     assert refused.value.code == 401
+
+
+def test_the_page_shows_connected_pages_and_warns_near_the_limit(admin, live_server: LiveServer) -> None:
+    """Issue #15: when held channel polls near the limit, the researcher sees it and what to do."""
+    page = admin
+    page.wait_for_selector("#server >> text=0 pages connected")
+    hub = live_server.app.config["jatos_lite.hub"]
+    with contextlib.ExitStack() as held:
+        for number in range(int(hub.max_held * 0.8) + 1):
+            held.enter_context(hub.hold(f"browser{number}", "page", run=f"run{number}"))
+        page.wait_for_selector(f"#server >> text={int(hub.max_held * 0.8) + 1} pages connected", timeout=10_000)
+        warning = page.text_content("#server .warning")
+        assert "near the limit" in warning and "--threads" in warning
+        snap(page, "capacity_warning")
+    page.wait_for_selector("#server >> text=0 pages connected", timeout=10_000)
+    assert page.query_selector("#server .warning") is None

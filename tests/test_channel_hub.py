@@ -7,6 +7,7 @@ import contextlib
 import gc
 import io
 import json
+import logging
 import threading
 import time
 
@@ -179,3 +180,21 @@ def test_polls_and_sends_leave_no_garbage_for_the_collector(client, app) -> None
         assert gc.collect() == 0
     finally:
         gc.enable()
+
+
+def test_held_polls_near_the_limit_warn_once_and_say_so(store, caplog) -> None:
+    """Issue #15: one log line when held polls near the limit, not one per poll; capacity() tells the admin page."""
+    channels = hub(store, max_held=10)
+    with contextlib.ExitStack() as held:
+        for number in range(7):
+            held.enter_context(channels.hold(f"b{number}", "p", run=f"r{number}"))
+        assert channels.capacity()["capacityWarning"] is None
+        with caplog.at_level(logging.WARNING, logger="jatos_lite"):
+            for number in range(7, 10):
+                held.enter_context(channels.hold(f"b{number}", "p", run=f"r{number}"))
+        assert [r.getMessage() for r in caplog.records].count(caplog.records[0].getMessage()) == 1
+        assert "near the limit" in caplog.records[0].getMessage() and len(caplog.records) == 1
+        status = channels.capacity()
+        assert status["connectedPages"] == 10 and status["maxConnectedPages"] == 10
+        assert "--threads" in status["capacityWarning"]
+    assert channels.capacity() == {"connectedPages": 0, "maxConnectedPages": 10, "capacityWarning": None}
