@@ -110,6 +110,11 @@ class Config:
     min_free_disk: int = 200_000_000  # writes are refused (507) when the data folder's disk has less free
     id_cookie_limit: int = 10
     uploads_enabled: bool = True
+    # The admin page, sign-in and the admin session answer only at this port, on admin_host: study
+    # pages (another origin) can then neither read the admin's CSRF token nor use the session.
+    # None: one port serves everything (embedding, tests); `serve` takes the port after `port`.
+    admin_port: int | None = None
+    admin_host: str = "127.0.0.1"
     legacy_links: bool = False  # pre-3.7 links naming a personal worker or General Single: see legacy_start
     poll_hold_seconds: float = 20.0  # the longest a channel poll waits for news
     presence_timeout_seconds: float = 30.0  # a page not heard of this long has left its channels
@@ -146,7 +151,7 @@ def _parse_bool(text: str) -> bool:
 
 def _field_parser(field: dataclasses.Field) -> Callable[[str], Any]:
     kind = str(field.type)
-    if kind == "int":
+    if kind in ("int", "int | None"):
         return int
     if kind == "float":
         return float
@@ -4775,6 +4780,7 @@ class Route(NamedTuple):
     kind: str = "plain"
     tx: str | None = None
     doc: dict | None = None  # an API route's OpenAPI operation
+    place: str = "any"  # "participant" or "admin": the one listener that serves it (publix: participant)
 
 
 @contextlib.contextmanager
@@ -4822,11 +4828,35 @@ class RouteKinds:
 
     def apply(self, handler: Callable, route: bottle.Route) -> Callable:
         around, tx = _KINDS[route.config["kind"]], route.config["tx"]
+        place = "participant" if route.config["kind"] == "publix" else route.config["place"]
 
         def callback(**params: Any) -> Any:
-            answer = around(Call(route.app), tx, lambda call: handler(call, **params))
+            call = Call(route.app)
+            _check_listener(call.config, place)
+            answer = around(call, tx, lambda call: handler(call, **params))
             return _redirect(answer.location) if isinstance(answer, Redirect) else answer
         return callback
+
+
+def on_admin_listener(config: Config) -> bool:
+    """Whether this request came to the admin listener (always, when there is only one)."""
+    return not config.admin_port or bottle.request.environ.get("SERVER_PORT") == str(config.admin_port)
+
+
+def _origin(port: int) -> str:
+    """This server at another of its ports, by the host name the request used."""
+    return f"http://{bottle.request.urlparts.hostname or 'localhost'}:{port}"
+
+
+def _check_listener(config: Config, place: str) -> None:
+    if not config.admin_port or place == "any":
+        return
+    admin = on_admin_listener(config)
+    if place == "admin" and not admin:
+        raise JatosError(404, f"The admin page and sign-in are at http://localhost:{config.admin_port}/jatos/ "
+                              "on the computer running jatos-lite.")
+    if place == "participant" and admin:
+        raise JatosError(404, f"Study pages are served at port {config.port}, not at the admin port.")
 
 
 def _cookie_value(name: str) -> str | None:
@@ -4841,6 +4871,9 @@ def authenticate(db: Db, config: Config) -> dict:
         if metadata is None:
             raise JatosError(401, "Invalid api token", "INVALID_API_TOKEN")
         return metadata
+    if not on_admin_listener(config):  # a study page's script has the session cookie too
+        raise JatosError(401, f"Send 'Authorization: Bearer <token>'; the admin page's session counts only at "
+                              f"port {config.admin_port}", "AUTH_ERROR")
     session = admin_session_of(db, config, _cookie_value(SESSION_COOKIE))
     if session is None:
         raise JatosError(401, "Not signed in: send 'Authorization: Bearer <token>'", "AUTH_ERROR")
@@ -5190,14 +5223,16 @@ def admin_home(call: Call) -> Any:
 
 
 def admin_study_page(call: Call, study_id: str) -> Redirect:
-    return Redirect(f"/jatos/#/studies/{urllib.parse.quote(study_id)}")
+    """Where a researcher's test run ends: the study on the admin page."""
+    origin = "" if on_admin_listener(call.config) else _origin(call.config.admin_port)
+    return Redirect(f"{origin}/jatos/#/studies/{urllib.parse.quote(study_id)}")
 
 
 def admin_test_run(call: Call, study_id: str) -> Redirect:
     """A researcher's test run (Jatos worker) of the whole study or of one component."""
     code = start_researcher_run(call.db, signed_in(call.admin()), study_id, call.query.get("batchId"),
                                 call.query.get("componentId"))
-    return Redirect(f"/publix/{code}")
+    return Redirect(f"{_origin(call.config.port) if call.config.admin_port else ''}/publix/{code}")
 
 
 def admin_csrf_token(call: Call) -> str:
@@ -5214,8 +5249,8 @@ def api_server_status(call: Call) -> str:
 
 def api_addresses(call: Call) -> str:
     """jatos-lite: the addresses study links can be built from: this computer (localhost), then
-    each network address the server listens on, all with the port this request came in on."""
-    port = bottle.request.urlparts.port or call.config.port
+    each network address the server listens on, with the participants' port."""
+    port = call.config.port if call.config.admin_port else bottle.request.urlparts.port or call.config.port
     local = [{"url": f"http://localhost:{port}", "network": False}] if call.config.host in (
         "0.0.0.0", "", "127.0.0.1", "localhost") else []
     return envelope(local + [{"url": url, "network": True} for url in base_urls(call.config, port)
@@ -5711,16 +5746,16 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/publix/<sr>/<comp>/files/<filename:path>", publix_upload, "publix"),
     Route("GET", "/publix/<sr>/<comp>/<file:path>", publix_component_asset, "publix", "read"),
     # study assets and jatos.js
-    Route("GET", "/study_assets_root/<relative:path>", study_asset),
-    Route("GET", "/study_assets/<relative:path>", study_asset),
-    Route("GET", "/assets/javascripts/jatos.js", jatos_js),
-    Route("GET", "/assets/lib/jatos-publix/javascripts/jatos.js", jatos_js),
+    Route("GET", "/study_assets_root/<relative:path>", study_asset, place="participant"),
+    Route("GET", "/study_assets/<relative:path>", study_asset, place="participant"),
+    Route("GET", "/assets/javascripts/jatos.js", jatos_js, place="participant"),
+    Route("GET", "/assets/lib/jatos-publix/javascripts/jatos.js", jatos_js, place="participant"),
     # the admin page, sign-in, test runs
-    Route("GET", "/jatos/login", admin_login, tx="write"),
-    Route("POST", "/jatos/logout", admin_logout, tx="write"),
-    Route("GET", "/jatos/", admin_home),
+    Route("GET", "/jatos/login", admin_login, tx="write", place="admin"),
+    Route("POST", "/jatos/logout", admin_logout, tx="write", place="admin"),
+    Route("GET", "/jatos/", admin_home, place="admin"),
     Route("GET", "/jatos/<study_id>", admin_study_page),
-    Route("GET", "/jatos/<study_id>/run", admin_test_run, tx="write"),
+    Route("GET", "/jatos/<study_id>/run", admin_test_run, tx="write", place="admin"),
     Route("GET", "/openapi.yaml", openapi_yaml),
     Route("GET", "/openapi.json", openapi_json),
     # JATOS API v1: tokens
@@ -5739,7 +5774,7 @@ ROUTES: tuple[Route, ...] = (
           _operation("Delete an API token")),
     Route("GET", "/jatos/api/v1/admin/session", admin_csrf_token, "plain", "read", _operation(
         "jatos-lite: the admin page's CSRF token and the data disk's free space (session cookie only)",
-        security=[{"adminSession": []}])),
+        security=[{"adminSession": []}]), place="admin"),
     Route("GET", "/jatos/api/v1/admin/status", api_server_status, "api", None, _operation(
         "jatos-lite: free disk space and how many pages are connected to channels, with warnings")),
     Route("GET", "/jatos/api/v1/admin/addresses", api_addresses, "api", None, _operation(
@@ -5914,7 +5949,7 @@ def create_app(config: Config | None = None, store: Store | None = None) -> bott
     app.install(RouteKinds())
     app.add_hook("after_request", _security_headers)
     for route in ROUTES:
-        app.route(route.path, route.method, route.handler, kind=route.kind, tx=route.tx)
+        app.route(route.path, route.method, route.handler, kind=route.kind, tx=route.tx, place=route.place)
     app.error_handler.update({404: _unmatched, 405: _unmatched, 500: _crashed})
     return app
 
