@@ -220,6 +220,34 @@ def test_connection_callbacks_follow_the_heartbeat(lab: Lab) -> None:
     assert page.js("jatos.isConnected()") is True
 
 
+def test_a_wifi_outage_delays_data_but_leaves_the_run_valid(lab: Lab) -> None:
+    """An outage long enough for the heartbeat to fail makes jatos.js reopen the batch
+    channel; however its retries and the watchdog interleave, the run stays valid, the data
+    sent meanwhile arrives and nothing is logged as a channel error (DESIGN.md §5)."""
+    study_id, _ = lab.study()
+    page = lab.participant(lab.code(study_id), fast=True)
+    logged: list[str] = []
+    page.page.on("request", lambda request: logged.append(request.post_data or "")
+                 if request.url.endswith("/log") else None)
+    page.js("jatos.catchAndLogErrors()")
+    wait_until(lambda: seen(page, "onConnected"), message="onConnected after the first pong")
+    assert settle(page, "jatos.appendResultData('before;')") == "ok"
+    page.page.context.set_offline(True)
+    page.js("void (window.during = jatos.appendResultData('during;').then(() => 'ok', r => String(r)))")
+    wait_until(lambda: seen(page, "onDisconnected"), message="the heartbeat fails")
+    time.sleep(4)
+    page.page.context.set_offline(False)
+    wait_until(lambda: page.js("window.during") is not None, timeout=15, message="the data of the outage")
+    time.sleep(2)  # room for a second open racing the first (it would supersede it)
+    assert page.js("document.body.innerText").count("This study run is invalid.") == 0
+    assert page.js("window.during") == "ok"
+    wait_until(lambda: len(seen(page, "onConnected")) == 2, message="onConnected again after reopening")
+    assert settle(page, "jatos.appendResultData('after;')") == "ok"
+    assert settle(page, "jatos.batchSession.set('back', true)") == "ok", "the batch channel works again"
+    assert page.stored() == "before;during;after;\n"  # plain-text export ends each run with a newline
+    assert not [text for text in logged if "Batch channel" in text], logged
+
+
 # --- groups ------------------------------------------------------------------------------------
 
 
