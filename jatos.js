@@ -758,10 +758,12 @@
     if (old && old.readyState !== CLOSED) old.close();
   }
 
-  // Opens; after a failure, kind.retry tries again after a doubling wait while channels may open.
+  // Opens; after a failure, kind.retry tries again after a doubling wait (the first from
+  // jatos.channelOpeningBackoffTimeMin, read then) while channels may open.
   // A channel has at most one such retry pending: two would each open a conn.
   function keepOpening(channel, wait) {
     return openChannel(channel).catch(function (reason) {
+      wait = wait || jatos.channelOpeningBackoffTimeMin;
       if (wait < jatos.channelOpeningBackoffTimeMax) wait *= 2;
       clearTimeout(channel.retryTimer);
       if (!channelRefusal()) channel.retryTimer = setTimeout(function () { channel.kind.retry(wait); }, wait);
@@ -776,7 +778,7 @@
     stopKeeping(channel);
     if (channel.socket) channel.socket.close();
     channel.session.reset();
-    keepOpening(channel, typeof wait === "number" ? wait : jatos.channelOpeningBackoffTimeMin).catch(noop);
+    keepOpening(channel, typeof wait === "number" ? wait : null).catch(noop);
   }
 
   function receive(channel, message, opened) {
@@ -956,7 +958,7 @@
     call(groupCallbacks.onUpdate);
   }
 
-  // --- start-up: IDs from the cookie, init data, heartbeat, then jatos.onLoad ---
+  // --- start-up: IDs from the cookie, init data and the batch channel, then jatos.onLoad ---
 
   var initialized = false;
   var onLoadCallbacks = [];
@@ -1028,8 +1030,9 @@
     readIdCookie();
     startHeartbeat(url("../heartbeat"));
     startTransport(jatos.studyResultUuid, httpSettings);
-    loadInitData()
-      .then(function () { return keepOpening(batch, jatos.channelOpeningBackoffTimeMin).catch(noop); })
+    // The batch channel needs nothing from the init data (its URL holds the run's UUID), so both
+    // load together: one round trip before jatos.onLoad, which still waits for an open batch session.
+    Promise.all([loadInitData(), keepOpening(batch).catch(noop)])
       .then(showIdOverlay)
       .then(fireOnLoad, fireOnLoad);
   }
