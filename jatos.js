@@ -379,11 +379,12 @@
     socket.pending = [];
     socket.sequence = 0;
     socket.sending = false;
-    postJson(url(openPath), { openId: randomId() }).then(function (response) {
+    // `page` lets the server tell this page's own reopening from another page taking over the run.
+    postJson(url(openPath), { openId: randomId(), page: pageId }).then(function (response) {
       if (response.status !== 200) throw new Error(response.status + " " + response.statusText);
       return response.json();
     }).then(function (opened) {
-      if (socket.readyState === CLOSED) return;
+      if (socket.readyState === CLOSED) return closeConn(opened.conn);  // given up on while it opened
       socket.conn = opened.conn;
       socket.cursor = opened.cursor;
       socket.readyState = OPEN;
@@ -399,8 +400,16 @@
     });
   }
 
+  function connUrl(conn) {
+    return url("../channels/" + conn + "/");
+  }
+
+  function closeConn(conn) {
+    fetch(connUrl(conn) + "close", { method: "POST", credentials: "same-origin", keepalive: true }).catch(noop);
+  }
+
   PollingSocket.prototype.base = function () {
-    return url("../channels/" + this.conn + "/");
+    return connUrl(this.conn);
   };
 
   PollingSocket.prototype.deliver = function (message) {
@@ -460,7 +469,7 @@
     this.readyState = CLOSED;
     if (conn) {
       delete pollSockets[conn];
-      fetch(this.base() + "close", { method: "POST", credentials: "same-origin", keepalive: true }).catch(noop);
+      closeConn(conn);
       restartPolling();
     }
     call(this.onclose);
@@ -514,7 +523,7 @@
   // A closed tab tells the server at once instead of waiting to be found stale.
   window.addEventListener("pagehide", function () {
     Object.keys(pollSockets).forEach(function (conn) {
-      if (navigator.sendBeacon) navigator.sendBeacon(url("../channels/" + conn + "/close"));
+      if (navigator.sendBeacon) navigator.sendBeacon(connUrl(conn) + "close");
     });
   });
 
@@ -706,6 +715,7 @@
     this.heartbeat = null;
     this.heartbeatTimeouts = [];
     this.watchdog = null;
+    this.retryTimer = null;
   }
 
   function isOpen(channel) {
@@ -719,15 +729,21 @@
       return Promise.reject(kind.alreadyOpenText);
     }
     if (channel.opening) return Promise.reject(kind.openingText);
+    abandonSocket(channel);
     var opening = channel.opening = new Promise(function (resolve, reject) {
       var socket = channel.socket = new PollingSocket(kind.path);
-      socket.onopen = function () { keepOpen(channel, socket); };
-      socket.onmessage = function (event) { receive(channel, JSON.parse(event.data), resolve); };
+      // A socket this channel has replaced speaks no more: e.g. the CLOSED the server sends
+      // a conn superseded by this page's own reopening must not invalidate the run.
+      function current() { return channel.socket === socket; }
+      socket.onopen = function () { if (current()) keepOpen(channel, socket); };
+      socket.onmessage = function (event) { if (current()) receive(channel, JSON.parse(event.data), resolve); };
       socket.onerror = function () { reject(kind.failedText); };
       socket.onclose = function () {
-        stopPings(channel);
-        channel.session.reset();
-        kind.closed();
+        if (current()) {
+          stopPings(channel);
+          channel.session.reset();
+          kind.closed();
+        }
         reject(channel.session.name + " channel closed");
       };
     });
@@ -735,20 +751,34 @@
     return opening;
   }
 
-  // Opens; after a failure, kind.retry tries again after a doubling wait while channels may open.
+  // A socket still open when the channel opens anew is closed without a word to the channel.
+  function abandonSocket(channel) {
+    var old = channel.socket;
+    channel.socket = null;
+    if (old && old.readyState !== CLOSED) old.close();
+  }
+
+  // Opens; after a failure, kind.retry tries again after a doubling wait (the first from
+  // jatos.channelOpeningBackoffTimeMin, read then) while channels may open.
+  // A channel has at most one such retry pending: two would each open a conn.
   function keepOpening(channel, wait) {
     return openChannel(channel).catch(function (reason) {
+      wait = wait || jatos.channelOpeningBackoffTimeMin;
       if (wait < jatos.channelOpeningBackoffTimeMax) wait *= 2;
-      if (!channelRefusal()) setTimeout(function () { channel.kind.retry(wait); }, wait);
+      clearTimeout(channel.retryTimer);
+      if (!channelRefusal()) channel.retryTimer = setTimeout(function () { channel.kind.retry(wait); }, wait);
       throw reason;
     });
   }
 
+  // The one way a kept channel opens again (heartbeat, watchdog and retries all come here):
+  // it stops what watches the old socket and any retry still pending, so one loop reopens.
   function reopenChannel(channel, wait) {
     if (channel.kind.busy()) return;
+    stopKeeping(channel);
     if (channel.socket) channel.socket.close();
     channel.session.reset();
-    keepOpening(channel, typeof wait === "number" ? wait : jatos.channelOpeningBackoffTimeMin).catch(noop);
+    keepOpening(channel, typeof wait === "number" ? wait : null).catch(noop);
   }
 
   function receive(channel, message, opened) {
@@ -796,6 +826,7 @@
   function stopKeeping(channel) {
     stopPings(channel);
     clearInterval(channel.watchdog);
+    clearTimeout(channel.retryTimer);
   }
 
   function closeChannel(channel) {
@@ -825,7 +856,7 @@
     failedText: "Batch channel error",
     alreadyOpenText: null,
     busy: function () { return batch.opening; },
-    retry: function (wait) { keepOpening(batch, wait); },
+    retry: function (wait) { reopenChannel(batch, wait); },
     update: noop,
     handle: function (message) {
       if (message.action === "SESSION") {
@@ -927,7 +958,7 @@
     call(groupCallbacks.onUpdate);
   }
 
-  // --- start-up: IDs from the cookie, init data, heartbeat, then jatos.onLoad ---
+  // --- start-up: IDs from the cookie, init data and the batch channel, then jatos.onLoad ---
 
   var initialized = false;
   var onLoadCallbacks = [];
@@ -999,8 +1030,9 @@
     readIdCookie();
     startHeartbeat(url("../heartbeat"));
     startTransport(jatos.studyResultUuid, httpSettings);
-    loadInitData()
-      .then(function () { return keepOpening(batch, jatos.channelOpeningBackoffTimeMin).catch(noop); })
+    // The batch channel needs nothing from the init data (its URL holds the run's UUID), so both
+    // load together: one round trip before jatos.onLoad, which still waits for an open batch session.
+    Promise.all([loadInitData(), keepOpening(batch).catch(noop)])
       .then(showIdOverlay)
       .then(fireOnLoad, fireOnLoad);
   }

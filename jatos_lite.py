@@ -697,6 +697,10 @@ MIGRATIONS: list[str] = [
     DELETE FROM admin_sessions;
     ALTER TABLE admin_sessions ADD COLUMN sign_in_token TEXT NOT NULL DEFAULT ''
     """,
+    # The page that opened a channel conn: a page reopening its own channel is no second tab.
+    """
+    ALTER TABLE channel_conns ADD COLUMN page TEXT
+    """,
 ]
 
 
@@ -2855,16 +2859,22 @@ def _reopened(db: Db, run: Run, kind: str, open_id: str | None) -> dict | None:
     return {"conn": conn["id"], "cursor": cursor, "events": [{"id": cursor, "msg": snapshot}]}
 
 
-def _new_conn(db: Db, run: Run, kind: str, open_id: str | None) -> str:
+def _new_conn(db: Db, run: Run, kind: str, open_id: str | None, page: str | None) -> str:
+    """A new conn, replacing the run's open one. Only a conn of another page (a second tab)
+    hears the termination CLOSED, which makes jatos.js call the run invalid; a page's own
+    earlier conn (an open it gave up on, arriving late) closes quietly."""
     old = open_conn(db, run.sr["id"], kind)
     if old is not None:
-        close_conn(db, old, "superseded", terminate=True)
+        if page is not None and old["page"] == page:
+            close_conn(db, old, "reopened", terminate=False)
+        else:
+            close_conn(db, old, "superseded", terminate=True)
     if open_id and db.value("SELECT 1 FROM channel_conns WHERE open_id = ?", open_id):
         open_id = None
     conn_id = secrets.token_hex(16)
     now = time.time()
-    db.run("INSERT INTO channel_conns(id, open_id, study_result_id, kind, state, last_seen, opened_at) "
-           "VALUES (?, ?, ?, ?, 'open', ?, ?)", conn_id, open_id, run.sr["id"], kind, now, now)
+    db.run("INSERT INTO channel_conns(id, open_id, study_result_id, kind, state, last_seen, opened_at, page) "
+           "VALUES (?, ?, ?, ?, 'open', ?, ?, ?)", conn_id, open_id, run.sr["id"], kind, now, now, page)
     return conn_id
 
 
@@ -2872,27 +2882,29 @@ def _opened(conn_id: str, event_id: int, message: dict) -> dict:
     return {"conn": conn_id, "cursor": event_id, "events": [{"id": event_id, "msg": message}]}
 
 
-def open_batch_channel(db: Db, sr_uuid: str, open_id: str | None, session: AdminSession | None) -> dict:
+def open_batch_channel(db: Db, sr_uuid: str, open_id: str | None, session: AdminSession | None,
+                       page: str | None = None) -> dict:
     """POST /publix/{sr}/batch/open: a new batch conn whose first event is OPENED with the session."""
     run = _channel_run(db, sr_uuid, session)
     again = _reopened(db, run, "batch", open_id)
     if again is not None:
         return again
-    conn_id = _new_conn(db, run, "batch", open_id)
+    conn_id = _new_conn(db, run, "batch", open_id, page)
     scope = batch_scope(run.batch["id"])
     listen(db, conn_id, scope)
     opened = _batch_snapshot(db, run.batch["id"])
     return _opened(conn_id, append_event(db, scope, opened, recipient=conn_id), opened)
 
 
-def join_group_channel(db: Db, sr_uuid: str, open_id: str | None, session: AdminSession | None) -> dict:
+def join_group_channel(db: Db, sr_uuid: str, open_id: str | None, session: AdminSession | None,
+                       page: str | None = None) -> dict:
     """POST /publix/{sr}/group/join: join a group if not a member yet, then open a group conn."""
     run = _group_run(db, sr_uuid, session, first_group_only=True)
     again = _reopened(db, run, "group", open_id)
     if again is not None:
         return again
     group_id = run.sr["group_result_id"] or join_group(db, run.sr, run.batch)["id"]
-    conn_id = _new_conn(db, run, "group", open_id)
+    conn_id = _new_conn(db, run, "group", open_id, page)
     scope = group_scope(group_id)
     listen(db, conn_id, scope)
     group = group_row(db, group_id)
@@ -5092,9 +5104,10 @@ def publix_websocket_refused(call: Call, sr: str) -> str:
 
 def publix_open_channel(call: Call, sr: str, opener: Callable[..., dict]) -> str:
     body = _json_body(MAX_OPEN_BODY)
-    open_id = body.get("openId") if isinstance(body, dict) else None
+    body = body if isinstance(body, dict) else {}
+    open_id, page = body.get("openId"), body.get("page")
     with call.store.tx() as db:
-        opened = opener(db, sr, str(open_id) if open_id else None, call.admin(db))
+        opened = opener(db, sr, str(open_id) if open_id else None, call.admin(db), page=str(page) if page else None)
     return _json_answer(opened)
 
 

@@ -55,9 +55,9 @@ class Member:
             return error.code, error.read().decode()
         return status, (json.loads(text) if text.strip().startswith(("{", "[")) else text)
 
-    def open(self, kind: str = "batch") -> dict:
-        status, opened = self.call("POST", "batch/open" if kind == "batch" else "group/join",
-                                   {"openId": uuid.uuid4().hex})
+    def open(self, kind: str = "batch", page: str | None = None) -> dict:
+        body = {"openId": uuid.uuid4().hex, **({"page": page} if page else {})}
+        status, opened = self.call("POST", "batch/open" if kind == "batch" else "group/join", body)
         assert status == 200, opened
         self.conn[kind], self.cursor[kind], self.cseq[kind] = opened["conn"], opened["cursor"], 0
         self.take(kind, opened["events"])
@@ -75,14 +75,18 @@ class Member:
             cseq = self.cseq[kind]
         return self.call("POST", f"channels/{self.conn[kind]}/send", {"cseq": cseq, "frames": list(frames)})
 
-    def poll(self, kind: str = "batch", wait: float = 0, cursor: int | None = None) -> list[dict]:
+    def poll(self, kind: str = "batch", wait: float = 0, cursor: int | None = None,
+             conn: str | None = None) -> list[dict]:
         """New messages after the cursor (holding up to `wait` seconds when there are none)."""
         start = self.cursor[kind] if cursor is None else cursor
-        status, answer = self.call("GET", f"channels/poll?c={self.conn[kind]}:{start}&page={self.sr}&wait={wait}")
+        conn = conn or self.conn[kind]
+        status, answer = self.call("GET", f"channels/poll?c={conn}:{start}&page={self.sr}&wait={wait}")
         assert status == 200, answer
-        mine = answer[self.conn[kind]]
+        mine = answer[conn]
         if "closed" in mine:
             return [{"closed": mine["closed"]}]
+        if conn != self.conn[kind]:  # an earlier conn, looked at without taking its messages
+            return [event["msg"] for event in mine["events"]]
         self.cursor[kind] = mine["cursor"]
         return self.take(kind, mine["events"])
 
@@ -312,6 +316,21 @@ def test_a_closed_or_foreign_channel_is_refused(lab: Lab) -> None:
     assert a.call("POST", f"channels/{a.conn['batch']}/close")[0] == 204
     assert a.send("batch", {"heartbeat": "ping"})[0] == 410
     assert a.poll() == [{"closed": "client"}]
+
+
+def test_only_another_page_taking_over_the_run_hears_closed(lab: Lab) -> None:
+    """The termination CLOSED means 'another page has this run now' (jatos.js then calls the
+    run invalid); a conn replaced by an open of the same page closes without it."""
+    study_id, _ = lab.study()
+    member, = lab.members(study_id, 1)
+    member.open(page="tab1")
+    first = member.conn["batch"], member.cursor["batch"]
+    member.open(page="tab1")
+    assert member.poll(cursor=first[1], conn=first[0]) == [{"closed": "reopened"}]
+    second = member.conn["batch"], member.cursor["batch"]
+    member.open(page="tab2")
+    assert actions(member.poll(cursor=second[1], conn=second[0])) == ["CLOSED"]
+    assert member.poll(cursor=second[1] + 1, conn=second[0]) == [{"closed": "superseded"}]
 
 
 def test_a_poll_holds_until_an_event_arrives(lab: Lab) -> None:

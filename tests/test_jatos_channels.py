@@ -207,6 +207,32 @@ def test_onload_comes_even_when_the_batch_channel_cannot_open(lab: Lab) -> None:
     assert page.js("jatos.batchSession.getAll()") == {}
 
 
+def request_name(url: str) -> str:
+    """What a publix request is: 'jatos.js', 'initData', 'batch/open', ..."""
+    return "batch/open" if url.endswith("/batch/open") else url.rsplit("/", 1)[-1]
+
+
+def test_the_batch_channel_opens_while_the_init_data_loads(lab: Lab) -> None:
+    """Between a component's HTML and jatos.onLoad the page waits for three requests but only
+    two round trips: jatos.js, then initData and batch/open together (issue #15 point 4);
+    onLoad still comes only once both are answered, with the batch session there."""
+    study_id, batch_id = lab.study()
+    lab.api("PATCH", f"/batches/{batch_id}/session", {"ready": True})
+    page = lab.participant(lab.code(study_id))
+    html_end, loaded_at = page.js("[performance.getEntriesByType('navigation')[0].responseEnd, window.loadedAt]")
+    entries = page.js("performance.getEntriesByType('resource')"
+                      ".map(e => ({name: e.name.split('?')[0], start: e.startTime, end: e.responseEnd}))")
+    awaited = [entry for entry in entries if "/publix/" in entry["name"]
+               and html_end <= entry["start"] and entry["end"] <= loaded_at]
+    assert sorted(request_name(entry["name"]) for entry in awaited) == ["batch/open", "initData", "jatos.js"]
+    components = {request_name(entry["name"]): entry for entry in awaited}
+    init_data, batch_open = components["initData"], components["batch/open"]
+    assert batch_open["start"] < init_data["end"] and init_data["start"] < batch_open["end"], \
+        "initData and batch/open are in flight together"
+    assert components["jatos.js"]["end"] <= min(init_data["start"], batch_open["start"])
+    assert page.js("window.batchAtLoad") == {"ready": True}
+
+
 def test_connection_callbacks_follow_the_heartbeat(lab: Lab) -> None:
     study_id, _ = lab.study()
     page = lab.participant(lab.code(study_id), fast=True)
@@ -218,6 +244,34 @@ def test_connection_callbacks_follow_the_heartbeat(lab: Lab) -> None:
     page.page.unroute("**/channels/**")
     wait_until(lambda: len(seen(page, "onConnected")) == 2, message="onConnected again after reopening")
     assert page.js("jatos.isConnected()") is True
+
+
+def test_a_wifi_outage_delays_data_but_leaves_the_run_valid(lab: Lab) -> None:
+    """An outage long enough for the heartbeat to fail makes jatos.js reopen the batch
+    channel; however its retries and the watchdog interleave, the run stays valid, the data
+    sent meanwhile arrives and nothing is logged as a channel error (DESIGN.md §5)."""
+    study_id, _ = lab.study()
+    page = lab.participant(lab.code(study_id), fast=True)
+    logged: list[str] = []
+    page.page.on("request", lambda request: logged.append(request.post_data or "")
+                 if request.url.endswith("/log") else None)
+    page.js("jatos.catchAndLogErrors()")
+    wait_until(lambda: seen(page, "onConnected"), message="onConnected after the first pong")
+    assert settle(page, "jatos.appendResultData('before;')") == "ok"
+    page.page.context.set_offline(True)
+    page.js("void (window.during = jatos.appendResultData('during;').then(() => 'ok', r => String(r)))")
+    wait_until(lambda: seen(page, "onDisconnected"), message="the heartbeat fails")
+    time.sleep(4)
+    page.page.context.set_offline(False)
+    wait_until(lambda: page.js("window.during") is not None, timeout=15, message="the data of the outage")
+    time.sleep(2)  # room for a second open racing the first (it would supersede it)
+    assert page.js("document.body.innerText").count("This study run is invalid.") == 0
+    assert page.js("window.during") == "ok"
+    wait_until(lambda: len(seen(page, "onConnected")) == 2, message="onConnected again after reopening")
+    assert settle(page, "jatos.appendResultData('after;')") == "ok"
+    assert settle(page, "jatos.batchSession.set('back', true)") == "ok", "the batch channel works again"
+    assert page.stored() == "before;during;after;\n"  # plain-text export ends each run with a newline
+    assert not [text for text in logged if "Batch channel" in text], logged
 
 
 # --- groups ------------------------------------------------------------------------------------
