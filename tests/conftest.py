@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
 import socket
 import threading
 import time
@@ -17,6 +18,9 @@ import pytest
 import webtest
 
 import jatos_lite
+
+# A test that starts a server (also in a subprocess) must not open the developer's browser.
+os.environ["JATOS_LITE_BROWSER"] = "off"
 
 API_TOKEN = "test-token-0123456789"
 AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
