@@ -6183,6 +6183,34 @@ def token_command(store: Store, action: str, name: str, token_id: int | None) ->
             raise JatosError(404, f"No API token with ID {token_id} (see 'jatos-lite token list').")
 
 
+PYZ_DEPENDENCIES = ("bottle", "waitress", "jsonpatch", "jsonpointer")  # all pure Python
+PYZ_MAIN = b"import sys\n\nimport jatos_lite\n\nsys.exit(jatos_lite.main())\n"
+
+
+def build_pyz(target: Path) -> int:
+    """`jatos-lite pyz`: one zipapp (`python jatos-lite.pyz` on any Python >= 3.10, no pip, no
+    internet) with this module, the files it ships and its dependencies as installed here,
+    their licences included. Works from a checkout, an installation or a .pyz. Returns the size."""
+    import importlib.metadata
+
+    shipped = ["jatos.js", "admin.html", *(f"studies/{EXAMPLE_DIR}/{name}" for name in EXAMPLE_FILES)]
+    entries = [("__main__.py", PYZ_MAIN), ("jatos_lite.py", __loader__.get_data(__file__))]
+    entries += [(name, client_file(name).body) for name in shipped]
+    for name in PYZ_DEPENDENCIES:
+        files = importlib.metadata.distribution(name).files or []
+        entries += [(str(file.as_posix()), file.read_binary()) for file in files
+                    if not str(file).startswith("..") and "__pycache__" not in file.parts and file.suffix != ".pyc"]
+    archive = io.BytesIO()
+    archive.write(b"#!/usr/bin/env python3\n")  # as zipapp writes it: the ZIP's offsets count from after it
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as pyz:
+        for name, body in entries:
+            pyz.writestr(name, body)
+    size = write_file_durably(target, [archive.getvalue()])
+    with contextlib.suppress(OSError):
+        target.chmod(0o755)  # so that ./jatos-lite.pyz runs it on Linux and macOS
+    return size
+
+
 def _serve_options(parser: argparse.ArgumentParser) -> None:
     defaults = Config()
     parser.add_argument("--host", help=f"address to listen on (default {defaults.host}: every network)")
@@ -6241,6 +6269,10 @@ def build_parser() -> argparse.ArgumentParser:
     token_parser.add_argument("action", nargs="?", choices=["create", "list", "revoke"], default="create")
     token_parser.add_argument("id", nargs="?", type=int, help="the token to revoke")
     token_parser.add_argument("--name", default="command line", help="a name to recognise the token by")
+    pyz_parser = commands.add_parser("pyz", help="write jatos-lite as one file that runs with 'python FILE' on any "
+                                                 "Python 3.10 or newer, with no installing")
+    pyz_parser.add_argument("-o", "--output", type=Path, default=Path("jatos-lite.pyz"),
+                            help="file to write (default jatos-lite.pyz)")
     return parser
 
 
@@ -6328,6 +6360,9 @@ def run_command(args: argparse.Namespace, config: Config) -> None:
         write = export_results if args.command == "export" else export_study
         size = write(Store(config.db_path), config, args.study, args.output)
         print(f"Wrote {args.output} ({human_bytes(size)})")
+    elif args.command == "pyz":
+        size = build_pyz(args.output)
+        print(f"Wrote {args.output} ({human_bytes(size)}): copy it anywhere and start it with 'python {args.output.name}'")
     elif args.command == "backup":
         size = backup(Store(config.db_path), config, args.output)
         print(f"Wrote {args.output} ({human_bytes(size)}): database, result files and studies")

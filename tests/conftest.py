@@ -6,7 +6,10 @@ import dataclasses
 import io
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -119,6 +122,49 @@ def lab(client: webtest.TestApp) -> Lab:
 def legacy_lab(config: jatos_lite.Config, store: jatos_lite.Store) -> Lab:
     """A lab whose server accepts the old links naming a personal worker or General Single (--legacy-links)."""
     return Lab(webtest.TestApp(jatos_lite.create_app(dataclasses.replace(config, legacy_links=True), store)))
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def folders(root: Path) -> list[str]:
+    """The CLI options for a data and a studies folder inside `root`."""
+    return ["--studies", str(root / "studies"), "--data", str(root / "data")]
+
+
+class Started:
+    """`jatos-lite serve` in a subprocess (by default the checkout's module run by this Python,
+    working in `root`), up to its 'Press Ctrl+C' line."""
+
+    def __init__(self, root: Path, port: int, *extra: str, command: list[str] | None = None,
+                 env: dict[str, str] | None = None):
+        self.port, self.url = port, f"http://127.0.0.1:{port}"
+        command = command or [sys.executable, str(ROOT / "jatos_lite.py")]
+        self.process = subprocess.Popen(
+            [*command, "serve", "--port", str(port), "--api-token", API_TOKEN, *folders(root), *extra], cwd=root,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1", "JATOS_LITE_BROWSER": "off"})
+        self.banner = ""
+        while "Press Ctrl+C" not in self.banner:
+            line = self.process.stdout.readline()
+            assert line, f"the server ended: {self.process.stderr.read()}"
+            self.banner += line
+
+    def stop(self, how: int = signal.SIGINT) -> tuple[int, str]:
+        self.process.send_signal(how)
+        out, _ = self.process.communicate(timeout=30)
+        return self.process.returncode, out
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.communicate()
+
+    def api(self, method: str, path: str, body: bytes | None = None, kind: str = "application/json") -> bytes:
+        request = urllib.request.Request(f"{self.url}/jatos/api/v1{path}", data=body, method=method,
+                                         headers={**AUTH, "Content-Type": kind})
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return answer.read()
 
 
 def free_port() -> int:

@@ -19,50 +19,16 @@ from pathlib import Path
 import pytest
 
 import jatos_lite
-from conftest import free_port, make_jzip
+from conftest import Started, folders, free_port, make_jzip
 
 ROOT = Path(__file__).resolve().parent.parent
-TOKEN = "field-token-0123456789"
-
-
-def folders(root: Path) -> list[str]:
-    return ["--studies", str(root / "studies"), "--data", str(root / "data")]
-
-
-class Started:
-    """`jatos-lite serve` in a subprocess, up to its 'Press Ctrl+C' line."""
-
-    def __init__(self, root: Path, port: int, *extra: str):
-        self.port, self.url = port, f"http://127.0.0.1:{port}"
-        self.process = subprocess.Popen(
-            [sys.executable, str(ROOT / "jatos_lite.py"), "serve", "--port", str(port), "--api-token", TOKEN,
-             *folders(root), *extra], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        self.banner = ""
-        while "Press Ctrl+C" not in self.banner:
-            line = self.process.stdout.readline()
-            assert line, f"the server ended: {self.process.stderr.read()}"
-            self.banner += line
-
-    def stop(self, how: int = signal.SIGINT) -> tuple[int, str]:
-        self.process.send_signal(how)
-        out, _ = self.process.communicate(timeout=30)
-        return self.process.returncode, out
-
-    def api(self, method: str, path: str, body: bytes | None = None, kind: str = "application/json") -> bytes:
-        request = urllib.request.Request(f"{self.url}/jatos/api/v1{path}", data=body, method=method,
-                                         headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": kind})
-        with urllib.request.urlopen(request, timeout=30) as answer:
-            return answer.read()
 
 
 @pytest.fixture
 def started(tmp_path: Path):
     server = Started(tmp_path, free_port())
     yield server
-    if server.process.poll() is None:
-        server.process.kill()
-        server.process.communicate()
+    server.kill()
 
 
 def test_the_first_start_says_a_new_database_was_made_and_the_next_what_it_holds(tmp_path: Path) -> None:
