@@ -57,6 +57,7 @@ import socket
 import sqlite3
 import string
 import struct
+import subprocess
 import sys
 import tempfile
 import threading
@@ -367,13 +368,59 @@ def write_file_durably(target: Path, chunks: Iterable[bytes]) -> int:
                 size += len(chunk)
             out.flush()
             os.fsync(out.fileno())
-        os.replace(tmp_name, target)
+        replace_patiently(tmp_name, target)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp_name)
         raise
     _fsync_dir(target.parent)
     return size
+
+
+REPLACE_ATTEMPTS = 8  # with growing pauses, about 3 s in all
+
+
+def replace_patiently(source: str | Path, target: str | Path) -> None:
+    """os.replace, tried again for a few seconds where Windows refuses it because another program
+    (an antivirus scanner, the server sending that very file) has the target open."""
+    for attempt in range(REPLACE_ATTEMPTS):
+        try:
+            os.replace(source, target)
+            return
+        except PermissionError:
+            if attempt == REPLACE_ATTEMPTS - 1:
+                raise
+            time.sleep(0.1 * (attempt + 1))
+
+
+def move_folder(source: Path, target: Path) -> None:
+    """Move a folder by renaming it (replace_patiently), so that it moves whole or not at all:
+    shutil.move's copy-then-delete, which a file in use on Windows stops half-way, is left only
+    for a move to another drive."""
+    try:
+        replace_patiently(source, target)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise JatosError(409, f"The folder {source} could not be moved ({exc.strerror}): close the programs "
+                                  "that have files of it open and try again. Nothing was changed.") from None
+        shutil.move(str(source), str(target))
+
+
+def portability_problem(root: Path, target: Path) -> str | None:
+    """Why a new file at `target` (inside `root`) could not be kept as it is on Windows or macOS:
+    a name Windows reserves, or a name that differs from an existing one only in case (one file
+    there). None if there is no such problem."""
+    folder = root
+    for part in target.relative_to(root).parts:
+        if part.split(".")[0].upper() in _WINDOWS_DEVICE_NAMES:
+            return f"'{part}' is a name Windows reserves for a device: choose another name."
+        if folder.is_dir():
+            twin = next((p.name for p in folder.iterdir() if p.name != part and p.name.lower() == part.lower()), None)
+            if twin is not None:
+                return (f"'{part}' differs from the existing '{twin}' only in case; Windows and macOS keep one "
+                        "file for both: use the existing name or another one.")
+        folder = folder / part
+    return None
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -3506,11 +3553,17 @@ def unpack_study_archive(source: Any, target: Path, max_bytes: int) -> StudyArch
 
 def _move_assets_in(uploaded: Path, studies_root: Path, name: str, trash: Path) -> None:
     """Put the uploaded assets folder at studies_root/name, moving what was there to trash."""
-    target = studies_root / name
-    if target.exists():
-        shutil.move(str(target), str(trash / "old_assets"))
+    target, old = studies_root / name, trash / "old_assets"
+    replacing = target.exists()
+    if replacing:
+        move_folder(target, old)
     studies_root.mkdir(parents=True, exist_ok=True)
-    shutil.move(str(uploaded), str(target))
+    try:
+        move_folder(uploaded, target)
+    except JatosError:
+        if replacing:
+            move_folder(old, target)  # the import fails whole: the old files stay where they were
+        raise
 
 
 def _merge_components(db: Db, study_id: int, components: list[tuple[str, dict]]) -> None:
@@ -3582,7 +3635,7 @@ def _overwrite_study(db: Db, config: Config, study: sqlite3.Row, archive: StudyA
     if not flags["keepAssets"]:
         old = config.studies / study["dir_name"]
         if old.exists() and dir_name != study["dir_name"]:
-            shutil.move(str(old), str(trash / "old_assets"))
+            move_folder(old, trash / "old_assets")
         _move_assets_in(archive.assets, config.studies, dir_name, trash)
     return study["id"]
 
@@ -5313,6 +5366,9 @@ def api_asset_upload(call: Call, study_id: str, filepath: str = "") -> str:
                          else filepath)
     if target.is_dir():
         raise JatosError(400, f"'{filepath}' is a directory", "FILE_ALREADY_EXISTS")
+    problem = portability_problem(folder, target)
+    if problem:
+        raise JatosError(400, problem, "CLIENT_ERROR")
     existed = target.is_file()
     write_file_durably(target, read_chunks(part.file))
     bottle.response.status = 200 if existed else 201
@@ -5776,10 +5832,7 @@ def install_example_study(store: Store, config: Config) -> None:
 
 def lan_addresses() -> list[str]:
     """IPv4 addresses other devices on the local network can reach this machine at."""
-    found: set[str] = set()
-    with contextlib.suppress(OSError):
-        for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET):
-            found.add(str(info[4][0]))
+    found = set(_addresses_of_this_host())
     with contextlib.suppress(OSError):
         # connect() on UDP sends nothing; it only asks the routing table which address is ours.
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
@@ -5788,20 +5841,47 @@ def lan_addresses() -> list[str]:
     return sorted(a for a in found if not a.startswith("127.") and a != "0.0.0.0")
 
 
+HOSTNAME_LOOKUP_SECONDS = 1.0  # macOS can take 5-35 s to look up its own name on a network without DNS
+
+
+def _addresses_of_this_host() -> list[str]:
+    """The addresses this computer's name resolves to, or none if the look-up takes too long."""
+    found: list[str] = []
+
+    def look_up() -> None:
+        with contextlib.suppress(OSError):
+            found.extend(str(info[4][0]) for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET))
+
+    worker = threading.Thread(target=look_up, name="jatos-lite-hostname", daemon=True)
+    worker.start()
+    worker.join(HOSTNAME_LOOKUP_SECONDS)
+    return [] if worker.is_alive() else found
+
+
 # Folders of file-sync clients: they copy SQLite's files one by one and can tear a database apart.
 SYNCED_FOLDER_NAMES = {"dropbox", "onedrive", "icloud drive", "iclouddrive", "mobile documents", "cloudstorage",
                        "google drive", "googledrive", "my drive", "box", "box sync", "nextcloud", "owncloud",
                        "pcloud drive", "seafile"}
-NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph", "glusterfs", "fuse.sshfs",
+NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "afpfs", "9p", "afs", "ceph", "glusterfs", "fuse.sshfs",
                        "fuse.davfs", "davfs", "fuse.rclone", "fuse.s3fs", "webdav"}
 
 
-def synced_folder(path: Path) -> str | None:
-    """The name of a sync client's folder that `path` lies in, if any."""
-    for part in Path(path).resolve().parts:
+ICLOUD_DRIVE = Path("Library/Mobile Documents/com~apple~CloudDocs")  # inside the home folder, on macOS
+
+
+def synced_folder(path: Path, home: Path | None = None) -> str | None:
+    """The name of a sync client's folder that `path` lies in, if any; also macOS's Desktop and
+    Documents when iCloud Drive keeps them (they then appear inside iCloud Drive too)."""
+    resolved = Path(path).resolve()
+    for part in resolved.parts:
         name = part.lower()
         if name in SYNCED_FOLDER_NAMES or name.startswith("onedrive -") or name.startswith("dropbox ("):
             return part
+    home = Path.home() if home is None else home
+    for shared in ("Desktop", "Documents"):
+        inside = resolved == home / shared or (home / shared) in resolved.parents
+        if inside and (home / ICLOUD_DRIVE / shared).is_dir():
+            return f"{shared} (kept in iCloud Drive)"
     return None
 
 
@@ -5816,20 +5896,45 @@ def network_filesystem(path: Path, mounts: str | None = None) -> str | None:
         remote = root.startswith("\\\\") or ctypes.windll.kernel32.GetDriveTypeW(root) == 4  # DRIVE_REMOTE
         return "network drive" if remote else None
     if mounts is None:
-        try:
-            mounts = Path("/proc/mounts").read_text()
-        except OSError:
-            return None
+        mounts = _mount_table()
     best, kind = "", None
-    for line in mounts.splitlines():
-        fields = line.split()
-        if len(fields) < 3:
-            continue
-        point = fields[1].replace("\\040", " ")
+    for point, fs_type in _mount_points(mounts):
         inside = resolved == Path(point) or Path(point) in resolved.parents
         if inside and len(point) >= len(best):
-            best, kind = point, fields[2]
+            best, kind = point, fs_type
     return kind if kind in NETWORK_FILESYSTEMS else None
+
+
+def _mount_table() -> str:
+    """/proc/mounts on Linux; what `mount` prints on macOS and the BSDs ('' if neither can be read)."""
+    with contextlib.suppress(OSError):
+        return Path("/proc/mounts").read_text()
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        return subprocess.run(["mount"], capture_output=True, text=True, timeout=5).stdout
+    return ""
+
+
+def _mount_points(mounts: str) -> Iterator[tuple[str, str]]:
+    """(mount point, file system type) of each line: Linux's 'device point type options ...' or
+    macOS's 'device on point (type, options)'."""
+    for line in mounts.splitlines():
+        mac = re.match(r"^.+? on (/.*) \(([^,)]+)", line)
+        if mac:
+            yield mac.group(1), mac.group(2).strip()
+            continue
+        fields = line.split()
+        if len(fields) >= 3:
+            yield fields[1].replace("\\040", " "), fields[2]
+
+
+def program_folder(path: Path) -> str | None:
+    """The Python installation or Windows folder that `path` lies in, if any."""
+    folders = {sys.prefix, sys.base_prefix, os.environ.get("SystemRoot"), os.environ.get("WINDIR")}
+    resolved = Path(path).resolve()
+    for folder in sorted(f for f in folders if f):
+        if resolved == Path(folder).resolve() or Path(folder).resolve() in resolved.parents:
+            return folder
+    return None
 
 
 def storage_warnings(data: Path, mounts: str | None = None) -> list[str]:
@@ -5839,6 +5944,11 @@ def storage_warnings(data: Path, mounts: str | None = None) -> list[str]:
     if synced:
         warnings.append(f"The data folder is inside '{synced}', a folder a sync client copies. SQLite databases "
                         "can be corrupted there: use a plain local folder (--data) and back it up instead.")
+    system = program_folder(data)
+    if system:
+        warnings.append(f"The data folder is inside {system}, a folder for programs (jatos-lite was started there, "
+                        "e.g. by a double-click or from an administrator's prompt). Stop it and start it from a "
+                        "folder of your own, or pass --data.")
     network = network_filesystem(data, mounts)
     if network:
         warnings.append(f"The data folder is on a network file system ({network}). SQLite is not safe there: "
