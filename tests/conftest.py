@@ -277,16 +277,45 @@ def live_server(config: jatos_lite.Config):
     server.close()
 
 
-CHROMIUM = "/usr/bin/chromium"
+BROWSER_VARIABLE = "JATOS_LITE_TEST_BROWSER"  # names the browser to test with, where it is not found
+BROWSER_COMMANDS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome", "msedge",
+                    "microsoft-edge")
+BROWSER_PATHS = {
+    "darwin": ["/Applications/Chromium.app/Contents/MacOS/Chromium",
+               "/Applications/Google Chrome.app/Contents/MacOS/Google Chrome",
+               "/Applications/Microsoft Edge.app/Contents/MacOS/Microsoft Edge"],
+    "win32": [rf"{os.environ.get(root, '')}\{path}" for root in ("PROGRAMFILES", "PROGRAMFILES(X86)", "LOCALAPPDATA")
+              for path in (r"Google\Chrome\Application\chrome.exe", r"Microsoft\Edge\Application\msedge.exe",
+                           r"Chromium\Application\chrome.exe")],
+}
+
+
+def find_chromium() -> str:
+    """The browser the browser tests drive: the one JATOS_LITE_TEST_BROWSER names, else Chromium,
+    Chrome or Edge where each OS puts them."""
+    import shutil
+
+    named = os.environ.get(BROWSER_VARIABLE)
+    if named:
+        return named
+    found = [shutil.which(command) for command in BROWSER_COMMANDS] + \
+        [path for path in BROWSER_PATHS.get(sys.platform, []) if Path(path).is_file()]
+    for path in found:
+        if path:
+            return path
+    pytest.fail(f"No Chromium, Chrome or Edge found: install one, or name it in {BROWSER_VARIABLE}.")
+
+
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 
 
 @pytest.fixture(scope="module")
 def chromium():
-    """The system Chromium, headless, driven by playwright (one per test module)."""
+    """The system's Chromium (or Chrome, or Edge: find_chromium), headless, driven by playwright
+    (one per test module)."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = playwright.chromium.launch(executable_path=find_chromium(), args=CHROMIUM_ARGS)
         yield browser
         browser.close()

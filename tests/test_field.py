@@ -186,3 +186,13 @@ def test_the_admin_page_opens_in_a_browser_only_where_someone_can_see_it(monkeyp
             break
         time.sleep(0.02)
     assert opened == ["http://x/"]
+
+
+def test_the_browser_tests_take_the_browser_the_variable_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    import conftest
+
+    monkeypatch.setenv(conftest.BROWSER_VARIABLE, "/opt/my-chrome/chrome")
+    assert conftest.find_chromium() == "/opt/my-chrome/chrome"
+    monkeypatch.delenv(conftest.BROWSER_VARIABLE)
+    assert Path(conftest.find_chromium()).name in {*conftest.BROWSER_COMMANDS, "chrome.exe", "msedge.exe",
+                                                   "Chromium", "Google Chrome", "Microsoft Edge"}
