@@ -5975,7 +5975,7 @@ def serve(config: Config) -> None:
     store = Store(config.db_path)
     try:
         app = create_app(config, store)
-        server = listen(app, config)
+        server = bind_server(app, config)
         with _sigterm_as_interrupt(), contextlib.suppress(KeyboardInterrupt):
             app.config["jatos_lite.hub"].start_watching()
             summary = data_summary(store, created)
@@ -6040,7 +6040,7 @@ ADDRESS_IN_USE = {errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", errno.EADDRI
 NOT_PERMITTED = {errno.EACCES, getattr(errno, "WSAEACCES", errno.EACCES)}
 
 
-def listen(app: bottle.Bottle, config: Config) -> Any:
+def bind_server(app: bottle.Bottle, config: Config) -> Any:
     """waitress's server, bound to the port; a port that cannot be had is a JatosError."""
     raise_open_file_limit()
     try:
