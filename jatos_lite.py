@@ -39,6 +39,7 @@ import dataclasses
 import datetime
 import decimal
 import email.utils
+import errno
 import functools
 import hashlib
 import hmac
@@ -51,13 +52,14 @@ import mimetypes
 import os
 import re
 import secrets
+import select
 import shutil
 import socket
 import sqlite3
 import string
 import struct
+import subprocess
 import sys
-import sysconfig
 import tempfile
 import threading
 import time
@@ -122,6 +124,7 @@ class Config:
     recent_events_bytes: int = 2_000_000  # the hub's memory of recent channel events (their JSON size)
     connections_per_address: int = 200  # one device (a tablet opens about six) cannot take every connection
     header_timeout_seconds: float = 10.0  # a request whose headers take longer is hung up on
+    browser: bool = True  # serve opens the admin page in the default browser (never in CI or without a display)
 
     @property
     def db_path(self) -> Path:
@@ -169,7 +172,10 @@ def config_from_env(env: dict[str, str] | None = None, **overrides: Any) -> Conf
     for field in dataclasses.fields(Config):
         text = env.get(ENV_PREFIX + field.name.upper())
         if text not in (None, ""):
-            values[field.name] = _field_parser(field)(text)
+            try:
+                values[field.name] = _field_parser(field)(text)
+            except ValueError:
+                raise ValueError(f"{ENV_PREFIX}{field.name.upper()}={text!r} is not a valid {field.type}") from None
     values.update({k: v for k, v in overrides.items() if v is not None})
     return Config(**values)
 
@@ -292,12 +298,26 @@ def load_json(text: str | bytes) -> Any:
         raise ValueError("JSON nested too deeply") from None
 
 
+HOSTNAME_LOOKUP_SECONDS = 1.0  # macOS can take 5-35 s to look up its own name on a network without DNS
+
+
+def _addresses_of_this_host() -> list[str]:
+    """The addresses this computer's name resolves to, or none if the look-up takes too long."""
+    found: list[str] = []
+
+    def look_up() -> None:
+        with contextlib.suppress(OSError):
+            found.extend(str(info[4][0]) for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET))
+
+    worker = threading.Thread(target=look_up, name="jatos-lite-hostname", daemon=True)
+    worker.start()
+    worker.join(HOSTNAME_LOOKUP_SECONDS)
+    return [] if worker.is_alive() else found
+
+
 def lan_addresses() -> list[str]:
     """IPv4 addresses other devices on the local network can reach this machine at."""
-    found: set[str] = set()
-    with contextlib.suppress(OSError):
-        for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET):
-            found.add(str(info[4][0]))
+    found = set(_addresses_of_this_host())
     with contextlib.suppress(OSError):
         # connect() on UDP sends nothing; it only asks the routing table which address is ours.
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
@@ -403,13 +423,59 @@ def write_file_durably(target: Path, chunks: Iterable[bytes]) -> int:
                 size += len(chunk)
             out.flush()
             os.fsync(out.fileno())
-        os.replace(tmp_name, target)
+        replace_patiently(tmp_name, target)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp_name)
         raise
     _fsync_dir(target.parent)
     return size
+
+
+REPLACE_ATTEMPTS = 8  # with growing pauses, about 3 s in all
+
+
+def replace_patiently(source: str | Path, target: str | Path) -> None:
+    """os.replace, tried again for a few seconds where Windows refuses it because another program
+    (an antivirus scanner, the server sending that very file) has the target open."""
+    for attempt in range(REPLACE_ATTEMPTS):
+        try:
+            os.replace(source, target)
+            return
+        except PermissionError:
+            if attempt == REPLACE_ATTEMPTS - 1:
+                raise
+            time.sleep(0.1 * (attempt + 1))
+
+
+def move_folder(source: Path, target: Path) -> None:
+    """Move a folder by renaming it (replace_patiently), so that it moves whole or not at all:
+    shutil.move's copy-then-delete, which a file in use on Windows stops half-way, is left only
+    for a move to another drive."""
+    try:
+        replace_patiently(source, target)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise JatosError(409, f"The folder {source} could not be moved ({exc.strerror}): close the programs "
+                                  "that have files of it open and try again. Nothing was changed.") from None
+        shutil.move(str(source), str(target))
+
+
+def portability_problem(root: Path, target: Path) -> str | None:
+    """Why a new file at `target` (inside `root`) could not be kept as it is on Windows or macOS:
+    a name Windows reserves, or a name that differs from an existing one only in case (one file
+    there). None if there is no such problem."""
+    folder = root
+    for part in target.relative_to(root).parts:
+        if part.split(".")[0].upper() in _WINDOWS_DEVICE_NAMES:
+            return f"'{part}' is a name Windows reserves for a device: choose another name."
+        if folder.is_dir():
+            twin = next((p.name for p in folder.iterdir() if p.name != part and p.name.lower() == part.lower()), None)
+            if twin is not None:
+                return (f"'{part}' differs from the existing '{twin}' only in case; Windows and macOS keep one "
+                        "file for both: use the existing name or another one.")
+        folder = folder / part
+    return None
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -473,19 +539,29 @@ class FreeSpace:
                                   "Please tell the researcher.")
 
 
-def resource_dir() -> Path:
-    """Where jatos.js, admin.html and the bundled example study live: beside this module in a
-    checkout, or under <prefix>/share/jatos-lite once installed by pip."""
-    here = Path(__file__).resolve().parent
-    candidates = [here, Path(sysconfig.get_path("data")) / "share" / "jatos-lite",
-                  Path(sys.prefix) / "share" / "jatos-lite"]
-    user_base = sysconfig.get_config_var("userbase")
-    if user_base:
-        candidates.append(Path(user_base) / "share" / "jatos-lite")
-    for candidate in candidates:
-        if (candidate / "jatos.js").is_file():
-            return candidate
-    return here
+RESOURCE_FOLDER = "jatos_lite_files"  # where pip installs jatos.js, admin.html and the example beside the module
+
+
+class ClientFile(NamedTuple):
+    """A file the server ships (jatos.js, admin.html, the example study's files), as bytes."""
+
+    body: bytes
+    etag: str
+    modified: float
+
+
+@functools.cache
+def client_file(relative: str) -> ClientFile:
+    """A shipped file, read beside this module through its loader, so that it is found in a
+    checkout, inside a zipapp (.pyz) and, in RESOURCE_FOLDER, where pip installs it. Read once
+    per process. A missing one is a JatosError that says what to do."""
+    here = Path(__file__).parent
+    for path in (here / relative, here / RESOURCE_FOLDER / relative):
+        with contextlib.suppress(OSError):
+            body = __loader__.get_data(str(path))
+            return ClientFile(body, f'"{hashlib.sha256(body).hexdigest()[:20]}"', time.time())
+    raise JatosError(500, f"{relative} is missing from this jatos-lite ({here}): install it again "
+                          "(pip install . in its folder) or use a complete jatos-lite.pyz.")
 
 
 ###############################################################################
@@ -829,11 +905,14 @@ class Store:
                     self._idle.append(conn)
 
     def close(self) -> None:
-        """Close every connection (for embedding and tests; the server never needs it)."""
+        """Fold the write-ahead log back into the database file and close every connection, so
+        that after a clean stop jatos.sqlite alone holds everything."""
         with self._opened_lock:
             opened, self._opened, self._idle = self._opened, [], []
         with self._write_lock:
             if self._writer is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
                 opened.append(self._writer)
                 self._writer = None
         for conn in opened:
@@ -1058,7 +1137,7 @@ ADMIN_USER = {"id": 1, "username": "admin"}
 MAX_STUDY_CODES = 10_000  # personal study codes made by one request
 API_TOKEN_SECONDS = 3600  # JATOS's jatos.api.tokens.apiGeneration.expiresAfter
 MAX_TOKEN_SECONDS = 100 * 365 * 86400  # the longest lifetime a token may be given (0: never expires)
-SIGN_IN_TOKEN_NAME = "sign-in link"  # the token of the printed admin link, renewed at every start
+SIGN_IN_TOKEN_NAME = "sign-in link"  # the token of the printed admin link, a new one at every start
 RESERVED_DIR_NAMES = {"jatos", "publix", "public", "assets", "study_assets_root", "study_assets"}
 _HTML_FILE_PATH = re.compile(r"^[\w\d_-][\w\d/_-]*\.[\w\d_-]+$", re.ASCII)
 _HTML_MARKUP = re.compile(r"<\s*/?\s*[A-Za-z!][^>]*>")
@@ -1619,10 +1698,13 @@ def delete_api_token(db: Db, token_id: str) -> None:
     db.run("DELETE FROM api_tokens WHERE id = ?", find_token(db, token_id)["id"])
 
 
-def renew_sign_in_token(db: Db) -> str:
-    """A fresh token for this server start's sign-in link; earlier sign-in tokens stop working."""
-    db.run("UPDATE api_tokens SET active = 0 WHERE name = ?", SIGN_IN_TOKEN_NAME)
-    return mint_api_token(db, SIGN_IN_TOKEN_NAME)[1]
+def new_sign_in_token(db: Db) -> str:
+    """A token for this server start's sign-in link, valid for ADMIN_SESSION_SECONDS. Earlier
+    ones keep working until they expire: another server on the same data folder may have
+    printed them (expired ones are cleared away here)."""
+    db.run("DELETE FROM api_tokens WHERE name = ? AND expires_after > 0 AND creation_date + expires_after * 1000 < ?",
+           SIGN_IN_TOKEN_NAME, now_ms())
+    return mint_api_token(db, SIGN_IN_TOKEN_NAME, ADMIN_SESSION_SECONDS)[1]
 
 
 def open_admin_session(db: Db, sign_in_token: str) -> str:
@@ -1637,8 +1719,7 @@ def open_admin_session(db: Db, sign_in_token: str) -> str:
 
 def admin_session_of(db: Db, config: Config, secret: str | None) -> AdminSession | None:
     """The session of this cookie secret while it lasts: ADMIN_SESSION_SECONDS from sign-in, and
-    only as long as its sign-in token is valid (deactivating, deleting or, for the printed link,
-    a restart ends it)."""
+    only as long as its sign-in token is valid (deactivating, deleting or letting it expire ends it)."""
     if not secret:
         return None
     row = db.one("SELECT * FROM admin_sessions WHERE token_hash = ? AND created > ?", hash_secret(secret),
@@ -3640,11 +3721,17 @@ def unpack_study_archive(source: Any, target: Path, max_bytes: int) -> StudyArch
 
 def _move_assets_in(uploaded: Path, studies_root: Path, name: str, trash: Path) -> None:
     """Put the uploaded assets folder at studies_root/name, moving what was there to trash."""
-    target = studies_root / name
-    if target.exists():
-        shutil.move(str(target), str(trash / "old_assets"))
+    target, old = studies_root / name, trash / "old_assets"
+    replacing = target.exists()
+    if replacing:
+        move_folder(target, old)
     studies_root.mkdir(parents=True, exist_ok=True)
-    shutil.move(str(uploaded), str(target))
+    try:
+        move_folder(uploaded, target)
+    except JatosError:
+        if replacing:
+            move_folder(old, target)  # the import fails whole: the old files stay where they were
+        raise
 
 
 def _merge_components(db: Db, study_id: int, components: list[tuple[str, dict]]) -> None:
@@ -3716,7 +3803,7 @@ def _overwrite_study(db: Db, config: Config, study: sqlite3.Row, archive: StudyA
     if not flags["keepAssets"]:
         old = config.studies / study["dir_name"]
         if old.exists() and dir_name != study["dir_name"]:
-            shutil.move(str(old), str(trash / "old_assets"))
+            move_folder(old, trash / "old_assets")
         _move_assets_in(archive.assets, config.studies, dir_name, trash)
     return study["id"]
 
@@ -4505,7 +4592,7 @@ def send_file(path: Path, content_type: str | None = None, disposition: str = "i
     response.set_header("Accept-Ranges", "bytes")
     if cache_control:
         response.set_header("Cache-Control", cache_control)
-        if "no-store" not in cache_control and _still_fresh(info):
+        if "no-store" not in cache_control and _still_fresh(f'"{info.st_mtime_ns:x}-{info.st_size:x}"', info.st_mtime):
             response.status = 304
             return ""
     byte_range = _parse_range(bottle.request.get_header("Range", ""), size) if size else None
@@ -4521,17 +4608,28 @@ def send_file(path: Path, content_type: str | None = None, disposition: str = "i
     return _range_chunks(source, end - start + 1)
 
 
-def _still_fresh(info: os.stat_result) -> bool:
-    """Set the file's validators; True if the request's conditional headers match them."""
-    tag = f'"{info.st_mtime_ns:x}-{info.st_size:x}"'
+def send_client_file(relative: str, content_type: str, cache_control: str) -> Any:
+    """A file the server ships (client_file), from memory, with the validators send_file gives."""
+    shipped = client_file(relative)
+    bottle.response.content_type = content_type
+    bottle.response.set_header("Cache-Control", cache_control)
+    if _still_fresh(shipped.etag, shipped.modified):
+        bottle.response.status = 304
+        return ""
+    bottle.response.set_header("Content-Length", str(len(shipped.body)))
+    return shipped.body
+
+
+def _still_fresh(tag: str, modified: float) -> bool:
+    """Set a file's validators; True if the request's conditional headers match them."""
     bottle.response.set_header("ETag", tag)
-    bottle.response.set_header("Last-Modified", email.utils.formatdate(info.st_mtime, usegmt=True))
+    bottle.response.set_header("Last-Modified", email.utils.formatdate(modified, usegmt=True))
     wanted = bottle.request.get_header("If-None-Match")
     if wanted is not None:
         return tag in (part.strip() for part in wanted.split(",")) or wanted.strip() == "*"
     since = bottle.request.get_header("If-Modified-Since")
     with contextlib.suppress(TypeError, ValueError, IndexError):
-        return since is not None and int(info.st_mtime) <= email.utils.parsedate_to_datetime(since).timestamp()
+        return since is not None and int(modified) <= email.utils.parsedate_to_datetime(since).timestamp()
     return False
 
 
@@ -5197,11 +5295,8 @@ def study_asset(call: Call, relative: str, check_cookie: bool = True) -> Any:
 
 
 def jatos_js(call: Call) -> Any:
-    path = resource_dir() / "jatos.js"
-    if not path.is_file():
-        _not_found("jatos.js")
     # private as in JATOS (§11.2), and revalidated, so a new jatos-lite's jatos.js is used at once
-    return send_file(path, "application/javascript; charset=utf-8", cache_control="private, no-cache")
+    return send_client_file("jatos.js", "application/javascript; charset=utf-8", "private, no-cache")
 
 
 # --- Web: the admin page, sign-in and researcher test runs (Jatos worker) ------------------------
@@ -5226,13 +5321,7 @@ def admin_logout(call: Call) -> str:
 
 
 def admin_home(call: Call) -> Any:
-    page = resource_dir() / "admin.html"
-    if page.is_file():
-        return send_file(page, "text/html; charset=utf-8", cache_control="no-cache")
-    with call.store.snapshot() as db:
-        signed_in(call.admin(db))
-    return html_page("jatos-lite", "<h1>jatos-lite</h1><p>You are signed in. Use the JATOS API "
-                                   f"under <code>{API_PREFIX}</code> or the <code>jatos-lite</code> command.</p>")
+    return send_client_file("admin.html", "text/html; charset=utf-8", "no-cache")
 
 
 def admin_study_page(call: Call, study_id: str) -> Redirect:
@@ -5532,6 +5621,9 @@ def api_asset_upload(call: Call, study_id: str, filepath: str = "") -> str:
                          else filepath)
     if target.is_dir():
         raise JatosError(400, f"'{filepath}' is a directory", "FILE_ALREADY_EXISTS")
+    problem = portability_problem(folder, target)
+    if problem:
+        raise JatosError(400, problem, "CLIENT_ERROR")
     existed = target.is_file()
     write_file_durably(target, read_chunks(part.file))
     bottle.response.status = 200 if existed else 201
@@ -5992,19 +6084,27 @@ EXAMPLE_STUDY = {
 }
 
 
+EXAMPLE_FILES = ("task.html", "goodbye.html", "style.css")
+
+
 def install_example_study(store: Store, config: Config) -> None:
-    """On the first start, register the bundled example study (copying its assets if needed)."""
-    source = resource_dir() / "studies" / EXAMPLE_DIR
+    """On the first start, register the bundled example study (writing its files if its folder
+    is not there). Recorded as installed only once its files could be read, so a jatos-lite that
+    lacked them installs it at a later start."""
+    try:
+        files = {name: client_file(f"studies/{EXAMPLE_DIR}/{name}").body for name in EXAMPLE_FILES}
+    except JatosError as missing:
+        log.warning("the bundled example study is not installed: %s", missing.message)
+        return
     with store.tx() as db:
         if db.value("SELECT value FROM settings WHERE key = 'example_installed'"):
             return
         db.run("INSERT INTO settings(key, value) VALUES ('example_installed', '1')")
         target = config.studies / EXAMPLE_DIR
         if not target.exists():
-            if not source.is_dir():
-                log.warning("the bundled example study was not found at %s", source)
-                return
-            shutil.copytree(source, target)
+            target.mkdir(parents=True)
+            for name, body in files.items():
+                (target / name).write_bytes(body)
         if db.value("SELECT 1 FROM studies WHERE uuid = ? OR dir_name = ?", EXAMPLE_STUDY["uuid"], EXAMPLE_DIR):
             return
         study_id = insert_study(db, study_fields(EXAMPLE_STUDY), EXAMPLE_STUDY["uuid"], EXAMPLE_DIR)
@@ -6018,16 +6118,26 @@ def install_example_study(store: Store, config: Config) -> None:
 SYNCED_FOLDER_NAMES = {"dropbox", "onedrive", "icloud drive", "iclouddrive", "mobile documents", "cloudstorage",
                        "google drive", "googledrive", "my drive", "box", "box sync", "nextcloud", "owncloud",
                        "pcloud drive", "seafile"}
-NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph", "glusterfs", "fuse.sshfs",
+NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "afpfs", "9p", "afs", "ceph", "glusterfs", "fuse.sshfs",
                        "fuse.davfs", "davfs", "fuse.rclone", "fuse.s3fs", "webdav"}
 
 
-def synced_folder(path: Path) -> str | None:
-    """The name of a sync client's folder that `path` lies in, if any."""
-    for part in Path(path).resolve().parts:
+ICLOUD_DRIVE = Path("Library/Mobile Documents/com~apple~CloudDocs")  # inside the home folder, on macOS
+
+
+def synced_folder(path: Path, home: Path | None = None) -> str | None:
+    """The name of a sync client's folder that `path` lies in, if any; also macOS's Desktop and
+    Documents when iCloud Drive keeps them (they then appear inside iCloud Drive too)."""
+    resolved = Path(path).resolve()
+    for part in resolved.parts:
         name = part.lower()
         if name in SYNCED_FOLDER_NAMES or name.startswith("onedrive -") or name.startswith("dropbox ("):
             return part
+    home = Path.home() if home is None else home
+    for shared in ("Desktop", "Documents"):
+        inside = resolved == home / shared or (home / shared) in resolved.parents
+        if inside and (home / ICLOUD_DRIVE / shared).is_dir():
+            return f"{shared} (kept in iCloud Drive)"
     return None
 
 
@@ -6042,20 +6152,45 @@ def network_filesystem(path: Path, mounts: str | None = None) -> str | None:
         remote = root.startswith("\\\\") or ctypes.windll.kernel32.GetDriveTypeW(root) == 4  # DRIVE_REMOTE
         return "network drive" if remote else None
     if mounts is None:
-        try:
-            mounts = Path("/proc/mounts").read_text()
-        except OSError:
-            return None
+        mounts = _mount_table()
     best, kind = "", None
-    for line in mounts.splitlines():
-        fields = line.split()
-        if len(fields) < 3:
-            continue
-        point = fields[1].replace("\\040", " ")
+    for point, fs_type in _mount_points(mounts):
         inside = resolved == Path(point) or Path(point) in resolved.parents
         if inside and len(point) >= len(best):
-            best, kind = point, fields[2]
+            best, kind = point, fs_type
     return kind if kind in NETWORK_FILESYSTEMS else None
+
+
+def _mount_table() -> str:
+    """/proc/mounts on Linux; what `mount` prints on macOS and the BSDs ('' if neither can be read)."""
+    with contextlib.suppress(OSError):
+        return Path("/proc/mounts").read_text()
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        return subprocess.run(["mount"], capture_output=True, text=True, timeout=5).stdout
+    return ""
+
+
+def _mount_points(mounts: str) -> Iterator[tuple[str, str]]:
+    """(mount point, file system type) of each line: Linux's 'device point type options ...' or
+    macOS's 'device on point (type, options)'."""
+    for line in mounts.splitlines():
+        mac = re.match(r"^.+? on (/.*) \(([^,)]+)", line)
+        if mac:
+            yield mac.group(1), mac.group(2).strip()
+            continue
+        fields = line.split()
+        if len(fields) >= 3:
+            yield fields[1].replace("\\040", " "), fields[2]
+
+
+def program_folder(path: Path) -> str | None:
+    """The Python installation or Windows folder that `path` lies in, if any."""
+    folders = {sys.prefix, sys.base_prefix, os.environ.get("SystemRoot"), os.environ.get("WINDIR")}
+    resolved = Path(path).resolve()
+    for folder in sorted(f for f in folders if f):
+        if resolved == Path(folder).resolve() or Path(folder).resolve() in resolved.parents:
+            return folder
+    return None
 
 
 def storage_warnings(data: Path, mounts: str | None = None) -> list[str]:
@@ -6065,6 +6200,11 @@ def storage_warnings(data: Path, mounts: str | None = None) -> list[str]:
     if synced:
         warnings.append(f"The data folder is inside '{synced}', a folder a sync client copies. SQLite databases "
                         "can be corrupted there: use a plain local folder (--data) and back it up instead.")
+    system = program_folder(data)
+    if system:
+        warnings.append(f"The data folder is inside {system}, a folder for programs (jatos-lite was started there, "
+                        "e.g. by a double-click or from an administrator's prompt). Stop it and start it from a "
+                        "folder of your own, or pass --data.")
     network = network_filesystem(data, mounts)
     if network:
         warnings.append(f"The data folder is on a network file system ({network}). SQLite is not safe there: "
@@ -6078,18 +6218,49 @@ def _resolve_study(store: Store, key: str) -> sqlite3.Row:
 
 
 def serve(config: Config) -> None:
-    import waitress
-
+    """`jatos-lite serve`: listen first (a port in use is one line, and nothing is changed), then
+    say where the data is and how to sign in, serve until stopped, and close the database."""
+    client_file("jatos.js")  # refuses to start without it
+    created = not config.db_path.exists()
     store = Store(config.db_path)
-    app = create_app(config, store)
-    app.config["jatos_lite.hub"].start_watching()
-    install_example_study(store, config)
-    with store.tx() as db:
-        token = renew_sign_in_token(db)
-    local = f"http://localhost:{config.port}"
+    try:
+        app = create_app(config, store)
+        server = bind_server(app, config)
+        with _sigterm_as_interrupt(), contextlib.suppress(KeyboardInterrupt):
+            app.config["jatos_lite.hub"].start_watching()
+            summary = data_summary(store, created)
+            install_example_study(store, config)
+            with store.tx() as db:
+                token = new_sign_in_token(db)
+            sign_in = f"http://localhost:{config.port}/jatos/login?token={token}"
+            print_banner(store, config, sign_in, summary)
+            open_in_browser(sign_in, config)
+            serve_until_stopped(server)
+        shut_down(server, app)
+    finally:
+        store.close()
+    print(f"jatos-lite stopped; data is in {config.data.resolve()}", flush=True)
+
+
+def data_summary(store: Store, created: bool) -> str:
+    if created:
+        return "new database, created now"
+    with store.snapshot() as db:
+        studies = db.value("SELECT COUNT(*) FROM studies")
+        results = db.value("SELECT COUNT(*) FROM study_results")
+    return f"database reopened: {studies} studies, {results} study results"
+
+
+def print_banner(store: Store, config: Config, sign_in: str, summary: str) -> None:
+    folders = "" if (config.data, config.studies) == (Config.data, Config.studies) else \
+        f' --data "{config.data}" --studies "{config.studies}"'
     print(f"jatos-lite {__version__} is running.")
-    print(f"  Admin page (sign in):  {local}/jatos/login?token={token}")
-    print(f"  API token (Bearer):    {token}")
+    print(f"  Data:    {config.data.resolve()}  ({summary})")
+    print(f"  Studies: {config.studies.resolve()}")
+    for warning in storage_warnings(config.data):
+        print(f"  WARNING: {warning}")
+    print(f"  Admin page (sign in; this link works for {ADMIN_SESSION_SECONDS // 86400} days):  {sign_in}")
+    print(f"  API token for scripts (jatosR, curl): run  jatos-lite token create{folders}")
     print("  Participants on this network can use:")
     for url in base_urls(config):
         print(f"    {url}/publix/run")
@@ -6098,16 +6269,100 @@ def serve(config: Config) -> None:
     if example is not None:
         with store.tx() as db:
             code = study_links_for(db, default_batch(db, example["id"]), "GeneralMultiple")[0]
-        print(f"  Example study link:    {local}/publix/{code}")
-    print(f"  Studies: {config.studies.resolve()}")
-    print(f"  Data:    {config.data.resolve()}  (SQLite database and result files)")
-    for warning in storage_warnings(config.data):
-        print(f"  WARNING: {warning}")
+        print(f"  Example study link:    http://localhost:{config.port}/publix/{code}")
     print("Press Ctrl+C to stop.", flush=True)
+
+
+def open_in_browser(url: str, config: Config) -> bool:
+    """Open the admin page in the default browser, where someone can see it: not when switched
+    off, not in CI, not on a Linux without a display."""
+    if not config.browser or os.environ.get("CI"):
+        return False
+    if sys.platform not in ("win32", "darwin") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        return False
+    import webbrowser
+
+    threading.Thread(target=webbrowser.open, args=(url,), name="jatos-lite-browser", daemon=True).start()
+    return True
+
+
+ADDRESS_IN_USE = {errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", errno.EADDRINUSE)}  # Windows reports 10048
+NOT_PERMITTED = {errno.EACCES, getattr(errno, "WSAEACCES", errno.EACCES)}
+
+
+def bind_server(app: bottle.Bottle, config: Config) -> Any:
+    """waitress's server, bound to the port; a port that cannot be had is a JatosError."""
     raise_open_file_limit()
-    waitress.serve(app, host=config.host, port=config.port, threads=config.threads, **WAITRESS_OPTIONS,
-                   connection_limit=max(100, config.threads * 4), max_request_body_size=config.max_archive,
-                   _server=functools.partial(guarded_server, config=config))
+    try:
+        return guarded_server(app, config, host=config.host, port=config.port, threads=config.threads,
+                              **WAITRESS_OPTIONS, connection_limit=connection_limit(config.threads),
+                              max_request_body_size=config.max_archive)
+    except OSError as exc:
+        if exc.errno in ADDRESS_IN_USE:
+            raise JatosError(409, f"Port {config.port} is in use, probably by a jatos-lite that is already running "
+                                  f"(open http://localhost:{config.port}/jatos/). Stop that one, or start this one "
+                                  f"with --port {config.port + 1}.") from None
+        if exc.errno in NOT_PERMITTED:
+            raise JatosError(403, f"This user may not listen on port {config.port}: use a port above 1024 "
+                                  "(--port 9000).") from None
+        raise JatosError(400, f"Cannot listen on {config.host}:{config.port} ({exc.strerror or exc}): use "
+                              "--host 0.0.0.0 (every network) or one of this computer's addresses.") from None
+
+
+SHUTDOWN_SECONDS = 3.0  # how long answers to held polls and running requests may take to go out at a stop
+
+
+def serve_until_stopped(server: Any) -> None:
+    """waitress's loop, until Ctrl-C (or SIGTERM) interrupts it."""
+    import waitress.wasyncore as wasyncore
+
+    wasyncore.loop(timeout=server.adj.asyncore_loop_timeout, map=_socket_map(server),
+                   use_poll=server.adj.asyncore_use_poll)
+
+
+def _socket_map(server: Any) -> dict:
+    return server._map if hasattr(server, "_map") else server.map
+
+
+def shut_down(server: Any, app: bottle.Bottle) -> None:
+    """Stop accepting, answer the held polls, let running requests finish and their answers out,
+    and close every connection."""
+    import waitress.wasyncore as wasyncore
+
+    sockets = _socket_map(server)
+    for listener in _listeners(server):
+        wasyncore.dispatcher.close(listener)
+    app.config["jatos_lite.hub"].stop()
+    deadline = time.monotonic() + SHUTDOWN_SECONDS
+    while _still_busy(server, sockets) and time.monotonic() < deadline:
+        wasyncore.loop(timeout=0.05, map=sockets, use_poll=server.adj.asyncore_use_poll, count=1)
+    server.task_dispatcher.shutdown(timeout=SHUTDOWN_SECONDS)
+    wasyncore.close_all(sockets)
+
+
+def _still_busy(server: Any, sockets: dict) -> bool:
+    tasks = server.task_dispatcher
+    return bool(tasks.active_count or tasks.queue or any(getattr(channel, "total_outbufs_len", 0)
+                                                         for channel in list(sockets.values())))
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a service manager, `kill`) stops the server as Ctrl-C does, where the OS has it."""
+    import signal
+
+    if not hasattr(signal, "SIGTERM") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # A full server keeps more than 1024 sockets open (the connection limit is four per thread
@@ -6194,16 +6449,32 @@ def guarded_server(app: Any, config: Config, **options: Any) -> Any:
     whose headers take longer than the config's header timeout closed at the next clean-up, and
     request bodies held to their route's limit (BodyLimitParser)."""
     server = waitress.server.create_server(app, **options)
-    listeners = [server] if hasattr(server, "active_channels") else \
-        [s for s in server.map.values() if hasattr(s, "active_channels")]
     shares = _AddressShares(config.connections_per_address)
-    for listener in listeners:
+    for listener in _listeners(server):
         listener.channel_class, listener.shares = GuardedChannel, shares
         listener.small_adj = copy.copy(listener.adj)
         listener.small_adj.max_request_body_size = min(config.body_limit, listener.adj.max_request_body_size)
         listener.maintenance = functools.partial(_close_slow_headers, listener, listener.maintenance,
                                                  config.header_timeout_seconds)
     return server
+
+
+def _listeners(server: Any) -> list[Any]:
+    """The listening sockets of what waitress.server.create_server made (one, or several in a map)."""
+    if hasattr(server, "active_channels"):
+        return [server]
+    return [s for s in server.map.values() if hasattr(s, "active_channels")]
+
+
+SELECT_SOCKETS = 500  # select(), waitress's fallback where there is no poll() (Windows), watches at most 512
+
+
+def connection_limit(threads: int, has_poll: bool | None = None) -> int:
+    """Four connections per thread (held polls and the requests beside them), but no more than
+    select() can watch where waitress has to use it."""
+    wanted = max(100, threads * 4)
+    has_poll = hasattr(select, "poll") if has_poll is None else has_poll
+    return wanted if has_poll else min(wanted, SELECT_SOCKETS)
 
 
 def _close_slow_headers(listener: Any, maintenance: Callable[[float], None], limit: float, now: float) -> None:
@@ -6214,16 +6485,20 @@ def _close_slow_headers(listener: Any, maintenance: Callable[[float], None], lim
             channel.will_close = True
 
 
+OPEN_FILES_WANTED = 10240  # macOS refuses more (kern.maxfilesperproc), even when its hard limit says infinite
+
+
 def raise_open_file_limit() -> None:
-    """Lift the soft limit on open files to the hard limit where the system has one (not Windows)."""
+    """Lift the soft limit on open files towards OPEN_FILES_WANTED where the system has one (not Windows)."""
     try:
         import resource
     except ImportError:
         return
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
+    target = OPEN_FILES_WANTED if hard == resource.RLIM_INFINITY else min(hard, OPEN_FILES_WANTED)
+    if soft != resource.RLIM_INFINITY and soft < target:
         with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 def write_download(chunks: Iterable[bytes], target: Path) -> int:
@@ -6312,6 +6587,34 @@ def token_command(store: Store, action: str, name: str, token_id: int | None) ->
             raise JatosError(404, f"No API token with ID {token_id} (see 'jatos-lite token list').")
 
 
+PYZ_DEPENDENCIES = ("bottle", "waitress", "jsonpatch", "jsonpointer")  # all pure Python
+PYZ_MAIN = b"import sys\n\nimport jatos_lite\n\nsys.exit(jatos_lite.main())\n"
+
+
+def build_pyz(target: Path) -> int:
+    """`jatos-lite pyz`: one zipapp (`python jatos-lite.pyz` on any Python >= 3.10, no pip, no
+    internet) with this module, the files it ships and its dependencies as installed here,
+    their licences included. Works from a checkout, an installation or a .pyz. Returns the size."""
+    import importlib.metadata
+
+    shipped = ["jatos.js", "admin.html", *(f"studies/{EXAMPLE_DIR}/{name}" for name in EXAMPLE_FILES)]
+    entries = [("__main__.py", PYZ_MAIN), ("jatos_lite.py", __loader__.get_data(__file__))]
+    entries += [(name, client_file(name).body) for name in shipped]
+    for name in PYZ_DEPENDENCIES:
+        files = importlib.metadata.distribution(name).files or []
+        entries += [(str(file.as_posix()), file.read_binary()) for file in files
+                    if not str(file).startswith("..") and "__pycache__" not in file.parts and file.suffix != ".pyc"]
+    archive = io.BytesIO()
+    archive.write(b"#!/usr/bin/env python3\n")  # as zipapp writes it: the ZIP's offsets count from after it
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as pyz:
+        for name, body in entries:
+            pyz.writestr(name, body)
+    size = write_file_durably(target, [archive.getvalue()])
+    with contextlib.suppress(OSError):
+        target.chmod(0o755)  # so that ./jatos-lite.pyz runs it on Linux and macOS
+    return size
+
+
 def _serve_options(parser: argparse.ArgumentParser) -> None:
     defaults = Config()
     parser.add_argument("--host", help=f"address to listen on (default {defaults.host}: every network)")
@@ -6322,6 +6625,9 @@ def _serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--legacy-links", dest="legacy_links", action=argparse.BooleanOptionalAction,
                         help="accept old JATOS links /publix/<studyId>/start?... that name a personal worker or "
                              "General Single (default off)")
+    parser.add_argument("--browser", action=argparse.BooleanOptionalAction,
+                        help="open the admin page in the default browser at start (default on; never in CI or "
+                             "without a display)")
 
 
 def _folder_options(parser: argparse.ArgumentParser) -> None:
@@ -6369,44 +6675,96 @@ def build_parser() -> argparse.ArgumentParser:
     token_parser.add_argument("action", nargs="?", choices=["create", "list", "revoke"], default="create")
     token_parser.add_argument("id", nargs="?", type=int, help="the token to revoke")
     token_parser.add_argument("--name", default="command line", help="a name to recognise the token by")
+    pyz_parser = commands.add_parser("pyz", help="write jatos-lite as one file that runs with 'python FILE' on any "
+                                                 "Python 3.10 or newer, with no installing")
+    pyz_parser.add_argument("-o", "--output", type=Path, default=Path("jatos-lite.pyz"),
+                            help="file to write (default jatos-lite.pyz)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The `jatos-lite` command."""
+    """The `jatos-lite` command. A mistake or a folder it cannot use is one line on stderr that
+    says what to do, and exit code 1; an interrupted command exits 130 and leaves no file."""
     args = build_parser().parse_args(argv)
+    tolerant_console()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = {name: getattr(args, name, None) for name in ("host", "port", "api_token", "threads", "legacy_links",
-                                                             "studies", "data")}
-    config = config_from_env(**options)
+                                                             "browser", "studies", "data")}
     try:
-        if args.command in (None, "serve"):
-            serve(config)
-        elif args.command == "import":
-            store = Store(config.db_path)
-            with open(args.archive, "rb") as source:
-                study_id, created = import_study_file(store, config, source)
-            with store.snapshot() as db:
-                study = _row(db, "studies", study_id)
-            verb = "Imported" if created else "Updated"
-            print(f"{verb} study '{study['title']}' (ID {study_id}) in {config.studies / study['dir_name']}")
-        elif args.command == "links":
-            links_command(Store(config.db_path), config, args)
-        elif args.command == "token":
-            token_command(Store(config.db_path), args.action, args.name, args.id)
-        elif args.command in ("export", "export-study"):
-            write = export_results if args.command == "export" else export_study
-            size = write(Store(config.db_path), config, args.study, args.output)
-            print(f"Wrote {args.output} ({human_bytes(size)})")
-        elif args.command == "backup":
-            size = backup(Store(config.db_path), config, args.output)
-            print(f"Wrote {args.output} ({human_bytes(size)}): database, result files and studies")
+        config = config_from_env(**options)
+    except ValueError as exc:
+        return _failed(f"{exc}: set it right or remove it.")
+    try:
+        run_command(args, config)
     except JatosError as exc:
-        print(f"jatos-lite: {exc.message}", file=sys.stderr)
-        return 1
+        return _failed(exc.message)
+    except (OSError, sqlite3.Error) as exc:
+        return _failed(failure_message(exc, config))
     except KeyboardInterrupt:
-        pass
+        return _failed("interrupted; no file was written.", 130)
     return 0
+
+
+def _failed(message: str, code: int = 1) -> int:
+    print(f"jatos-lite: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+def tolerant_console() -> None:
+    """A console that cannot show a character (Windows' cp1252 and a folder named in Greek) shows
+    '?' instead of ending the program."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="replace")
+
+
+def failure_message(exc: OSError | sqlite3.Error, config: Config) -> str:
+    """One line, saying what to do, for a folder, file or database the command cannot use."""
+    if isinstance(exc, sqlite3.Error):
+        text = str(exc)
+        if "readonly" in text or "read-only" in text:
+            return (f"The database {config.db_path.resolve()} is read-only. Make it and its folder writable, or "
+                    "copy the data folder to a place you can write to and start with --data FOLDER.")
+        if "unable to open" in text:
+            return (f"Cannot open the database in {config.data.resolve()}: the folder cannot be made or written. "
+                    "Choose a folder you can write to with --data FOLDER.")
+        return f"The database {config.db_path.resolve()} cannot be used ({text}). Restore it from a backup."
+    where = exc.filename if exc.filename is not None else ""
+    if isinstance(exc, FileNotFoundError):
+        return f"{where} does not exist (relative names start in {Path.cwd()}). Check the name or give a full path."
+    if isinstance(exc, PermissionError):
+        return (f"No permission to write {where}. Choose folders you can write to (--data, --studies, -o), "
+                "or start jatos-lite from a folder of your own.")
+    if isinstance(exc, (IsADirectoryError, NotADirectoryError)):
+        return f"{where}: {exc.strerror}. Give a file name for a file and a folder name for a folder."
+    return f"{where}: {exc.strerror or exc}."
+
+
+def run_command(args: argparse.Namespace, config: Config) -> None:
+    if args.command in (None, "serve"):
+        serve(config)
+    elif args.command == "import":
+        store = Store(config.db_path)
+        with open(args.archive, "rb") as source:
+            study_id, created = import_study_file(store, config, source)
+        with store.snapshot() as db:
+            study = _row(db, "studies", study_id)
+        verb = "Imported" if created else "Updated"
+        print(f"{verb} study '{study['title']}' (ID {study_id}) in {config.studies / study['dir_name']}")
+    elif args.command == "links":
+        links_command(Store(config.db_path), config, args)
+    elif args.command == "token":
+        token_command(Store(config.db_path), args.action, args.name, args.id)
+    elif args.command in ("export", "export-study"):
+        write = export_results if args.command == "export" else export_study
+        size = write(Store(config.db_path), config, args.study, args.output)
+        print(f"Wrote {args.output} ({human_bytes(size)})")
+    elif args.command == "pyz":
+        size = build_pyz(args.output)
+        print(f"Wrote {args.output} ({human_bytes(size)}): copy it anywhere and start it with 'python {args.output.name}'")
+    elif args.command == "backup":
+        size = backup(Store(config.db_path), config, args.output)
+        print(f"Wrote {args.output} ({human_bytes(size)}): database, result files and studies")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,11 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -17,6 +21,9 @@ import pytest
 import webtest
 
 import jatos_lite
+
+# A test that starts a server (also in a subprocess) must not open the developer's browser.
+os.environ["JATOS_LITE_BROWSER"] = "off"
 
 API_TOKEN = "test-token-0123456789"
 AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
@@ -115,6 +122,49 @@ def lab(client: webtest.TestApp) -> Lab:
 def legacy_lab(config: jatos_lite.Config, store: jatos_lite.Store) -> Lab:
     """A lab whose server accepts the old links naming a personal worker or General Single (--legacy-links)."""
     return Lab(webtest.TestApp(jatos_lite.create_app(dataclasses.replace(config, legacy_links=True), store)))
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def folders(root: Path) -> list[str]:
+    """The CLI options for a data and a studies folder inside `root`."""
+    return ["--studies", str(root / "studies"), "--data", str(root / "data")]
+
+
+class Started:
+    """`jatos-lite serve` in a subprocess (by default the checkout's module run by this Python,
+    working in `root`), up to its 'Press Ctrl+C' line."""
+
+    def __init__(self, root: Path, port: int, *extra: str, command: list[str] | None = None,
+                 env: dict[str, str] | None = None):
+        self.port, self.url = port, f"http://127.0.0.1:{port}"
+        command = command or [sys.executable, str(ROOT / "jatos_lite.py")]
+        self.process = subprocess.Popen(
+            [*command, "serve", "--port", str(port), "--api-token", API_TOKEN, *folders(root), *extra], cwd=root,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1", "JATOS_LITE_BROWSER": "off"})
+        self.banner = ""
+        while "Press Ctrl+C" not in self.banner:
+            line = self.process.stdout.readline()
+            assert line, f"the server ended: {self.process.stderr.read()}"
+            self.banner += line
+
+    def stop(self, how: int = signal.SIGINT) -> tuple[int, str]:
+        self.process.send_signal(how)
+        out, _ = self.process.communicate(timeout=30)
+        return self.process.returncode, out
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.communicate()
+
+    def api(self, method: str, path: str, body: bytes | None = None, kind: str = "application/json") -> bytes:
+        request = urllib.request.Request(f"{self.url}/jatos/api/v1{path}", data=body, method=method,
+                                         headers={**AUTH, "Content-Type": kind})
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return answer.read()
 
 
 def free_port() -> int:
@@ -227,16 +277,45 @@ def live_server(config: jatos_lite.Config):
     server.close()
 
 
-CHROMIUM = "/usr/bin/chromium"
+BROWSER_VARIABLE = "JATOS_LITE_TEST_BROWSER"  # names the browser to test with, where it is not found
+BROWSER_COMMANDS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome", "msedge",
+                    "microsoft-edge")
+BROWSER_PATHS = {
+    "darwin": ["/Applications/Chromium.app/Contents/MacOS/Chromium",
+               "/Applications/Google Chrome.app/Contents/MacOS/Google Chrome",
+               "/Applications/Microsoft Edge.app/Contents/MacOS/Microsoft Edge"],
+    "win32": [rf"{os.environ.get(root, '')}\{path}" for root in ("PROGRAMFILES", "PROGRAMFILES(X86)", "LOCALAPPDATA")
+              for path in (r"Google\Chrome\Application\chrome.exe", r"Microsoft\Edge\Application\msedge.exe",
+                           r"Chromium\Application\chrome.exe")],
+}
+
+
+def find_chromium() -> str:
+    """The browser the browser tests drive: the one JATOS_LITE_TEST_BROWSER names, else Chromium,
+    Chrome or Edge where each OS puts them."""
+    import shutil
+
+    named = os.environ.get(BROWSER_VARIABLE)
+    if named:
+        return named
+    found = [shutil.which(command) for command in BROWSER_COMMANDS] + \
+        [path for path in BROWSER_PATHS.get(sys.platform, []) if Path(path).is_file()]
+    for path in found:
+        if path:
+            return path
+    pytest.fail(f"No Chromium, Chrome or Edge found: install one, or name it in {BROWSER_VARIABLE}.")
+
+
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 
 
 @pytest.fixture(scope="module")
 def chromium():
-    """The system Chromium, headless, driven by playwright (one per test module)."""
+    """The system's Chromium (or Chrome, or Edge: find_chromium), headless, driven by playwright
+    (one per test module)."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = playwright.chromium.launch(executable_path=find_chromium(), args=CHROMIUM_ARGS)
         yield browser
         browser.close()

@@ -17,15 +17,15 @@ import pytest
 import webtest
 
 import jatos_lite
-from conftest import AUTH, LiveServer, RemoteLab, make_jzip
+from conftest import AUTH, LiveServer, RemoteLab, free_port, make_jzip
 
 ROOT = Path(__file__).resolve().parent.parent
 README_OPTIONS = re.findall(r"^\| `(--[a-z-]+)` \| `(JATOS_LITE_[A-Z_]+)` \| `?([^|`]+?)`? \|",
                             (ROOT / "README.md").read_text(encoding="utf-8"), re.MULTILINE)
 EXAMPLES = {"host": "127.0.0.5", "port": "9123", "studies": "my_studies", "data": "my_data",
-            "api_token": "token-from-somewhere", "threads": "40", "legacy_links": "True"}
-OTHER_VALUES = {"port": "999", "threads": "999", "legacy_links": "off"}  # what the variable says when a flag wins
-SWITCHES = {"legacy_links"}  # flags without a value (--name / --no-name)
+            "api_token": "token-from-somewhere", "threads": "40", "legacy_links": "True", "browser": "True"}
+OTHER_VALUES = {"port": "999", "threads": "999", "legacy_links": "off", "browser": "off"}  # when a flag wins
+SWITCHES = {"legacy_links", "browser"}  # flags without a value (--name / --no-name)
 
 
 def field_of(env_name: str) -> str:
@@ -45,7 +45,8 @@ def test_each_option_comes_from_its_variable_and_the_flag_wins(flag: str, env_na
     name = field_of(env_name)
     config = jatos_lite.config_from_env({env_name: EXAMPLES[name]})
     assert str(getattr(config, name)) == EXAMPLES[name]
-    documented = {"none": None, "./studies": "studies", "./data": "data", "off": "False"}.get(default, default)
+    documented = {"none": None, "./studies": "studies", "./data": "data", "off": "False", "on": "True"}.get(default,
+                                                                                                          default)
     assert (None if getattr(jatos_lite.Config(), name) is None else str(getattr(jatos_lite.Config(), name))) == \
         documented, "the README's default"
     args = jatos_lite.build_parser().parse_args(["serve", flag] + ([] if name in SWITCHES else [EXAMPLES[name]]))
@@ -203,16 +204,15 @@ def test_tokens_are_created_listed_and_revoked(tmp_path: Path, capsys) -> None:
 
 def test_the_banner_names_the_sign_in_link_every_lan_address_and_the_folders(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    import waitress
-
-    served = {}
-    monkeypatch.setattr(waitress, "serve", lambda app, **options: served.update(options))
+    served: dict = {}
+    monkeypatch.setattr(jatos_lite, "serve_until_stopped", lambda server: served.update(vars(server.adj)))
     monkeypatch.setattr(jatos_lite, "lan_addresses", lambda: ["192.168.4.20", "10.0.0.7"])
-    assert jatos_lite.main(["serve", *folders(tmp_path), "--port", "9123"]) == 0
+    port = free_port()
+    assert jatos_lite.main(["serve", *folders(tmp_path), "--port", str(port)]) == 0
     out = capsys.readouterr().out
-    assert "http://localhost:9123/jatos/login?token=jap_" in out
+    assert f"http://localhost:{port}/jatos/login?token=jap_" in out
     for address in ("192.168.4.20", "10.0.0.7"):
-        assert f"http://{address}:9123/publix/run" in out
+        assert f"http://{address}:{port}/publix/run" in out
     assert str((tmp_path / "data").resolve()) in out and str((tmp_path / "studies").resolve()) in out
     assert "Example study link:" in out
-    assert served["port"] == 9123 and served["threads"] == 320 and served["asyncore_use_poll"] is True
+    assert served["port"] == port and served["threads"] == 320 and served["asyncore_use_poll"] is True

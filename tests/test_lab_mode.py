@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import jatos_lite
+from conftest import free_port
 
 MOUNTS = """/dev/sda1 / ext4 rw,relatime 0 0
 server:/export /mnt/lab nfs4 rw 0 0
@@ -38,11 +39,9 @@ def test_a_local_folder_gets_no_warning(tmp_path: Path) -> None:
 
 def test_the_banner_prints_the_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     """`jatos-lite serve` prints the warning with the addresses, before serving."""
-    import waitress
-
-    monkeypatch.setattr(waitress, "serve", lambda *args, **kwargs: None)
+    monkeypatch.setattr(jatos_lite, "serve_until_stopped", lambda server: None)
     data = tmp_path / "Dropbox" / "data"
-    jatos_lite.main(["serve", "--data", str(data), "--studies", str(tmp_path / "studies"), "--port", "9123"])
+    jatos_lite.main(["serve", "--data", str(data), "--studies", str(tmp_path / "studies"), "--port", str(free_port())])
     out = capsys.readouterr().out
     assert "WARNING: The data folder is inside 'Dropbox'" in out
     assert "/jatos/login?token=" in out

@@ -82,3 +82,9 @@ def test_the_api_routes_are_exactly_the_documented_ones() -> None:
     routed = {(route.method.lower(), re.sub(r"<(\w+)(?::\w+)?>", r"{\1}", route.path))
               for route in jatos_lite.ROUTES if route.doc is not None}
     assert documented == routed
+
+
+def test_no_top_level_name_is_defined_twice() -> None:
+    """A second definition silently replaces the first for every caller above it too."""
+    names = [node.name for node in TREE.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))]
+    assert sorted(name for name in set(names) if names.count(name) > 1) == []

@@ -333,16 +333,25 @@ def test_an_admin_session_ends_with_the_token_it_was_signed_in_with(lab: Lab, en
     browser.get(f"{API}/studies/properties", status=401)
 
 
-def test_a_restart_signs_out_browsers_signed_in_with_the_old_link(lab: Lab) -> None:
+def test_a_new_start_keeps_the_links_earlier_starts_printed_until_they_expire(lab: Lab) -> None:
+    """Another server on the same data folder (or a start that failed) must not sign out the
+    researcher of a running one; a printed link works for ADMIN_SESSION_SECONDS."""
     import jatos_lite
 
     store = lab.client.app.config["jatos_lite.store"]
     with store.tx() as db:
-        first = jatos_lite.renew_sign_in_token(db)
+        first = jatos_lite.new_sign_in_token(db)
     browser = signed_in_browser(lab, first)
     with store.tx() as db:
-        jatos_lite.renew_sign_in_token(db)
+        jatos_lite.new_sign_in_token(db)
+    browser.get(f"{API}/studies/properties", status=200)
+    with store.tx() as db:
+        db.run("UPDATE api_tokens SET creation_date = creation_date - ? WHERE name = ?",
+               (jatos_lite.ADMIN_SESSION_SECONDS + 1) * 1000, jatos_lite.SIGN_IN_TOKEN_NAME)
     browser.get(f"{API}/studies/properties", status=401)
+    with store.tx() as db:
+        jatos_lite.new_sign_in_token(db)
+        assert db.value("SELECT COUNT(*) FROM api_tokens WHERE name = ?", jatos_lite.SIGN_IN_TOKEN_NAME) == 1
 
 
 def test_signing_out_ends_the_session_and_needs_the_csrf_header(lab: Lab) -> None:
