@@ -6221,6 +6221,8 @@ def serve(config: Config) -> None:
     """`jatos-lite serve`: listen first (a port in use is one line, and nothing is changed), then
     say where the data is and how to sign in, serve until stopped, and close the database."""
     client_file("jatos.js")  # refuses to start without it
+    if config.admin_port is None:
+        config = dataclasses.replace(config, admin_port=config.port + 1)
     created = not config.db_path.exists()
     store = Store(config.db_path)
     try:
@@ -6232,7 +6234,7 @@ def serve(config: Config) -> None:
             install_example_study(store, config)
             with store.tx() as db:
                 token = new_sign_in_token(db)
-            sign_in = f"http://localhost:{config.port}/jatos/login?token={token}"
+            sign_in = f"http://localhost:{config.admin_port or config.port}/jatos/login?token={token}"
             print_banner(store, config, sign_in, summary)
             open_in_browser(sign_in, config)
             serve_until_stopped(server)
@@ -6293,15 +6295,16 @@ NOT_PERMITTED = {errno.EACCES, getattr(errno, "WSAEACCES", errno.EACCES)}
 def bind_server(app: bottle.Bottle, config: Config) -> Any:
     """waitress's server, bound to the port; a port that cannot be had is a JatosError."""
     raise_open_file_limit()
+    listen = f"{config.host}:{config.port}" + (f" {config.admin_host}:{config.admin_port}" if config.admin_port else "")
     try:
-        return guarded_server(app, config, host=config.host, port=config.port, threads=config.threads,
-                              **WAITRESS_OPTIONS, connection_limit=connection_limit(config.threads),
-                              max_request_body_size=config.max_archive)
+        return guarded_server(app, config, listen=listen, threads=config.threads, **WAITRESS_OPTIONS,
+                              connection_limit=connection_limit(config.threads), max_request_body_size=config.max_archive)
     except OSError as exc:
         if exc.errno in ADDRESS_IN_USE:
-            raise JatosError(409, f"Port {config.port} is in use, probably by a jatos-lite that is already running "
-                                  f"(open http://localhost:{config.port}/jatos/). Stop that one, or start this one "
-                                  f"with --port {config.port + 1}.") from None
+            admin = f" (or its admin port {config.admin_port})" if config.admin_port else ""
+            raise JatosError(409, f"Port {config.port} is in use{admin}, probably by a jatos-lite that is already running "
+                                  f"(open http://localhost:{config.admin_port or config.port}/jatos/). Stop that "
+                                  f"one, or start this one with --port {config.port + 2}.") from None
         if exc.errno in NOT_PERMITTED:
             raise JatosError(403, f"This user may not listen on port {config.port}: use a port above 1024 "
                                   "(--port 9000).") from None
@@ -6622,6 +6625,9 @@ def _serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-token", dest="api_token", help="one fixed API token, e.g. for scripts and tests")
     parser.add_argument("--threads", type=int,
                         help=f"worker threads (default {defaults.threads}; a held channel poll takes one)")
+    parser.add_argument("--admin-port", dest="admin_port", type=int,
+                        help="port of the admin page and sign-in, on this computer only (default: --port + 1; "
+                             "0: the participants' port, which lets study pages act as the researcher)")
     parser.add_argument("--legacy-links", dest="legacy_links", action=argparse.BooleanOptionalAction,
                         help="accept old JATOS links /publix/<studyId>/start?... that name a personal worker or "
                              "General Single (default off)")
@@ -6688,8 +6694,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     tolerant_console()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    options = {name: getattr(args, name, None) for name in ("host", "port", "api_token", "threads", "legacy_links",
-                                                             "browser", "studies", "data")}
+    options = {name: getattr(args, name, None) for name in ("host", "port", "api_token", "threads", "admin_port",
+                                                             "legacy_links", "browser", "studies", "data")}
     try:
         config = config_from_env(**options)
     except ValueError as exc:

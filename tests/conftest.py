@@ -141,7 +141,8 @@ class Started:
         self.port, self.url = port, f"http://127.0.0.1:{port}"
         command = command or [sys.executable, str(ROOT / "jatos_lite.py")]
         self.process = subprocess.Popen(
-            [*command, "serve", "--port", str(port), "--api-token", API_TOKEN, *folders(root), *extra], cwd=root,
+            [*command, "serve", "--port", str(port), "--admin-port", str(free_port()), "--api-token", API_TOKEN,
+             *folders(root), *extra], cwd=root,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1", "JATOS_LITE_BROWSER": "off"})
         self.banner = ""

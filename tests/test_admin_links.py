@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 import jatos_lite
-from conftest import API_TOKEN, CHROMIUM, CHROMIUM_ARGS, LiveServer, RemoteLab, make_jzip
+from conftest import API_TOKEN, CHROMIUM_ARGS, LiveServer, RemoteLab, find_chromium, make_jzip
 from test_admin_page import snap
 
 pytest.importorskip("playwright.sync_api")
@@ -30,7 +30,7 @@ def lan_chromium():
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM,
+        browser = playwright.chromium.launch(executable_path=find_chromium(),
                                              args=[*CHROMIUM_ARGS, "--host-resolver-rules=MAP lab.test 127.0.0.1"])
         yield browser
         browser.close()

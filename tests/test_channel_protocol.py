@@ -493,7 +493,8 @@ def test_two_server_processes_deliver_each_others_events(lab: Lab, live_server: 
     port = free_port()
     config = live_server.config
     second = subprocess.Popen([sys.executable, str(Path(jatos_lite.__file__)), "serve", "--host", "127.0.0.1",
-                               "--port", str(port), "--studies", str(config.studies), "--data", str(config.data),
+                               "--port", str(port), "--admin-port", str(free_port()),
+                               "--studies", str(config.studies), "--data", str(config.data),
                                "--api-token", API_TOKEN], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for _ in range(100):

@@ -22,9 +22,9 @@ from conftest import AUTH, LiveServer, RemoteLab, free_port, make_jzip
 ROOT = Path(__file__).resolve().parent.parent
 README_OPTIONS = re.findall(r"^\| `(--[a-z-]+)` \| `(JATOS_LITE_[A-Z_]+)` \| `?([^|`]+?)`? \|",
                             (ROOT / "README.md").read_text(encoding="utf-8"), re.MULTILINE)
-EXAMPLES = {"host": "127.0.0.5", "port": "9123", "studies": "my_studies", "data": "my_data",
+EXAMPLES = {"host": "127.0.0.5", "port": "9123", "admin_port": "9124", "studies": "my_studies", "data": "my_data",
             "api_token": "token-from-somewhere", "threads": "40", "legacy_links": "True", "browser": "True"}
-OTHER_VALUES = {"port": "999", "threads": "999", "legacy_links": "off", "browser": "off"}  # when a flag wins
+OTHER_VALUES = {"port": "999", "threads": "999", "admin_port": "999", "legacy_links": "off", "browser": "off"}  # when a flag wins
 SWITCHES = {"legacy_links", "browser"}  # flags without a value (--name / --no-name)
 
 
@@ -210,9 +210,11 @@ def test_the_banner_names_the_sign_in_link_every_lan_address_and_the_folders(
     port = free_port()
     assert jatos_lite.main(["serve", *folders(tmp_path), "--port", str(port)]) == 0
     out = capsys.readouterr().out
-    assert f"http://localhost:{port}/jatos/login?token=jap_" in out
+    assert f"http://localhost:{port + 1}/jatos/login?token=jap_" in out  # the admin port, this computer only
     for address in ("192.168.4.20", "10.0.0.7"):
         assert f"http://{address}:{port}/publix/run" in out
     assert str((tmp_path / "data").resolve()) in out and str((tmp_path / "studies").resolve()) in out
     assert "Example study link:" in out
-    assert served["port"] == port and served["threads"] == 320 and served["asyncore_use_poll"] is True
+    listening = {(sockaddr[0], sockaddr[1]) for *_, sockaddr in served["listen"]}
+    assert listening == {("0.0.0.0", port), ("127.0.0.1", port + 1)}  # participants everywhere, admin here only
+    assert served["threads"] == 320 and served["asyncore_use_poll"] is True

@@ -39,6 +39,7 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
             [sys.executable, str(MODULE), "serve", "--host", "127.0.0.1", "--port", str(self.port),
+             "--admin-port", str(free_port()),
              "--studies", str(root / "studies"), "--data", str(root / "data"), "--api-token", API_TOKEN],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 20
