@@ -100,7 +100,9 @@ class Config:
     studies: Path = Path("studies")
     data: Path = Path("data")
     api_token: str | None = None
-    threads: int = 320  # every page of a channel study holds one long-poll, and a held poll takes a thread
+    # Every page of a channel study holds one long-poll, and a held poll takes a thread: 1000 keep a
+    # classroom of 500 pages as quick as an in-memory relay (bench/channels_scale.py, README).
+    threads: int = 1000
     max_result_data: int = 5_000_000
     max_upload: int = 30_000_000
     max_uploads_per_run: int = 50_000_000

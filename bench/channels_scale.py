@@ -1,7 +1,7 @@
 """Channels at classroom scale: pages in groups of 4, from 50 to 1,000 pages, against a relay.
 
     python bench/channels_scale.py [--pages 50,100,250,500,1000] [--every 5,1] [--seconds 20]
-                                   [--processes 4] [--threads 320]
+                                   [--processes 4] [--threads 1000]
 
 Each page opens its group channel (batch maxActiveMembers = maxTotalMembers = 4) and, as
 jatos.js does, keeps one long-poll (GET .../channels/poll) on one keep-alive connection and
@@ -257,7 +257,7 @@ def main() -> None:
     parser.add_argument("--every", default="5,1", help="seconds between one page's messages, one series each")
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--processes", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=320)
+    parser.add_argument("--threads", type=int, default=1000)  # serve's default
     args = parser.parse_args()
     print(f"groups of {GROUP_SIZE}, {args.seconds:g} s, {args.threads} server threads, "
           f"{args.processes} load processes; latency in ms; lost = not delivered {DRAIN_SECONDS:g} s after the "

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from common import AUTH, BASELINE, percentile, start, start_jatos_lite, study_runs
 
-THREADS = 320  # what `serve` uses
+THREADS = 1000  # what `serve` uses
 
 
 BOUNDARY = "labbenchboundary"

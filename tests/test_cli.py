@@ -207,14 +207,14 @@ def test_the_banner_names_the_sign_in_link_every_lan_address_and_the_folders(
     served: dict = {}
     monkeypatch.setattr(jatos_lite, "serve_until_stopped", lambda server: served.update(vars(server.adj)))
     monkeypatch.setattr(jatos_lite, "lan_addresses", lambda: ["192.168.4.20", "10.0.0.7"])
-    port = free_port()
-    assert jatos_lite.main(["serve", *folders(tmp_path), "--port", str(port)]) == 0
+    port, admin_port = free_port(), free_port()
+    assert jatos_lite.main(["serve", *folders(tmp_path), "--port", str(port), "--admin-port", str(admin_port)]) == 0
     out = capsys.readouterr().out
-    assert f"http://localhost:{port + 1}/jatos/login?token=jap_" in out  # the admin port, this computer only
+    assert f"http://localhost:{admin_port}/jatos/login?token=jap_" in out  # the admin port, this computer only
     for address in ("192.168.4.20", "10.0.0.7"):
         assert f"http://{address}:{port}/publix/run" in out
     assert str((tmp_path / "data").resolve()) in out and str((tmp_path / "studies").resolve()) in out
     assert "Example study link:" in out
     listening = {(sockaddr[0], sockaddr[1]) for *_, sockaddr in served["listen"]}
-    assert listening == {("0.0.0.0", port), ("127.0.0.1", port + 1)}  # participants everywhere, admin here only
-    assert served["threads"] == 320 and served["asyncore_use_poll"] is True
+    assert listening == {("0.0.0.0", port), ("127.0.0.1", admin_port)}  # participants everywhere, admin here only
+    assert served["threads"] == jatos_lite.Config().threads and served["asyncore_use_poll"] is True

@@ -41,7 +41,8 @@ def test_the_banner_prints_the_warning(tmp_path: Path, monkeypatch: pytest.Monke
     """`jatos-lite serve` prints the warning with the addresses, before serving."""
     monkeypatch.setattr(jatos_lite, "serve_until_stopped", lambda server: None)
     data = tmp_path / "Dropbox" / "data"
-    jatos_lite.main(["serve", "--data", str(data), "--studies", str(tmp_path / "studies"), "--port", str(free_port())])
+    jatos_lite.main(["serve", "--data", str(data), "--studies", str(tmp_path / "studies"), "--port", str(free_port()),
+                     "--admin-port", str(free_port())])
     out = capsys.readouterr().out
     assert "WARNING: The data folder is inside 'Dropbox'" in out
     assert "/jatos/login?token=" in out
