@@ -2072,8 +2072,13 @@ class Browser:
             else:
                 self.id_cookies[int(name[len(ID_COOKIE_PREFIX):])] = fields
 
-    def has_study_assets(self, dir_name: str) -> bool:
-        return any(fields["studyAssets"] == dir_name for fields in self.id_cookies.values())
+    def has_study_assets(self, db: Db, dir_name: str) -> bool:
+        """Whether an ID cookie names a run of the study whose assets folder is `dir_name`, as the
+        database has it: a made-up cookie reads no study's files."""
+        return any(fields["studyAssets"] == dir_name and db.value(
+            "SELECT 1 FROM study_results sr JOIN studies s ON s.id = sr.study_id "
+            "WHERE sr.id = ? AND sr.uuid = ? AND s.dir_name = ?", sr_id, fields["studyResultUuid"], dir_name)
+            for sr_id, fields in self.id_cookies.items())
 
     def write_id_cookie(self, run: Run, component: sqlite3.Row | None = None, cr_id: int | None = None,
                         jatos_run: str | None = None) -> None:
@@ -5289,7 +5294,7 @@ def study_asset(call: Call, relative: str, check_cookie: bool = True) -> Any:
     if path is None:
         _not_found(relative)
     dir_name = path.relative_to(call.config.studies).parts[0]
-    if check_cookie and not call.browser.has_study_assets(dir_name):
+    if check_cookie and not call.browser.has_study_assets(call.db, dir_name):
         raise JatosError(403, f"You tried to access the file {relative} but it seems you have no access rights.")
     if not path.is_file():
         _not_found(relative)
@@ -5853,8 +5858,8 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/publix/<sr>/<comp>/files/<filename:path>", publix_upload, "publix"),
     Route("GET", "/publix/<sr>/<comp>/<file:path>", publix_component_asset, "publix", "read"),
     # study assets and jatos.js
-    Route("GET", "/study_assets_root/<relative:path>", study_asset, place="participant"),
-    Route("GET", "/study_assets/<relative:path>", study_asset, place="participant"),
+    Route("GET", "/study_assets_root/<relative:path>", study_asset, tx="read", place="participant"),
+    Route("GET", "/study_assets/<relative:path>", study_asset, tx="read", place="participant"),
     Route("GET", "/assets/javascripts/jatos.js", jatos_js, place="participant"),
     Route("GET", "/assets/lib/jatos-publix/javascripts/jatos.js", jatos_js, place="participant"),
     # the admin page, sign-in, test runs

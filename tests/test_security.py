@@ -376,3 +376,24 @@ def test_study_codes_by_get_need_a_bearer_token_not_the_session_cookie(lab: Lab)
     assert browser.post_json(f"{API}/studies/{study['id']}/studyCodes", {"type": "pm"}, headers=csrf_of(browser)
                              ).json["data"]
     assert lab.client.get(f"{API}/studies/{study['id']}/studyCodes?type=pm", headers=AUTH).json["data"]
+
+
+# --- study files: a made-up ID cookie reads no study's files ---------------------------------------
+
+
+def test_study_files_need_an_id_cookie_the_database_knows(lab: Lab) -> None:
+    secret = lab.study(dir_name="secret_study", files={"answers.txt": "the answers"})
+    mine = lab.study(dir_name="my_study")
+    _, own_cookie = victim_run(lab, lab.code(mine["id"], "gm"))
+    genuine = webtest.TestApp(lab.client.app)
+    _, sr, _ = open_link(genuine, lab.code(secret["id"], "gm"))
+    assert genuine.get("/study_assets/secret_study/answers.txt", status=200).text == "the answers"
+
+    fields = dict(pair.split("=", 1) for pair in own_cookie.split("&"))
+    for forged in ({**fields, "studyAssets": "secret_study"},  # my own run, another study's folder
+                   {**fields, "studyAssets": "secret_study", "studyResultId": "999",
+                    "studyResultUuid": str(uuid.uuid4())}):  # a run that does not exist
+        attacker = webtest.TestApp(lab.client.app)
+        attacker.set_cookie(f"JATOS_ID_{forged['studyResultId']}", "&".join(f"{k}={v}" for k, v in forged.items()))
+        attacker.get("/study_assets/secret_study/answers.txt", status=403)
+    assert secret["id"] != mine["id"] and sr
