@@ -218,7 +218,11 @@ def test_the_batch_channel_opens_while_the_init_data_loads(lab: Lab) -> None:
     onLoad still comes only once both are answered, with the batch session there."""
     study_id, batch_id = lab.study()
     lab.api("PATCH", f"/batches/{batch_id}/session", {"ready": True})
-    page = lab.participant(lab.code(study_id))
+    def slow_init_data(route) -> None:  # a busy Wi-Fi: a sequential open would start only after this
+        time.sleep(0.3)
+        route.continue_()
+
+    page = lab.participant(lab.code(study_id), route=("**/initData*", slow_init_data))
     html_end, loaded_at = page.js("[performance.getEntriesByType('navigation')[0].responseEnd, window.loadedAt]")
     entries = page.js("performance.getEntriesByType('resource')"
                       ".map(e => ({name: e.name.split('?')[0], start: e.startTime, end: e.responseEnd}))")
