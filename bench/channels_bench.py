@@ -24,18 +24,14 @@ import threading
 import time
 from pathlib import Path
 
-from common import percentile, start, start_jatos_lite, study_runs
+from common import RELAY_ANSWER, percentile, start, start_jatos_lite, study_runs
 
 THREADS = 64
 
-RELAY = textwrap.dedent('''
+RELAY = RELAY_ANSWER + textwrap.dedent('''
     import json, sys, threading, urllib.parse, waitress
     port, threads = int(sys.argv[2]), int(sys.argv[3])
     messages, changed = [], threading.Condition()
-    def answer(start_response, body):
-        data = json.dumps(body).encode()
-        start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
-        return [data]
     def app(environ, start_response):
         if environ["REQUEST_METHOD"] == "POST":
             frame = json.loads(environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0)))

@@ -31,7 +31,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import API_TOKEN, percentile, start, study_runs
+from common import API_TOKEN, RELAY_ANSWER, percentile, start, study_runs
 
 DRAIN_SECONDS = 8.0
 LATE_MS = 5000.0
@@ -53,15 +53,11 @@ JATOS_LITE = textwrap.dedent('''
 ''')
 
 # argv = folder, port, threads. Conns are named g<group>-<member>; a poll waits on its group.
-RELAY = textwrap.dedent('''
+RELAY = RELAY_ANSWER + textwrap.dedent('''
     import collections, json, logging, sys, threading, urllib.parse, waitress
     logging.disable(logging.WARNING)
     port, threads = int(sys.argv[2]), int(sys.argv[3])
     groups, changed = collections.defaultdict(list), threading.Condition()
-    def answer(start_response, body):
-        data = json.dumps(body).encode()
-        start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
-        return [data]
     def app(environ, start_response):
         if environ["REQUEST_METHOD"] == "POST":
             group = environ["PATH_INFO"].split("/channels/")[1].split("-")[0]

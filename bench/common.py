@@ -61,6 +61,16 @@ BASELINE = textwrap.dedent('''
 ''')
 
 
+# The JSON answer of the relay baselines (channels_bench, channels_scale): joined into their scripts.
+RELAY_ANSWER = textwrap.dedent('''
+    import json
+    def answer(start_response, body):
+        data = json.dumps(body).encode()
+        start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
+        return [data]
+''')
+
+
 def start(script: str, *args: str) -> tuple[subprocess.Popen, int]:
     """Run a server script (argv: args[0], a free port, the other args); return once it answers."""
     port = free_port()
