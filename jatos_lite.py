@@ -4982,26 +4982,44 @@ def _cookie_value(name: str) -> str | None:
 
 def authenticate(db: Db, config: Config) -> dict:
     """Bearer token, or the admin session cookie (state changes then need the CSRF header)."""
-    header = bottle.request.get_header("Authorization", "") or ""
-    if "Bearer" in header:
-        metadata = check_api_token(db, config, header.replace("Bearer", "", 1).strip())
+    request = bottle.request
+    return api_caller(db, config, Credentials(
+        request.get_header("Authorization", "") or "", _cookie_value(SESSION_COOKIE),
+        request.get_header("X-CSRF-Token", "") or "", request.method not in ("GET", "HEAD"),
+        on_admin_listener(config)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Credentials:
+    """What a request shows to be let into the API."""
+    authorization: str  # the Authorization header
+    session_secret: str | None  # the admin session cookie
+    csrf: str  # the X-CSRF-Token header
+    changes: bool  # the request changes something (not GET or HEAD)
+    admin_listener: bool  # it came to the admin port (or the only port)
+
+
+def api_caller(db: Db, config: Config, shown: Credentials) -> dict:
+    """The caller's token metadata, or a JatosError saying why it isn't let in."""
+    if "Bearer" in shown.authorization:
+        metadata = check_api_token(db, config, shown.authorization.replace("Bearer", "", 1).strip())
         if metadata is None:
             raise JatosError(401, "Invalid api token", "INVALID_API_TOKEN")
         return metadata
-    if not on_admin_listener(config):  # a study page's script has the session cookie too
+    if not shown.admin_listener:  # a study page's script has the session cookie too
         raise JatosError(401, f"Send 'Authorization: Bearer <token>'; the admin page's session counts only at "
                               f"port {config.admin_port}", "AUTH_ERROR")
-    session = admin_session_of(db, config, _cookie_value(SESSION_COOKIE))
+    session = admin_session_of(db, config, shown.session_secret)
     if session is None:
         raise JatosError(401, "Not signed in: send 'Authorization: Bearer <token>'", "AUTH_ERROR")
-    if bottle.request.method not in ("GET", "HEAD"):
-        check_csrf(session)
+    if shown.changes:
+        check_csrf(session, shown.csrf)
     return SESSION_CALLER
 
 
-def check_csrf(session: AdminSession) -> None:
+def check_csrf(session: AdminSession, header: str) -> None:
     """A change asked for with the session cookie carries the CSRF header (cross-site pages can't send it)."""
-    if not csrf_matches(session, bottle.request.get_header("X-CSRF-Token", "") or ""):
+    if not csrf_matches(session, header):
         raise JatosError(403, "Missing or wrong X-CSRF-Token header", "FORBIDDEN")
 
 
@@ -5321,7 +5339,7 @@ def admin_login(call: Call) -> Redirect:
 def admin_logout(call: Call) -> str:
     """jatos-lite: sign out (POST with the CSRF header); the session ends and its cookie is cleared."""
     session = signed_in(call.admin())
-    check_csrf(session)
+    check_csrf(session, bottle.request.get_header("X-CSRF-Token", "") or "")
     end_admin_session(call.db, session)
     bottle.response.add_header("Set-Cookie", cookie_header(SESSION_COOKIE, "", 0, http_only=True, same_site="Lax"))
     return envelope(message="Signed out")
@@ -6005,6 +6023,21 @@ def takes_archive(method: str, path: str) -> bool:
     return method == "POST" and _ARCHIVE_ROUTES.fullmatch(path) is not None
 
 
+def may_send_archive(app: bottle.Bottle, headers: dict[str, str], port: int) -> bool:
+    """Whether a request's headers (as waitress names them) would let it into the API at this
+    port: only then may its body be as large as an archive, before anything of it is read."""
+    config, store = app.config["jatos_lite.config"], app.config["jatos_lite.store"]
+    shown = Credentials(headers.get("AUTHORIZATION", ""),
+                        parse_cookie_header(headers.get("COOKIE", "")).get(SESSION_COOKIE),
+                        headers.get("X_CSRF_TOKEN", ""), True, not config.admin_port or port == config.admin_port)
+    try:
+        with store.snapshot() as db:
+            api_caller(db, config, shown)
+    except JatosError:
+        return False
+    return True
+
+
 def openapi_document() -> dict:
     """The OpenAPI 3.0 description of the API routes in ROUTES, with the envelopes and auth as
     components."""
@@ -6409,13 +6442,13 @@ class BodyLimitParser(waitress.parser.HTTPRequestParser):
     are in: waitress has one limit for the whole server and buffers a body up to it (on disk
     beyond a few MB) before the application sees the request."""
 
-    def __init__(self, adj: Any, small_adj: Any):
+    def __init__(self, adj: Any, small_adj: Any, may_send_archive: Callable[[dict[str, str]], bool]):
         super().__init__(adj)
-        self.small_adj = small_adj
+        self.small_adj, self.may_send_archive = small_adj, may_send_archive
 
     def parse_header(self, header_plus: bytes) -> None:
         super().parse_header(header_plus)
-        if not takes_archive(self.command, self.path):
+        if not (takes_archive(self.command, self.path) and self.may_send_archive(self.headers)):
             self.adj = self.small_adj
         if self.content_length >= self.adj.max_request_body_size:
             log.warning("refused a body of %d bytes to %s %s (limit %d)", self.content_length, self.command,
@@ -6433,7 +6466,8 @@ class GuardedChannel(waitress.channel.HTTPChannel):
     def __init__(self, server: Any, sock: socket.socket, addr: Any, adj: Any, map: Any = None):
         super().__init__(server, sock, addr, adj, map)
         self.address = str(addr[0] if isinstance(addr, tuple) else addr)
-        self.parser_class = functools.partial(BodyLimitParser, small_adj=server.small_adj)
+        self.parser_class = functools.partial(BodyLimitParser, small_adj=server.small_adj,
+                                              may_send_archive=server.may_send_archive)
         self.counted = server.shares.admit(self.address)
         if not self.counted:
             log.warning("refused a connection from %s: it holds %d already", self.address, server.shares.cap)
@@ -6457,13 +6491,15 @@ class GuardedChannel(waitress.channel.HTTPChannel):
 def guarded_server(app: Any, config: Config, **options: Any) -> Any:
     """waitress's server with GuardedChannel connections: a share per address, and requests
     whose headers take longer than the config's header timeout closed at the next clean-up, and
-    request bodies held to their route's limit (BodyLimitParser)."""
+    request bodies held to their route's limit (BodyLimitParser): an archive's larger limit only
+    for a caller the API lets in."""
     server = waitress.server.create_server(app, **options)
     shares = _AddressShares(config.connections_per_address)
     for listener in _listeners(server):
         listener.channel_class, listener.shares = GuardedChannel, shares
         listener.small_adj = copy.copy(listener.adj)
         listener.small_adj.max_request_body_size = min(config.body_limit, listener.adj.max_request_body_size)
+        listener.may_send_archive = functools.partial(may_send_archive, app, port=listener.effective_port)
         listener.maintenance = functools.partial(_close_slow_headers, listener, listener.maintenance,
                                                  config.header_timeout_seconds)
     return server

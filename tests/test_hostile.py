@@ -396,7 +396,8 @@ def raw_request(port: int, head: bytes, body: bytes, timeout: float = 5.0) -> by
 def test_a_huge_body_is_refused_before_waitress_buffers_it_but_an_archive_import_may_be_large(tmp_path) -> None:
     """The server as `serve` builds it (waitress's one limit at the archive size): a body announced at
     300 MB to a publix URL is answered 413 after its first megabyte; a study archive import may
-    still be larger than every other body."""
+    still be larger than every other body, but only for a caller with a valid token: without one
+    (or with a made-up token or session cookie) it is refused before the body is read."""
     config = jatos_lite.Config(studies=tmp_path / "studies", data=tmp_path / "data", threads=4)
     app = jatos_lite.create_app(config)
     port = free_port()
@@ -408,10 +409,16 @@ def test_a_huge_body_is_refused_before_waitress_buffers_it_but_an_archive_import
         answer = raw_request(port, f"POST /publix/{NEVER_HANDED_OUT}/heartbeat HTTP/1.1\r\nHost: lab\r\n"
                                    "Content-Length: 300000000\r\n\r\n".encode(), b"x" * 1_000_000, timeout=3)
         assert answer.startswith(b"HTTP/1.1 413") and time.monotonic() - started < 3
-        archive = raw_request(port, b"POST /jatos/api/v1/studies HTTP/1.1\r\nHost: lab\r\nConnection: close\r\n"
-                                    b"Content-Type: application/zip\r\nContent-Length: 40000000\r\n\r\n",
-                              b"x" * 40_000_000)
-        assert archive.startswith(b"HTTP/1.1 401"), archive[:200]  # read to the end, then refused: no token
+        import_request = ("POST /jatos/api/v1/studies HTTP/1.1\r\nHost: lab\r\nConnection: close\r\n{}"
+                          "Content-Type: application/zip\r\nContent-Length: 40000000\r\n\r\n")
+        for credentials in ("", "Authorization: Bearer jap_made_up\r\n", "Cookie: JATOS_LITE_SESSION=guess\r\n"):
+            started = time.monotonic()
+            refused = raw_request(port, import_request.format(credentials).encode(), b"x" * 1_000_000, timeout=3)
+            assert refused.startswith(b"HTTP/1.1 413") and time.monotonic() - started < 3, (credentials, refused[:200])
+        with app.config["jatos_lite.store"].tx() as db:
+            token = f"Authorization: Bearer {jatos_lite.mint_api_token(db, 'importer')[1]}\r\n"
+        archive = raw_request(port, import_request.format(token).encode(), b"x" * 40_000_000)
+        assert archive.startswith(b"HTTP/1.1 400"), archive[:200]  # read to the end, then found not to be a .jzip
     finally:
         server.close()
         app.config["jatos_lite.hub"].stop()
