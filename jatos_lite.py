@@ -3322,6 +3322,7 @@ class ChannelHub:
         self._held: dict[int, tuple[str, tuple[str | None, str], int]] = {}  # ticket -> (browser, (run, page), order)
         self._released: set[int] = set()
         self._waiting: dict[int, tuple[dict[str, str], threading.Event]] = {}  # ticket -> (conn -> scope, wake-up)
+        self._waiting_on: dict[str, set[int]] = collections.defaultdict(set)  # scope -> tickets in _waiting
         self._announced: set[int] = set()  # events of our own commits the watcher need not wake for
         self._recent: collections.deque[ChannelEvent] = collections.deque()
         self._recent_bytes = 0
@@ -3433,7 +3434,8 @@ class ChannelHub:
         not wake its sender's poll)."""
         self.generation += 1
         self._scope_generation.update(dict.fromkeys(scopes, self.generation))
-        for conns, wake_up in self._waiting.values():
+        tickets = set().union(*(self._waiting_on.get(scope, ()) for scope in scopes))
+        for conns, wake_up in (self._waiting[ticket] for ticket in tickets):
             if events is None:
                 wakes = not scopes.isdisjoint(conns.values())
             else:
@@ -3573,9 +3575,16 @@ class ChannelHub:
             if ticket in self._released or news():
                 return news()
             self._waiting[ticket] = (conns, wake_up)
+            for scope in conns.values():
+                self._waiting_on[scope].add(ticket)
         wake_up.wait(timeout)
         with self._lock:
-            self._waiting.pop(ticket, None)
+            del self._waiting[ticket]
+            for scope in conns.values():
+                waiting = self._waiting_on[scope]
+                waiting.discard(ticket)
+                if not waiting:
+                    del self._waiting_on[scope]
             return news()
 
     def released(self, ticket: int) -> bool:
