@@ -45,6 +45,7 @@ import hashlib
 import hmac
 import html
 import io
+import ipaddress
 import itertools
 import json
 import logging
@@ -64,6 +65,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+import urllib.request
 import uuid
 import zipfile
 import zlib
@@ -317,15 +319,62 @@ def _addresses_of_this_host() -> list[str]:
     return [] if worker.is_alive() else found
 
 
-def lan_addresses() -> list[str]:
-    """IPv4 addresses other devices on the local network can reach this machine at."""
-    found = set(_addresses_of_this_host())
+def _routed_address() -> str | None:
+    """The address this computer's traffic to other networks leaves from (its default route)."""
     with contextlib.suppress(OSError):
         # connect() on UDP sends nothing; it only asks the routing table which address is ours.
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
             probe.connect(("192.0.2.1", 9))
-            found.add(probe.getsockname()[0])
-    return sorted(a for a in found if not a.startswith("127.") and a != "0.0.0.0")
+            return str(probe.getsockname()[0])
+    return None
+
+
+_SIOCGIFADDR = {"linux": 0x8915, "darwin": 0xC0206921}  # the ioctl asking an interface's IPv4 address
+
+
+def _interface_addresses() -> dict[str, str]:
+    """{IPv4 address: interface name} of this computer's interfaces, where the system tells
+    (Linux, macOS); elsewhere empty."""
+    request, found = _SIOCGIFADDR.get(sys.platform), dict[str, str]()
+    if request is None:
+        return found
+    import fcntl
+
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        for _, name in socket.if_nameindex():
+            with contextlib.suppress(OSError):
+                answer = fcntl.ioctl(probe.fileno(), request, struct.pack("40s", name.encode()[:15]))
+                found[socket.inet_ntoa(answer[20:24])] = name  # struct ifreq: name, then a sockaddr_in
+    return found
+
+
+# Adapters of containers, virtual machines and VPNs, which the devices on the lab's network cannot
+# reach: by interface name, and by the networks they take by default (or link-local: no network).
+VIRTUAL_INTERFACES = re.compile(r"docker|veth|br-|virbr|vboxnet|vmnet|utun|tun|tap|wg|tailscale|zt|lxcbr|lxdbr|"
+                                r"podman|cni|flannel|cali")
+VIRTUAL_NETWORKS = tuple(ipaddress.ip_network(network) for network in (
+    "169.254.0.0/16",  # link-local: an adapter that found no network
+    "172.17.0.0/16",  # Docker's default bridge
+    "192.168.56.0/24",  # VirtualBox's default host-only network
+    "100.64.0.0/10",  # shared address space: Tailscale and other overlay VPNs
+))
+
+
+def is_virtual_adapter(address: str, interface: str | None) -> bool:
+    if interface is not None and VIRTUAL_INTERFACES.match(interface):
+        return True
+    return any(ipaddress.ip_address(address) in network for network in VIRTUAL_NETWORKS)
+
+
+def lan_addresses() -> list[str]:
+    """IPv4 addresses other devices on the local network can reach this machine at: the one of
+    the default route first, then the others in order; those of virtual adapters (containers,
+    virtual machines, VPNs) only when there is no other."""
+    interfaces, routed = _interface_addresses(), _routed_address()
+    found = {a for a in {*_addresses_of_this_host(), *interfaces, routed}
+             if a is not None and not a.startswith("127.") and a != "0.0.0.0"}
+    reachable = [a for a in found if not is_virtual_adapter(a, interfaces.get(a))]
+    return sorted(reachable or found, key=lambda a: (a != routed, ipaddress.ip_address(a)))
 
 
 def base_urls(config: Config, port: int | None = None) -> list[str]:
@@ -3687,12 +3736,20 @@ def _read_jas(raw: bytes) -> tuple[dict, bool]:
 
 
 def _check_name_clashes(entries: list[tuple[zipfile.ZipInfo, list[str]]]) -> None:
-    """A name that is a file in one entry and a folder in another (a/b and a/b/c) cannot be unpacked."""
+    """A name that is a file in one entry and a folder in another (a/b and a/b/c) cannot be unpacked,
+    and names that differ only in case (Stim.png, stim.png) are one file on Windows and macOS."""
     files = {tuple(parts) for info, parts in entries if not info.is_dir()}
     folders = {tuple(parts[:end]) for info, parts in entries for end in range(1, len(parts) + info.is_dir())}
     clashes = files & folders
     if clashes:
         raise _archive_error(f"The archive has a file and a folder both named {'/'.join(min(clashes))}")
+    seen: dict[tuple[str, ...], tuple[str, ...]] = {}
+    for name in sorted(files | folders):
+        twin = seen.setdefault(tuple(part.lower() for part in name), name)
+        if twin != name:
+            raise _archive_error(f"The archive has both '{'/'.join(twin)}' and '{'/'.join(name)}', which differ only "
+                                 "in case: Windows and macOS keep one file for both. Rename one (and the references "
+                                 "to it) and export the study again.")
 
 
 def unpack_study_archive(source: Any, target: Path, max_bytes: int) -> StudyArchive:
@@ -4212,10 +4269,22 @@ METADATA_CSV_COLUMNS = ["Quota reached", "Result ID", "UUID", "Study code", "Sta
                         "MTurk confirmation code", "Group ID", "Files", "State", "Message"]
 
 
-def csv_chunks(header: list[str], row_groups: Iterable[list[list[Any]]]) -> Iterator[bytes]:
+class CsvStyle(NamedTuple):
+    """How a CSV export is written: for Excel, UTF-8 with a byte order mark (without it, Excel on
+    Windows reads UTF-8 as the local code page and garbles umlauts), and `;` as the separator
+    where Excel expects it (European locales, whose decimal separator is the comma)."""
+
+    bom: bool = False
+    delimiter: str = ","
+
+
+def csv_chunks(header: list[str], row_groups: Iterable[list[list[Any]]], style: CsvStyle = CsvStyle()
+               ) -> Iterator[bytes]:
     """CSV in UTF-8, one chunk per group of rows, so a stream holds one group at a time."""
     buffer = io.StringIO()
-    writer = csv.writer(buffer)
+    if style.bom:
+        buffer.write("\ufeff")
+    writer = csv.writer(buffer, delimiter=style.delimiter)
     writer.writerow(header)
     for rows in row_groups:
         writer.writerows(rows)
@@ -4241,13 +4310,14 @@ def _metadata_csv_row(config: Config, rows: list[sqlite3.Row]) -> list[Any]:
             " ".join(files) or "none", head["sr_state"], head["sr_message"] or "none"]
 
 
-def results_metadata_csv(store: Store, config: Config, cr_ids: list[int]) -> Iterator[bytes]:
+def results_metadata_csv(store: Store, config: Config, cr_ids: list[int], style: CsvStyle = CsvStyle()
+                         ) -> Iterator[bytes]:
     """jatos-lite: the results metadata as CSV, one row per study result, streamed."""
     conn = store.connect()
     try:
         yield from csv_chunks(METADATA_CSV_COLUMNS, (
             [_metadata_csv_row(config, sr_rows)]
-            for sr_rows in _grouped(conn.execute(_EXPORT_SQL.format(data=""), (to_json(cr_ids),)), "sr_id")))
+            for sr_rows in _grouped(conn.execute(_EXPORT_SQL.format(data=""), (to_json(cr_ids),)), "sr_id")), style)
     finally:
         conn.close()
 
@@ -4337,7 +4407,7 @@ def _csv_value(value: Any) -> Any:
     return value
 
 
-def results_csv(store: Store, cr_ids: list[int]) -> Iterator[bytes]:
+def results_csv(store: Store, cr_ids: list[int], style: CsvStyle = CsvStyle()) -> Iterator[bytes]:
     """jatos-lite: tabular result data of the selection merged into one CSV, the JATOS IDs in
     the leading columns and the union of the data's columns after them (first seen first).
     Two passes over the rows, so memory holds the column names, not the data."""
@@ -4353,7 +4423,7 @@ def results_csv(store: Store, cr_ids: list[int]) -> Iterator[bytes]:
         data_columns = [c for c in columns if c not in CSV_ID_COLUMNS]
         yield from csv_chunks(CSV_ID_COLUMNS + data_columns, (
             [list(row[:5]) + [_csv_value(record.get(c)) for c in data_columns] for record in data_rows(row[5])]
-            for row in conn.execute(sql, (to_json(cr_ids),))))
+            for row in conn.execute(sql, (to_json(cr_ids),))), style)
     finally:
         conn.close()
 
@@ -4799,6 +4869,10 @@ OPENAPI_PARAMETERS = {
     "asPlainText": _flag_parameter("asPlainText", False, "The data as plain text instead of a ZIP"),
     "isApiCall": _flag_parameter("isApiCall", True, "Wrap the metadata in the API envelope"),
     "format": _query_parameter("format", {"type": "string", "enum": ["csv"]}, "jatos-lite: as CSV"),
+    "excel": _flag_parameter("excel", False, "jatos-lite, with format=csv: UTF-8 with a byte order mark, so that "
+                                             "Excel shows accented letters right"),
+    "semicolon": _flag_parameter("semicolon", False, "jatos-lite, with format=csv: ';' between values, as Excel "
+                                                     "expects it in European languages"),
     "details": _flag_parameter("details", False, "jatos-lite: with components' titles and messages and the "
                                                  "MTurk worker ID (the admin page's table)"),
     "text": _query_parameter("text", {"type": "string"}, "The text to look for"),
@@ -5760,6 +5834,11 @@ def _download(kind: str, extension: str) -> None:
                                f'attachment; filename="jatos_results_{kind}{timestamp_for_filename()}.{extension}"')
 
 
+def _csv_style(query: dict[str, str]) -> CsvStyle:
+    """excel=true: with a byte order mark, so that Excel reads UTF-8; semicolon=true: `;` between values."""
+    return CsvStyle(_flag(query, "excel", False), ";" if _flag(query, "semicolon", False) else ",")
+
+
 def api_results(call: Call) -> Any:
     cr_ids = _selected_results(call, RESULTS_EXPORTED)
     bottle.response.content_type = "application/zip"
@@ -5768,11 +5847,12 @@ def api_results(call: Call) -> Any:
 
 
 def api_results_metadata(call: Call) -> Any:
+    style = _csv_style(call.query)
     cr_ids = _selected_results(call)
     if call.query.get("format") == "csv":
         bottle.response.content_type = "text/csv; charset=utf-8"
         _download("metadata_", "csv")
-        return results_metadata_csv(call.store, call.config, cr_ids)
+        return results_metadata_csv(call.store, call.config, cr_ids, style)
     bottle.response.content_type = "application/json"
     if _flag(call.query, "download", True):
         _download("metadata_", "json")
@@ -5783,11 +5863,12 @@ def api_results_metadata(call: Call) -> Any:
 def api_results_data(call: Call) -> Any:
     query = call.query
     as_text = query.get("format") != "csv" and _flag(query, "asPlainText", False)
+    style = _csv_style(query)
     cr_ids = _selected_results(call, DATA_EXPORTED if as_text else RESULTS_EXPORTED)
     if query.get("format") == "csv":
         bottle.response.content_type = "text/csv; charset=utf-8"
         _download("data_", "csv")
-        return results_csv(call.store, cr_ids)
+        return results_csv(call.store, cr_ids, style)
     if as_text:
         bottle.response.content_type = "text/plain; charset=UTF-8"
         if _flag(query, "download", False):
@@ -5845,8 +5926,8 @@ def _results_delete_doc(method: str) -> dict:
 
 _METADATA_ANSWER = {**_ENVELOPE_ANSWER, "text/csv": _TEXT}
 _DATA_ANSWER = {**_ZIP_ANSWER, "text/plain": _TEXT, "text/csv": _TEXT}
-_DATA_QUERY = ("asPlainText", "textDownload", "format")
-_METADATA_QUERY = ("download", "isApiCall", "format", "details")
+_DATA_QUERY = ("asPlainText", "textDownload", "format", "excel", "semicolon")
+_METADATA_QUERY = ("download", "isApiCall", "format", "excel", "semicolon", "details")
 _STUDY_CODES_QUERY = ("type", "batchId", "comment", "amount")
 
 ROUTES: tuple[Route, ...] = (
@@ -6266,6 +6347,43 @@ def _resolve_study(store: Store, key: str) -> sqlite3.Row:
         return find_study(db, key)
 
 
+LISTENER_KEY = "listener:"  # settings rows: where each running server listens, for `jatos-lite links`
+PING_SECONDS = 2.0
+
+
+def record_listener(store: Store, config: Config) -> str:
+    """Note in the database where this server listens, until it stops; returns the row's key."""
+    key = LISTENER_KEY + new_uuid()
+    with store.tx() as db:
+        db.run("INSERT INTO settings(key, value) VALUES (?, ?)", key,
+               to_json({"host": config.host, "port": config.port, "started": now_ms()}))
+    return key
+
+
+def running_listener(store: Store) -> dict | None:
+    """Where a server on this database listens (the newest that answers), if one runs. The
+    record of a server that ended without removing it (killed, a power cut) is removed."""
+    with store.snapshot() as db:
+        rows = db.all("SELECT key, value FROM settings WHERE key LIKE ?", LISTENER_KEY + "%")
+    for key, listener in sorted(((row["key"], json.loads(row["value"])) for row in rows),
+                                key=lambda record: -record[1]["started"]):
+        if _answers_ping(listener["host"], listener["port"]):
+            return listener
+        with store.tx() as db:
+            db.run("DELETE FROM settings WHERE key = ?", key)
+    return None
+
+
+def _answers_ping(host: str, port: int) -> bool:
+    address = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through a proxy
+    try:
+        with opener.open(f"http://{address}:{port}/ping", timeout=PING_SECONDS) as answer:
+            return answer.read() == b"pong"
+    except (OSError, ValueError):
+        return False
+
+
 def serve(config: Config) -> None:
     """`jatos-lite serve`: listen first (a port in use is one line, and nothing is changed), then
     say where the data is and how to sign in, serve until stopped, and close the database."""
@@ -6277,9 +6395,12 @@ def serve(config: Config) -> None:
     try:
         app = create_app(config, store)
         server = bind_server(app, config)
+        listener = record_listener(store, config)
         with _sigterm_as_interrupt(), contextlib.suppress(KeyboardInterrupt):
             app.config["jatos_lite.hub"].start_watching()
             summary = data_summary(store, created)
+            for title in install_bundled_studies(store, config):
+                print(f"Imported the study '{title}' this jatos-lite file carries.")
             install_example_study(store, config)
             with store.tx() as db:
                 token = new_sign_in_token(db)
@@ -6288,6 +6409,8 @@ def serve(config: Config) -> None:
             open_in_browser(sign_in, config)
             serve_until_stopped(server)
         shut_down(server, app)
+        with store.tx() as db:
+            db.run("DELETE FROM settings WHERE key = ?", listener)
     finally:
         store.close()
     print(f"jatos-lite stopped; data is in {config.data.resolve()}", flush=True)
@@ -6573,13 +6696,26 @@ def write_download(chunks: Iterable[bytes], target: Path) -> int:
     return write_file_durably(target, counted())
 
 
-def export_results(store: Store, config: Config, study_key: str, target: Path) -> int:
-    """`jatos-lite export`: the study's combined results archive (as the GUI exports it)."""
+def export_results(store: Store, config: Config, study_key: str, target: Path, as_csv: str | None = None,
+                   style: CsvStyle = CsvStyle()) -> int:
+    """`jatos-lite export`: the study's combined results archive (as the GUI exports it), or with
+    `as_csv` its merged result data ("data") or its results metadata ("metadata") as CSV."""
     with store.tx() as db:
         study = find_study(db, study_key)
         cr_ids = select_component_results(db, {**{key: set() for key in SELECTORS}, "studyId": {study["id"]}})
-        log_for_studies(db, studies_of_results(db, cr_ids), *RESULTS_EXPORTED)
-    return write_download(results_archive(store, config, cr_ids, api_call=False), target)
+        if as_csv != "metadata":
+            log_for_studies(db, studies_of_results(db, cr_ids), *RESULTS_EXPORTED)
+    chunks = (results_csv(store, cr_ids, style) if as_csv == "data" else
+              results_metadata_csv(store, config, cr_ids, style) if as_csv == "metadata" else
+              results_archive(store, config, cr_ids, api_call=False))
+    return write_download(chunks, target)
+
+
+def csv_style_of(args: argparse.Namespace) -> CsvStyle:
+    """`jatos-lite export --csv ... [--excel] [--semicolon]`: how the CSV is written."""
+    if (args.excel or args.semicolon) and not args.csv:
+        raise JatosError(400, "--excel and --semicolon shape a CSV export: add --csv data or --csv metadata.")
+    return CsvStyle(args.excel, ";" if args.semicolon else ",")
 
 
 def export_study(store: Store, config: Config, study_key: str, target: Path) -> int:
@@ -6608,8 +6744,9 @@ def backup(store: Store, config: Config, target: Path) -> int:
 
 
 def links_command(store: Store, config: Config, args: argparse.Namespace) -> None:
-    """`jatos-lite links`: participant links, printed as full URLs. A type the batch does not
-    allow is refused (every participant would get 403), or with --allow turned on first."""
+    """`jatos-lite links`: participant links, printed as full URLs with the address and port of
+    the server running on this data folder. A type the batch does not allow is refused (every
+    participant would get 403), or with --allow turned on first."""
     study = _resolve_study(store, args.study)
     worker_type = worker_type_from_alias(args.type)
     label = WORKER_TYPE_LABELS[worker_type]
@@ -6624,7 +6761,12 @@ def links_command(store: Store, config: Config, args: argparse.Namespace) -> Non
             update_batch(db, batch, {"allowedWorkerTypes": allowed + [worker_type]})
             print(f"Turned on {label} links in {where}.", file=sys.stderr)
         codes = study_links_for(db, batch, worker_type, args.count, args.comment)
-    base = base_urls(config)[0]
+    listener = running_listener(store)
+    if listener is None:
+        print(f"No jatos-lite runs with the data folder {config.data.resolve()}, so these links take port "
+              f"{config.port}: start jatos-lite first to have them with its address and port.", file=sys.stderr)
+        listener = {"host": config.host, "port": config.port}
+    base = base_urls(dataclasses.replace(config, host=listener["host"]), listener["port"])[0]
     for code in codes:
         print(f"{base}/publix/{code}")
 
@@ -6646,14 +6788,65 @@ PYZ_DEPENDENCIES = ("bottle", "waitress", "jsonpatch", "jsonpointer")  # all pur
 PYZ_MAIN = b"import sys\n\nimport jatos_lite\n\nsys.exit(jatos_lite.main())\n"
 
 
-def build_pyz(target: Path) -> int:
+BUNDLED_STUDIES = "bundled_studies"  # in a pyz built with --with-studies: index.json and a .jzip per study
+
+
+def bundled_study_entries(config: Config) -> list[tuple[str, bytes]]:
+    """`jatos-lite pyz --with-studies`: each study of the data folder as the .jzip that carries it
+    to another computer (properties, components, batches, files; not its results or links),
+    and their index."""
+    if not config.db_path.exists():
+        raise JatosError(404, f"There is no database in {config.data.resolve()}: run this in the folder you start "
+                              "jatos-lite from, or give its --data and --studies.")
+    store = Store(config.db_path)
+    try:
+        with store.snapshot() as db:
+            documents = [study_jas(db, study) for study in db.all("SELECT * FROM studies ORDER BY id")]
+        entries = [(f"{BUNDLED_STUDIES}/{jas['data']['uuid']}.jzip", b"".join(study_archive(config, jas)))
+                   for jas in documents]
+    finally:
+        store.close()
+    index = [{"uuid": jas["data"]["uuid"], "title": jas["data"]["title"]} for jas in documents]
+    return [*entries, (f"{BUNDLED_STUDIES}/index.json", to_json(index).encode("utf-8"))]
+
+
+def install_bundled_studies(store: Store, config: Config) -> list[str]:
+    """At each start of a pyz built with --with-studies: import each study it carries that this
+    database never had (by UUID). A study it has is left as it is, and one deleted here stays
+    deleted. Returns the titles of those imported now."""
+    folder = Path(__file__).parent / BUNDLED_STUDIES
+    try:
+        index = json.loads(__loader__.get_data(str(folder / "index.json")))
+    except OSError:
+        return []  # not such a pyz
+    imported = []
+    for study in index:
+        key = f"bundled_study:{study['uuid']}"
+        with store.snapshot() as db:
+            if db.value("SELECT 1 FROM settings WHERE key = ?", key):
+                continue
+            present = db.value("SELECT 1 FROM studies WHERE uuid = ?", study["uuid"])
+        if not present:
+            try:
+                import_study_file(store, config, io.BytesIO(__loader__.get_data(str(folder / f"{study['uuid']}.jzip"))))
+            except JatosError as refused:
+                log.warning("the study '%s' carried in this file was not imported: %s", study["title"], refused.message)
+                continue
+            imported.append(study["title"])
+        with store.tx() as db:
+            db.run("INSERT OR IGNORE INTO settings(key, value) VALUES (?, '1')", key)
+    return imported
+
+
+def build_pyz(target: Path, carried: Iterable[tuple[str, bytes]] = ()) -> int:
     """`jatos-lite pyz`: one zipapp (`python jatos-lite.pyz` on any Python >= 3.10, no pip, no
     internet) with this module, the files it ships and its dependencies as installed here,
-    their licences included. Works from a checkout, an installation or a .pyz. Returns the size."""
+    their licences included, and the `carried` entries (bundled_study_entries). Works from a
+    checkout, an installation or a .pyz. Returns the size."""
     import importlib.metadata
 
     shipped = ["jatos.js", "admin.html", *(f"studies/{EXAMPLE_DIR}/{name}" for name in EXAMPLE_FILES)]
-    entries = [("__main__.py", PYZ_MAIN), ("jatos_lite.py", __loader__.get_data(__file__))]
+    entries = [("__main__.py", PYZ_MAIN), ("jatos_lite.py", __loader__.get_data(__file__)), *carried]
     entries += [(name, client_file(name).body) for name in shipped]
     for name in PYZ_DEPENDENCIES:
         files = importlib.metadata.distribution(name).files or []
@@ -6663,7 +6856,7 @@ def build_pyz(target: Path) -> int:
     archive.write(b"#!/usr/bin/env python3\n")  # as zipapp writes it: the ZIP's offsets count from after it
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as pyz:
         for name, body in entries:
-            pyz.writestr(name, body)
+            pyz.writestr(name, body, zipfile.ZIP_STORED if name.endswith(".jzip") else None)  # ZIPs already
     size = write_file_durably(target, [archive.getvalue()])
     with contextlib.suppress(OSError):
         target.chmod(0o755)  # so that ./jatos-lite.pyz runs it on Linux and macOS
@@ -6688,11 +6881,23 @@ def _serve_options(parser: argparse.ArgumentParser) -> None:
                              "without a display)")
 
 
-def _folder_options(parser: argparse.ArgumentParser) -> None:
-    defaults = Config()
-    parser.add_argument("--studies", type=Path, help=f"study assets folder (default ./{defaults.studies})")
+def _data_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path,
-                        help=f"data folder: database and result files (default ./{defaults.data})")
+                        help=f"data folder: database and result files (default ./{Config().data})")
+
+
+def _folder_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--studies", type=Path, help=f"study assets folder (default ./{Config().studies})")
+    _data_option(parser)
+
+
+def _csv_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--csv", choices=["data", "metadata"],
+                        help="write CSV instead: the tabular result data merged into one table, or one row per run")
+    parser.add_argument("--excel", action="store_true",
+                        help="with --csv: UTF-8 with a byte order mark, so that Excel shows accented letters right")
+    parser.add_argument("--semicolon", action="store_true",
+                        help="with --csv: ';' between values, as Excel expects it in European languages")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -6707,9 +6912,9 @@ def build_parser() -> argparse.ArgumentParser:
     import_parser = commands.add_parser("import", help="import a JATOS study archive (.jzip)")
     _folder_options(import_parser)
     import_parser.add_argument("archive", type=Path)
-    links_parser = commands.add_parser("links", help="print participant links of a study")
-    _folder_options(links_parser)
-    _serve_options(links_parser)
+    links_parser = commands.add_parser("links", help="print participant links of a study, with the address and "
+                                                     "port of the jatos-lite running on the data folder")
+    _data_option(links_parser)
     links_parser.add_argument("study", help="study ID, UUID or folder name")
     links_parser.add_argument("--type", required=True, choices=["ps", "pm", "gs", "gm"],
                               help="Personal Single/Multiple, General Single/Multiple")
@@ -6718,12 +6923,14 @@ def build_parser() -> argparse.ArgumentParser:
     links_parser.add_argument("--comment", help="comment stored with personal links' workers")
     links_parser.add_argument("--allow", action="store_true",
                               help="turn the type on in the batch if it does not allow it (else: refuse)")
-    for name, help_text in (("export", "write a study's results archive (data, files, metadata)"),
+    for name, help_text in (("export", "write a study's results archive (data, files, metadata), or with --csv "
+                                       "its data or metadata as CSV"),
                             ("export-study", "write a study archive (.jzip) that JATOS imports")):
         export_parser = commands.add_parser(name, help=help_text)
         _folder_options(export_parser)
         export_parser.add_argument("study", help="study ID, UUID or folder name")
         export_parser.add_argument("-o", "--output", type=Path, required=True, help="file to write")
+    _csv_options(commands.choices["export"])
     backup_parser = commands.add_parser("backup", help="copy the database, result files and studies into one ZIP "
                                                        "(safe while a server runs)")
     _folder_options(backup_parser)
@@ -6737,6 +6944,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "Python 3.10 or newer, with no installing")
     pyz_parser.add_argument("-o", "--output", type=Path, default=Path("jatos-lite.pyz"),
                             help="file to write (default jatos-lite.pyz)")
+    pyz_parser.add_argument("--with-studies", dest="with_studies", action="store_true",
+                            help="carry the studies of the data folder (each as a .jzip), imported at its first "
+                                 "start where the database does not have them")
+    _folder_options(pyz_parser)
     return parser
 
 
@@ -6814,12 +7025,18 @@ def run_command(args: argparse.Namespace, config: Config) -> None:
     elif args.command == "token":
         token_command(Store(config.db_path), args.action, args.name, args.id)
     elif args.command in ("export", "export-study"):
-        write = export_results if args.command == "export" else export_study
-        size = write(Store(config.db_path), config, args.study, args.output)
+        style = csv_style_of(args) if args.command == "export" else None
+        store = Store(config.db_path)
+        size = (export_study(store, config, args.study, args.output) if style is None else
+                export_results(store, config, args.study, args.output, args.csv, style))
         print(f"Wrote {args.output} ({human_bytes(size)})")
     elif args.command == "pyz":
-        size = build_pyz(args.output)
-        print(f"Wrote {args.output} ({human_bytes(size)}): copy it anywhere and start it with 'python {args.output.name}'")
+        carried = bundled_study_entries(config) if args.with_studies else []
+        size = build_pyz(args.output, carried)
+        count = len(carried) - 1  # and the index
+        studies = f" with {count} stud{'y' if count == 1 else 'ies'}" if carried else ""
+        print(f"Wrote {args.output} ({human_bytes(size)}){studies}: copy it anywhere and start it with "
+              f"'python {args.output.name}'")
     elif args.command == "backup":
         size = backup(Store(config.db_path), config, args.output)
         print(f"Wrote {args.output} ({human_bytes(size)}): database, result files and studies")

@@ -237,6 +237,26 @@ def test_manage_results_select_filtered_replaces_and_export_data_files_metadata_
     page.wait_for_selector(".notice.error >> text=Select results first")
 
 
+def test_csv_exports_for_excel_with_a_byte_order_mark_and_semicolons(page, live_server, study) -> None:
+    """Issue #14: the CSV buttons write for Excel on request (UTF-8 with a BOM; ';' for European Excel)."""
+    page.goto(f"{live_server.url}/jatos/#study/{study['study']}/Results")
+    wait_rows(page, 4)
+    page.select_option("#scope", "all")
+
+    def exported(button: str) -> bytes:
+        with page.expect_download() as download:
+            page.locator("#exports").get_by_role("button", name=button, exact=True).click()
+        return Path(download.value.path()).read_bytes()
+
+    assert exported("Data (merged CSV)").startswith(b"studyResultId,")
+    page.select_option("#csv-for", label="Excel, with ;")
+    assert exported("Data (merged CSV)").startswith(b"\xef\xbb\xbfstudyResultId;componentResultId;")
+    assert exported("Metadata (CSV)").startswith(b"\xef\xbb\xbfQuota reached;Result ID;")
+    page.select_option("#csv-for", label="Excel")
+    assert exported("Metadata (CSV)").startswith(b"\xef\xbb\xbfQuota reached,Result ID,")
+    assert exported("Metadata (JSON)").startswith(b"{"), "only the CSV exports change"
+
+
 def test_manage_results_delete_is_red_confirmed_and_counts_the_runs(page, live_server, study) -> None:
     """Delete: a separate red action whose confirmation says how many runs go."""
     runs = study["runs"]

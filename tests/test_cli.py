@@ -17,7 +17,7 @@ import pytest
 import webtest
 
 import jatos_lite
-from conftest import AUTH, LiveServer, RemoteLab, free_port, make_jzip
+from conftest import AUTH, LiveServer, RemoteLab, Started, free_port, make_jzip
 
 ROOT = Path(__file__).resolve().parent.parent
 README_OPTIONS = re.findall(r"^\| `(--[a-z-]+)` \| `(JATOS_LITE_[A-Z_]+)` \| `?([^|`]+?)`? \|",
@@ -66,22 +66,31 @@ def folders(tmp_path: Path) -> list[str]:
     return ["--studies", str(tmp_path / "studies"), "--data", str(tmp_path / "data")]
 
 
-def test_import_then_links_print_full_urls_that_start_runs(tmp_path: Path, capsys) -> None:
+@pytest.fixture
+def lan(monkeypatch: pytest.MonkeyPatch) -> str:
+    """The network address participants reach this computer at (lan_addresses is faked)."""
+    monkeypatch.setattr(jatos_lite, "lan_addresses", lambda: ["10.1.2.3"])
+    return "10.1.2.3"
+
+
+def test_import_then_links_print_full_urls_that_start_runs(tmp_path: Path, lan: str, capsys) -> None:
     archive = tmp_path / "study.jzip"
     archive.write_bytes(make_jzip(title="CLI study", dir_name="cli_study"))
     assert jatos_lite.main(["import", str(archive), *folders(tmp_path)]) == 0
     assert "Imported study 'CLI study'" in capsys.readouterr().out
     assert jatos_lite.main(["links", "cli_study", "--type", "ps", "--count", "3", "--comment", "Anna",
-                            "--host", "10.1.2.3", "--port", "9999", *folders(tmp_path)]) == 0
-    urls = capsys.readouterr().out.split()
-    assert len(urls) == 3 and all(url.startswith("http://10.1.2.3:9999/publix/") for url in urls)
+                            "--data", str(tmp_path / "data")]) == 0
+    printed = capsys.readouterr()
+    urls = printed.out.split()
+    assert len(urls) == 3 and all(url.startswith(f"http://{lan}:{jatos_lite.Config().port}/publix/") for url in urls)
+    assert "No jatos-lite runs with the data folder" in printed.err and printed.err.count("\n") == 1
     config = jatos_lite.Config(studies=tmp_path / "studies", data=tmp_path / "data")
     participant = webtest.TestApp(jatos_lite.create_app(config))
     assert participant.get(urllib.parse.urlsplit(urls[0]).path, status=303).location
 
 
 def test_links_of_an_unknown_study_fail_with_a_message(tmp_path: Path, capsys) -> None:
-    assert jatos_lite.main(["links", "nothing", "--type", "gm", *folders(tmp_path)]) == 1
+    assert jatos_lite.main(["links", "nothing", "--type", "gm", "--data", str(tmp_path / "data")]) == 1
     assert "nothing" in capsys.readouterr().err
 
 
@@ -91,18 +100,17 @@ def test_links_refuse_a_worker_type_the_batch_does_not_allow_or_turn_it_on(tmp_p
     archive.write_bytes(make_jzip(dir_name="closed", batches=[{"title": "Lab", "allowedWorkerTypes": None}]))
     assert jatos_lite.main(["import", str(archive), *folders(tmp_path)]) == 0
     capsys.readouterr()
-    assert jatos_lite.main(["links", "closed", "--type", "pm", *folders(tmp_path)]) == 1
+    assert jatos_lite.main(["links", "closed", "--type", "pm", "--data", str(tmp_path / "data")]) == 1
     printed = capsys.readouterr()
     assert printed.out == "" and "does not allow Personal Multiple links" in printed.err and "--allow" in printed.err
-    assert jatos_lite.main(["links", "closed", "--type", "pm", "--allow", "--host", "10.1.2.3",
-                            *folders(tmp_path)]) == 0
+    assert jatos_lite.main(["links", "closed", "--type", "pm", "--allow", "--data", str(tmp_path / "data")]) == 0
     printed = capsys.readouterr()
     assert "Turned on Personal Multiple links in batch 'Lab'" in printed.err
     url = printed.out.split()[0]
     config = jatos_lite.Config(studies=tmp_path / "studies", data=tmp_path / "data")
     participant = webtest.TestApp(jatos_lite.create_app(config))
     assert participant.get(urllib.parse.urlsplit(url).path, status=303).location
-    assert jatos_lite.main(["links", "closed", "--type", "pm", *folders(tmp_path)]) == 0
+    assert jatos_lite.main(["links", "closed", "--type", "pm", "--data", str(tmp_path / "data")]) == 0
     assert "Turned on" not in capsys.readouterr().err, "a type already on is simply used"
 
 
@@ -112,11 +120,79 @@ def test_import_and_links_work_while_a_server_runs(live_server: LiveServer, caps
     archive.write_bytes(make_jzip(title="Live", dir_name="live"))
     assert jatos_lite.main(["import", str(archive), *paths]) == 0
     capsys.readouterr()
-    assert jatos_lite.main(["links", "live", "--type", "gm", "--host", "127.0.0.1", *paths]) == 0
+    assert jatos_lite.main(["links", "live", "--type", "gm", "--data", str(live_server.config.data)]) == 0
     code = capsys.readouterr().out.split()[0].rsplit("/", 1)[1]
     page = urllib.request.urlopen(f"{live_server.url}/publix/{code}", timeout=10)
     assert "/publix/" in page.geturl() and page.status == 200
     assert RemoteLab(live_server).api("GET", "/studies/properties")["data"][0]["title"] == "Live"
+
+
+def listener_rows(data: Path) -> list[tuple[str]]:
+    database = sqlite3.connect(data / "jatos.sqlite")
+    try:
+        return database.execute("SELECT key FROM settings WHERE key LIKE 'listener:%'").fetchall()
+    finally:
+        database.close()
+
+
+def test_links_take_the_running_servers_port_and_a_killed_servers_record_is_dropped(tmp_path: Path, lan: str,
+                                                                                   capsys) -> None:
+    archive = tmp_path / "study.jzip"
+    archive.write_bytes(make_jzip(dir_name="field"))
+    assert jatos_lite.main(["import", str(archive), *folders(tmp_path)]) == 0
+    links = ["links", "field", "--type", "gm", "--data", str(tmp_path / "data")]
+    port = free_port()
+    server = Started(tmp_path, port)
+    try:
+        capsys.readouterr()
+        assert jatos_lite.main(links) == 0
+        printed = capsys.readouterr()
+        assert printed.out.startswith(f"http://{lan}:{port}/publix/") and printed.err == ""
+        assert server.stop()[0] == 0
+        assert listener_rows(tmp_path / "data") == [], "a clean stop removes the record"
+        server = Started(tmp_path, port)
+        server.process.kill()  # no chance to remove its record
+        server.process.communicate()
+        assert len(listener_rows(tmp_path / "data")) == 1
+        assert jatos_lite.main(links) == 0
+        printed = capsys.readouterr()
+        assert printed.out.startswith(f"http://{lan}:{jatos_lite.Config().port}/publix/")
+        assert "No jatos-lite runs with the data folder" in printed.err
+        assert listener_rows(tmp_path / "data") == [], "the record of a server that is gone is removed"
+    finally:
+        server.kill()
+
+
+def test_links_help_lists_only_the_options_links_uses(capsys) -> None:
+    with pytest.raises(SystemExit):
+        jatos_lite.main(["links", "--help"])
+    shown = set(re.findall(r"^  (-[-\w]+)", capsys.readouterr().out, re.MULTILINE))
+    assert shown == {"-h", "--data", "--type", "--count", "--batch", "--comment", "--allow"}
+
+
+def test_export_writes_data_or_metadata_as_csv_for_excel(tmp_path: Path, capsys) -> None:
+    archive = tmp_path / "study.jzip"
+    archive.write_bytes(make_jzip(dir_name="csv_study"))
+    assert jatos_lite.main(["import", str(archive), *folders(tmp_path)]) == 0
+    config = jatos_lite.Config(studies=tmp_path / "studies", data=tmp_path / "data")
+    browser = webtest.TestApp(jatos_lite.create_app(config))
+    capsys.readouterr()
+    assert jatos_lite.main(["links", "csv_study", "--type", "gm", "--data", str(config.data)]) == 0
+    link = capsys.readouterr().out.split()[0]
+    base = browser.get(urllib.parse.urlsplit(link).path, status=303).follow().request.path.rsplit("/", 1)[0]
+    browser.post(f"{base}/resultData", "wort,rt\nMärchen,350\n".encode(), headers={"Content-Type": "text/plain"})
+    output = tmp_path / "data.csv"
+    assert jatos_lite.main(["export", "csv_study", "-o", str(output), "--csv", "data", "--excel", "--semicolon",
+                            *folders(tmp_path)]) == 0
+    table = output.read_bytes()
+    assert table.startswith(b"\xef\xbb\xbf") and table.decode("utf-8-sig").splitlines()[1].endswith(";Märchen;350")
+    assert jatos_lite.main(["export", "csv_study", "-o", str(output), "--csv", "metadata", *folders(tmp_path)]) == 0
+    assert output.read_text(encoding="utf-8").startswith("Quota reached,Result ID,")
+    capsys.readouterr()
+    assert jatos_lite.main(["export", "csv_study", "-o", str(tmp_path / "x.zip"), "--excel", *folders(tmp_path)]) == 1
+    assert capsys.readouterr().err == "jatos-lite: --excel and --semicolon shape a CSV export: add --csv data or " \
+                                      "--csv metadata.\n"
+    assert not (tmp_path / "x.zip").exists()
 
 
 def test_a_minted_token_opens_the_api(tmp_path: Path, capsys) -> None:

@@ -123,6 +123,18 @@ def test_a_non_ascii_folder_name_is_kept(lab: Lab, asset) -> None:
     assert asset(study, "ü.txt") == "ü".encode()
 
 
+@pytest.mark.parametrize("names", [("imported/Stim.png", "imported/stim.png"),
+                                   ("imported/Img/a.png", "imported/img/b.png")])
+def test_names_that_differ_only_in_case_are_refused_and_nothing_is_stored(lab: Lab, config: jatos_lite.Config,
+                                                                          names: tuple[str, str]) -> None:
+    """Windows and macOS keep one file for both names: one would silently overwrite the other."""
+    refused = lab.import_study(archive({"version": "3", "data": study_data()}, dict.fromkeys(names, "x")), 400)
+    assert refused["error"]["code"] == "IMPORT_EXPORT_ERROR"
+    assert "differ only in case" in refused["error"]["message"] and "Windows and macOS" in refused["error"]["message"]
+    assert lab.client.get("/jatos/api/v1/studies/properties", headers=AUTH).json["data"] == []
+    assert not (config.studies / "imported").exists()
+
+
 def test_an_archive_without_a_folder_gets_an_empty_one_and_macos_leftovers_are_ignored(lab: Lab) -> None:
     study = imported(lab, archive({"version": "3", "data": study_data(dirName="bare")},
                                   {"__MACOSX/._study.jas": "junk"}))

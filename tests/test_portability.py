@@ -112,6 +112,30 @@ def test_a_slow_host_name_look_up_does_not_hold_the_start(monkeypatch: pytest.Mo
     assert time.monotonic() - started < jatos_lite.HOSTNAME_LOOKUP_SECONDS + 1
 
 
+def test_participants_get_the_default_routes_address_first_and_no_virtual_adapters(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Docker, VirtualBox, VPNs and link-local addresses are not where tablets reach the laptop."""
+    monkeypatch.setattr(jatos_lite, "_addresses_of_this_host", lambda: ["192.168.56.1", "10.8.0.2", "172.17.0.1",
+                                                                      "169.254.10.20", "127.0.1.1", "192.168.1.20"])
+    monkeypatch.setattr(jatos_lite, "_interface_addresses", lambda: {
+        "10.8.0.2": "tun0", "172.18.0.1": "br-5f3c2a", "10.42.0.1": "wlp2s0", "192.168.1.20": "enp3s0"})
+    monkeypatch.setattr(jatos_lite, "_routed_address", lambda: "192.168.1.20")
+    assert jatos_lite.lan_addresses() == ["192.168.1.20", "10.42.0.1"]
+    monkeypatch.setattr(jatos_lite, "_routed_address", lambda: None)
+    assert jatos_lite.lan_addresses() == ["10.42.0.1", "192.168.1.20"]
+    monkeypatch.setattr(jatos_lite, "_interface_addresses", lambda: {"172.17.0.2": "eth0"})
+    monkeypatch.setattr(jatos_lite, "_addresses_of_this_host", lambda: ["172.17.0.2"])
+    assert jatos_lite.lan_addresses() == ["172.17.0.2"], "inside a container, its own address is all there is"
+
+
+def test_this_computers_interfaces_are_found_by_name_where_the_system_tells() -> None:
+    found = jatos_lite._interface_addresses()
+    if sys.platform in ("linux", "darwin"):
+        assert found.get("127.0.0.1", "").startswith("lo")
+    else:
+        assert found == {}
+
+
 def upload(lab: Lab, study_id: int, path: str, status: object = "2*") -> dict:
     return lab.client.post(f"/jatos/api/v1/studies/{study_id}/assets/{path}", headers=AUTH, status=status,
                            upload_files=[("studyAssetsFile", "x.bin", b"data")]).json

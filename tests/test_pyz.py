@@ -5,6 +5,7 @@ from another folder, and serves the example study to its end in Chromium."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import jatos_lite
-from conftest import ROOT, Started, folders, free_port
+from conftest import ROOT, Started, folders, free_port, make_jzip
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +79,40 @@ def test_the_pyz_serves_the_example_study_to_its_end(pyz: Path, bare_python: str
     database = sqlite3.connect(tmp_path / "data" / "jatos.sqlite")
     assert database.execute("SELECT state FROM study_results").fetchall() == [("FINISHED",)]
     database.close()
+
+
+def test_a_pyz_with_studies_brings_them_to_an_empty_folder_once(bare_python: str, tmp_path: Path, capsys) -> None:
+    """Built with --with-studies, the pyz imports the studies it carries at its first start, with
+    their components, batches and files; a study deleted there does not come back."""
+    lab_pc, laptop = tmp_path / "lab_pc", tmp_path / "laptop"
+    archive = tmp_path / "study.jzip"
+    archive.write_bytes(make_jzip(title="Carried", dir_name="carried", files={"stimuli/Äpfel.png": b"png"},
+                                  batches=[{"title": "Wave 1"}, {"title": "Wave 2"}]))
+    assert jatos_lite.main(["import", str(archive), *folders(lab_pc)]) == 0
+    target = tmp_path / "carry.pyz"
+    assert jatos_lite.main(["pyz", "--with-studies", "-o", str(target), *folders(lab_pc)]) == 0
+    assert "with 1 study:" in capsys.readouterr().out
+    laptop.mkdir()
+    server = Started(laptop, free_port(), command=[bare_python, "-I", str(target)], env=isolated_env())
+    try:
+        assert "Imported the study 'Carried'" in server.banner
+        studies = json.loads(server.api("GET", "/studies/properties?withBatchProperties=true"))["data"]
+        carried = next(study for study in studies if study["title"] == "Carried")
+        assert [batch["title"] for batch in carried["batches"]] == ["Wave 1", "Wave 2"]
+        assert (laptop / "studies" / "carried" / "stimuli" / "Äpfel.png").read_bytes() == b"png"
+        server.api("DELETE", f"/studies/{carried['id']}")
+        assert server.stop()[0] == 0
+        server = Started(laptop, free_port(), command=[bare_python, "-I", str(target)], env=isolated_env())
+        assert "Imported" not in server.banner
+        studies = json.loads(server.api("GET", "/studies/properties"))["data"]
+        assert "Carried" not in [study["title"] for study in studies]
+    finally:
+        server.kill()
+
+
+def test_a_pyz_with_studies_needs_their_database(tmp_path: Path, capsys) -> None:
+    assert jatos_lite.main(["pyz", "--with-studies", "-o", str(tmp_path / "x.pyz"), *folders(tmp_path)]) == 1
+    assert "There is no database in" in capsys.readouterr().err and not (tmp_path / "x.pyz").exists()
 
 
 def test_a_jatos_lite_without_jatos_js_refuses_to_start(tmp_path: Path) -> None:

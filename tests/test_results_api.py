@@ -168,6 +168,27 @@ def test_csv_and_json_data_merge_into_one_csv_with_the_ids_first(lab: Lab, clien
     assert table[1][:2] == table[2][:2] != table[3][:2], "each row carries its study and component result IDs"
 
 
+@pytest.mark.parametrize("path", ["data", "metadata"])
+def test_csv_for_excel_has_a_byte_order_mark_and_on_request_semicolons(lab: Lab, client: webtest.TestApp,
+                                                                        path: str) -> None:
+    """Excel on Windows reads UTF-8 only after a byte order mark; European Excel splits at ';'."""
+    study = lab.study()
+    browser = webtest.TestApp(client.app)
+    base = browser.get(f"/publix/{lab.code(study['id'], 'gm')}", status=303).follow().request.path.rsplit("/", 1)[0]
+    browser.post(f"{base}/resultData", "wort,rt\nMärchen,350\n".encode(), headers=TEXT)
+    url = f"/jatos/api/v1/results/{path}?studyId={study['id']}&format=csv"
+    plain = client.get(url, headers=AUTH).body
+    excel = client.get(url + "&excel=true", headers=AUTH)
+    assert excel.content_type == "text/csv" and excel.body == b"\xef\xbb\xbf" + plain and not plain.startswith(b"\xef")
+    european = client.get(url + "&excel=true&semicolon=true", headers=AUTH).body.decode("utf-8-sig")
+    assert list(csv.reader(io.StringIO(european), delimiter=";")) == list(csv.reader(io.StringIO(plain.decode())))
+    assert ";" in european.splitlines()[0] and ("Märchen" in european) == (path == "data")
+    client.get(url + "&excel=perhaps", headers=AUTH, status=400)
+    operation = client.get("/openapi.json").json["paths"][f"/jatos/api/v1/results/{path}"]["get"]
+    assert {"#/components/parameters/excel", "#/components/parameters/semicolon"} <= {
+        parameter["$ref"] for parameter in operation["parameters"]}
+
+
 def test_search_finds_runs_by_their_data_plain_case_or_regex(client: webtest.TestApp, finished: dict) -> None:
     """jatos-lite: GET /results/search, the admin page's filter over result data."""
     study = finished["study"]["id"]
