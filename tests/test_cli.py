@@ -163,11 +163,15 @@ def test_links_take_the_running_servers_port_and_a_killed_servers_record_is_drop
         server.kill()
 
 
-def test_links_help_lists_only_the_options_links_uses(capsys) -> None:
+@pytest.mark.parametrize("command, options", [
+    ("links", {"-h", "--data", "--type", "--count", "--batch", "--comment", "--allow"}),
+    ("token", {"-h", "--data", "--name"}),
+])
+def test_a_commands_help_lists_only_the_options_it_uses(command: str, options: set, capsys) -> None:
     with pytest.raises(SystemExit):
-        jatos_lite.main(["links", "--help"])
+        jatos_lite.main([command, "--help"])
     shown = set(re.findall(r"^  (-[-\w]+)", capsys.readouterr().out, re.MULTILINE))
-    assert shown == {"-h", "--data", "--type", "--count", "--batch", "--comment", "--allow"}
+    assert shown == options
 
 
 def test_export_writes_data_or_metadata_as_csv_for_excel(tmp_path: Path, capsys) -> None:
@@ -264,18 +268,19 @@ def test_backup_while_a_server_runs_holds_database_files_and_studies(live_server
 
 
 def test_tokens_are_created_listed_and_revoked(tmp_path: Path, capsys) -> None:
-    assert jatos_lite.main(["token", "create", "--name", "analysis script", *folders(tmp_path)]) == 0
+    data_folder = ["--data", str(tmp_path / "data")]
+    assert jatos_lite.main(["token", "create", "--name", "analysis script", *data_folder]) == 0
     token = capsys.readouterr().out.strip()
-    assert jatos_lite.main(["token", "list", *folders(tmp_path)]) == 0
+    assert jatos_lite.main(["token", "list", *data_folder]) == 0
     listed = capsys.readouterr().out
     assert "active" in listed and "analysis script" in listed and token not in listed
     token_id = listed.split()[0]
-    assert jatos_lite.main(["token", "revoke", token_id, *folders(tmp_path)]) == 0
-    assert "revoked" in (jatos_lite.main(["token", "list", *folders(tmp_path)]) or capsys.readouterr().out)
+    assert jatos_lite.main(["token", "revoke", token_id, *data_folder]) == 0
+    assert "revoked" in (jatos_lite.main(["token", "list", *data_folder]) or capsys.readouterr().out)
     api = webtest.TestApp(jatos_lite.create_app(jatos_lite.Config(studies=tmp_path / "studies",
                                                                   data=tmp_path / "data")))
     api.get("/jatos/api/v1/admin/token", headers={"Authorization": f"Bearer {token}"}, status=401)
-    assert jatos_lite.main(["token", "revoke", "999", *folders(tmp_path)]) == 1
+    assert jatos_lite.main(["token", "revoke", "999", *data_folder]) == 1
 
 
 def test_the_banner_names_the_sign_in_link_every_lan_address_and_the_folders(
