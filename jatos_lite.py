@@ -3941,16 +3941,48 @@ def study_archive(config: Config, jas: dict) -> Iterator[bytes]:
 
 # --- result selection ---------------------------------------------------------
 
-SELECTORS = {  # query parameter -> (JSON body key, SQL condition on the joined result row)
-    "studyId": ("studyIds", "sr.study_id"), "studyUuid": ("studyUuids", "s.uuid"),
-    "componentId": ("componentIds", "cr.component_id"), "componentUuid": ("componentUuids", "c.uuid"),
-    "studyResultId": ("studyResultIds", "sr.id"), "componentResultId": ("componentResultIds", "cr.id"),
-    "batchId": ("batchIds", "sr.batch_id"),
-    "groupId": ("groupIds", "COALESCE(sr.group_result_id, sr.history_group_result_id)"),
-    "workerId": ("workerIds", "sr.worker_id"),  # jatos-lite: JATOS's worker results page as a selector
+_VALUES = "(SELECT value FROM json_each(?))"
+SELECTORS = {  # query parameter -> (JSON body key, SQL condition on a run `sr` or a component result `cr`)
+    "studyId": ("studyIds", f"sr.study_id IN {_VALUES}"),
+    "studyUuid": ("studyUuids", f"sr.study_id IN (SELECT id FROM studies WHERE uuid IN {_VALUES})"),
+    "componentId": ("componentIds", f"cr.component_id IN {_VALUES}"),
+    "componentUuid": ("componentUuids", f"cr.component_id IN (SELECT id FROM components WHERE uuid IN {_VALUES})"),
+    "studyResultId": ("studyResultIds", f"sr.id IN {_VALUES}"),
+    "componentResultId": ("componentResultIds", f"cr.id IN {_VALUES}"),
+    "batchId": ("batchIds", f"sr.batch_id IN {_VALUES}"),
+    "groupId": ("groupIds", f"COALESCE(sr.group_result_id, sr.history_group_result_id) IN {_VALUES}"),
+    "workerId": ("workerIds", f"sr.worker_id IN {_VALUES}"),  # jatos-lite: JATOS's worker results page as a selector
 }
-_RESULT_JOIN = ("FROM component_results cr JOIN study_results sr ON sr.id = cr.study_result_id "
-                "JOIN components c ON c.id = cr.component_id JOIN studies s ON s.id = sr.study_id")
+COMPONENT_SELECTORS = ("componentId", "componentUuid", "componentResultId")  # the rest select whole runs
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """The results a request selects (formats-and-api.md §3.4.1), kept as its selectors'
+    values so that it is evaluated by the query that reads the results, never as a list of
+    IDs. jatos-lite: run selectors (study, study result, batch, group, worker) select whole
+    runs, also runs without component results (JATOS never shows those); component
+    selectors select component results, and their runs with only those."""
+
+    values: dict[str, frozenset]  # selector (query parameter) -> IDs or UUIDs; unknown ones match nothing
+
+    def select(self, columns: str, joins: str = "", component_results_only: bool = False) -> tuple[str, list]:
+        """`SELECT columns` over the selected runs `sr` and component results `cr` (plus
+        `joins`), ending in its WHERE condition, so a caller may add `AND ...` and ORDER BY;
+        and its arguments. A run without component results comes as one row with `cr`'s
+        columns NULL, unless `component_results_only`. With component selectors alone the
+        component results are joined as such, so that their indexes can be used."""
+        terms = [(param, SELECTORS[param][1]) for param in SELECTORS if self.values.get(param)]
+        runs = not component_results_only and any(param not in COMPONENT_SELECTORS for param, _ in terms)
+        where = " OR ".join(condition for _, condition in terms) or "0"
+        return (f"SELECT {columns} FROM study_results sr {'LEFT JOIN' if runs else 'JOIN'} component_results cr "
+                f"ON cr.study_result_id = sr.id {joins} WHERE ({where})",
+                [to_json(sorted(self.values[param], key=str)) for param, _ in terms])
+
+    def studies(self) -> tuple[str, list]:
+        """`SELECT id, uuid` of the studies the selection reaches, by ID, and its arguments."""
+        sql, args = self.select("1")
+        return f"SELECT s.id, s.uuid FROM studies s WHERE EXISTS ({sql} AND sr.study_id = s.id) ORDER BY s.id", args
 
 
 def _ids_from_text(text: str) -> list[int]:
@@ -3989,7 +4021,7 @@ def _selector_values(param: str, value: Any) -> list:
     return values
 
 
-def parse_selection(query: list[tuple[str, str]], body: Any) -> dict[str, set]:
+def parse_selection(query: list[tuple[str, str]], body: Any) -> Selection:
     """The union of query-string and JSON-body selectors (formats-and-api.md §3.4.1)."""
     selection: dict[str, set] = {param: set() for param in SELECTORS}
     for key, value in query:
@@ -3998,29 +4030,19 @@ def parse_selection(query: list[tuple[str, str]], body: Any) -> dict[str, set]:
                 selection[key].add(value)
             elif parse_id(value.strip()) is not None:
                 selection[key].add(parse_id(value.strip()))
-    if body is None:
-        return selection
-    if not isinstance(body, dict):
+    if body is not None and not isinstance(body, dict):
         raise JatosError(400, "The request body must be a JSON object", "INVALID_JSON")
     by_body_key = {body_key: param for param, (body_key, _) in SELECTORS.items()}
-    for key, value in body.items():
+    for key, value in (body or {}).items():
         if key not in by_body_key:
             raise JatosError(400, f"Unknown field '{key}'", "INVALID_JSON")
         selection[by_body_key[key]].update(_selector_values(by_body_key[key], value))
-    return selection
+    return Selection({param: frozenset(values) for param, values in selection.items()})
 
 
-def select_component_results(db: Db, selection: dict[str, set]) -> list[int]:
-    """IDs of the selected component results, ascending; unknown IDs are dropped."""
-    conditions, args = [], []
-    for param, values in selection.items():
-        if values:
-            conditions.append(f"{SELECTORS[param][1]} IN (SELECT value FROM json_each(?))")
-            args.append(to_json(sorted(values, key=str)))
-    if not conditions:
-        return []
-    return [row[0] for row in db.all(f"SELECT cr.id {_RESULT_JOIN} WHERE {' OR '.join(conditions)} "
-                                     "ORDER BY cr.id", *args)]
+def selection_of(param: str, *values: int | str) -> Selection:
+    """One selector's selection, e.g. selection_of("studyId", 3)."""
+    return Selection({param: frozenset(values)})
 
 
 def text_matcher(text: str, regex: bool, case_sensitive: bool) -> Callable[[str], bool]:
@@ -4037,31 +4059,37 @@ def text_matcher(text: str, regex: bool, case_sensitive: bool) -> Callable[[str]
     return lambda haystack: folded in haystack.casefold()
 
 
-def search_result_data(conn: sqlite3.Connection, cr_ids: list[int], matches: Callable[[str], bool]) -> list[int]:
+def search_result_data(conn: sqlite3.Connection, selection: Selection, matches: Callable[[str], bool]) -> list[int]:
     """jatos-lite: the selected component results whose data matches (the admin page's filter)."""
-    rows = conn.execute("SELECT id, data FROM component_results WHERE id IN (SELECT value FROM json_each(?)) "
-                        "AND data IS NOT NULL ORDER BY id", (to_json(cr_ids),))
+    sql, args = selection.select("cr.id, cr.data", component_results_only=True)
+    rows = conn.execute(sql + " AND cr.data IS NOT NULL ORDER BY cr.id", args)
     return [cr_id for cr_id, data in rows if matches(data)]
 
 
 # --- results export -----------------------------------------------------------
 
-_EXPORT_SQL = f"""
-    SELECT s.id AS study_id, s.uuid AS study_uuid, s.title AS study_title,
-           sr.id AS sr_id, sr.uuid AS sr_uuid, sr.study_code, w.comment AS worker_comment,
-           sr.start_date AS sr_start, sr.end_date AS sr_end, sr.last_seen_date, sr.state AS sr_state,
-           sr.message AS sr_message, sr.url_query_parameters, sr.worker_id, w.type AS worker_type,
-           sr.batch_id, b.uuid AS batch_uuid, b.title AS batch_title,
-           COALESCE(sr.group_result_id, sr.history_group_result_id) AS group_id,
-           sr.confirmation_code, sr.quota_reached AS sr_quota, w.mturk_worker_id,
-           cr.id AS cr_id, cr.component_id, c.uuid AS component_uuid, cr.start_date AS cr_start,
-           cr.end_date AS cr_end, cr.state AS cr_state, cr.data_size, cr.quota_reached AS cr_quota,
-           cr.message AS cr_message, c.title AS component_title
-           {{data}}
-    {_RESULT_JOIN} JOIN workers w ON w.id = sr.worker_id JOIN batches b ON b.id = sr.batch_id
-    WHERE cr.id IN (SELECT value FROM json_each(?))
-    ORDER BY s.id, sr.id, cr.id
-"""
+_EXPORT_COLUMNS = """
+    s.id AS study_id, s.uuid AS study_uuid, s.title AS study_title,
+    sr.id AS sr_id, sr.uuid AS sr_uuid, sr.study_code, w.comment AS worker_comment,
+    sr.start_date AS sr_start, sr.end_date AS sr_end, sr.last_seen_date, sr.state AS sr_state,
+    sr.message AS sr_message, sr.url_query_parameters, sr.worker_id, w.type AS worker_type,
+    sr.batch_id, b.uuid AS batch_uuid, b.title AS batch_title,
+    COALESCE(sr.group_result_id, sr.history_group_result_id) AS group_id,
+    sr.confirmation_code, sr.quota_reached AS sr_quota, w.mturk_worker_id,
+    cr.id AS cr_id, cr.component_id, c.uuid AS component_uuid, cr.start_date AS cr_start,
+    cr.end_date AS cr_end, cr.state AS cr_state, cr.data_size, cr.quota_reached AS cr_quota,
+    cr.message AS cr_message, c.title AS component_title"""
+_EXPORT_JOINS = ("LEFT JOIN components c ON c.id = cr.component_id JOIN studies s ON s.id = sr.study_id "
+                 "JOIN workers w ON w.id = sr.worker_id JOIN batches b ON b.id = sr.batch_id")
+
+
+def _export_rows(conn: sqlite3.Connection, selection: Selection, with_data: bool = False) -> Iterator[sqlite3.Row]:
+    """The selection's rows, streamed: one per component result and one (`cr_id` None) per
+    run without any, study after study and in each by run and component result ID. A query
+    per study reads the study's runs in the order of their index, so SQLite never sorts."""
+    sql, args = selection.select(_EXPORT_COLUMNS + (", cr.data AS data" if with_data else ""), _EXPORT_JOINS)
+    for study_id, _ in conn.execute(*selection.studies()).fetchall():
+        yield from conn.execute(sql + " AND sr.study_id = ? ORDER BY sr.id, cr.id", [*args, study_id])
 
 
 def result_path(sr_id: int, cr_id: int) -> str:
@@ -4125,12 +4153,13 @@ def _grouped(rows: Iterable[sqlite3.Row], key: str) -> Iterator[list[sqlite3.Row
         yield group
 
 
-def metadata_chunks(conn: sqlite3.Connection, config: Config, cr_ids: list[int], api_call: bool,
+def metadata_chunks(conn: sqlite3.Connection, config: Config, selection: Selection, api_call: bool,
                     details: bool = False) -> Iterator[str]:
-    """The results metadata JSON (§2.6), one study result at a time; `details` (jatos-lite, for
-    the admin page) adds each component's title and message and the MTurk worker ID."""
+    """The results metadata JSON (§2.6), one study result at a time (a run without component
+    results with `"componentResults": []`); `details` (jatos-lite, for the admin page) adds
+    each component's title and message and the MTurk worker ID."""
     yield '{"apiVersion":"%s","data":[' % API_VERSION if api_call else '{"data":['
-    rows = conn.execute(_EXPORT_SQL.format(data=""), (to_json(cr_ids),))
+    rows = _export_rows(conn, selection)
     first_study = True
     study_id = None
     for sr_rows in _grouped(rows, "sr_id"):
@@ -4143,7 +4172,8 @@ def metadata_chunks(conn: sqlite3.Connection, config: Config, cr_ids: list[int],
             )[:-1] + ',"studyResults":['
             first_study, study_id, first_sr = False, head["study_id"], True
         yield ("" if first_sr else ",") + to_json(
-            _study_result_metadata(head, [_component_result_metadata(config, r, details) for r in sr_rows], details))
+            _study_result_metadata(head, [_component_result_metadata(config, r, details) for r in sr_rows
+                                          if r["cr_id"] is not None], details))
         first_sr = False
     if study_id is not None:
         yield "]}"
@@ -4220,10 +4250,11 @@ def _file_chunks(path: Path) -> Iterator[bytes]:
         yield from read_chunks(source)
 
 
-def _result_entries(conn: sqlite3.Connection, config: Config, cr_ids: list[int], with_data: bool,
+def _result_entries(conn: sqlite3.Connection, config: Config, selection: Selection, with_data: bool,
                     with_files: bool) -> Iterator[tuple[str, Iterable[bytes]]]:
-    rows = conn.execute(_EXPORT_SQL.format(data=", cr.data AS data" if with_data else ""), (to_json(cr_ids),))
-    for row in rows:
+    for row in _export_rows(conn, selection, with_data):
+        if row["cr_id"] is None:
+            continue
         prefix = result_path(row["sr_id"], row["cr_id"])
         if with_files:
             for path in _result_files(config, row["sr_id"], row["cr_id"]):
@@ -4232,33 +4263,33 @@ def _result_entries(conn: sqlite3.Connection, config: Config, cr_ids: list[int],
             yield f"{prefix}/data.txt", [row["data"].encode("utf-8")]
 
 
-def results_archive(store: Store, config: Config, cr_ids: list[int], api_call: bool = True) -> Iterator[bytes]:
+def results_archive(store: Store, config: Config, selection: Selection, api_call: bool = True) -> Iterator[bytes]:
     """The JATOS results archive (§2.7): files and data.txt per component result, metadata.json last."""
     conn = store.connect()
     try:
-        entries = itertools.chain(
-            _result_entries(conn, config, cr_ids, with_data=True, with_files=True),
-            [("metadata.json", (chunk.encode("utf-8") for chunk in metadata_chunks(conn, config, cr_ids, api_call)))])
+        metadata = (chunk.encode("utf-8") for chunk in metadata_chunks(conn, config, selection, api_call))
+        entries = itertools.chain(_result_entries(conn, config, selection, with_data=True, with_files=True),
+                                  [("metadata.json", metadata)])
         yield from zip_stream(entries)
     finally:
         conn.close()
 
 
-def results_zip(store: Store, config: Config, cr_ids: list[int], with_data: bool, with_files: bool
+def results_zip(store: Store, config: Config, selection: Selection, with_data: bool, with_files: bool
                 ) -> Iterator[bytes]:
     """Data-only (§2.4) or files-only (§2.5) ZIP."""
     conn = store.connect()
     try:
-        yield from zip_stream(_result_entries(conn, config, cr_ids, with_data, with_files))
+        yield from zip_stream(_result_entries(conn, config, selection, with_data, with_files))
     finally:
         conn.close()
 
 
-def results_metadata(store: Store, config: Config, cr_ids: list[int], api_call: bool,
+def results_metadata(store: Store, config: Config, selection: Selection, api_call: bool,
                      details: bool = False) -> Iterator[bytes]:
     conn = store.connect()
     try:
-        for chunk in metadata_chunks(conn, config, cr_ids, api_call, details):
+        for chunk in metadata_chunks(conn, config, selection, api_call, details):
             yield chunk.encode("utf-8")
     finally:
         conn.close()
@@ -4301,7 +4332,8 @@ def _csv_time(ms: int | None, empty: str) -> str:
 def _metadata_csv_row(config: Config, rows: list[sqlite3.Row]) -> list[Any]:
     """One study result as the JATOS results table shows it (§2.8), times in the server's local time."""
     head = rows[0]
-    files = [path.name for row in rows for path in _result_files(config, row["sr_id"], row["cr_id"])]
+    files = [path.name for row in rows if row["cr_id"] is not None
+             for path in _result_files(config, row["sr_id"], row["cr_id"])]
     return [str(bool(head["sr_quota"])).lower(), head["sr_id"], head["sr_uuid"], head["study_code"] or "none",
             _csv_time(head["sr_start"], "never"), _csv_time(head["sr_end"], "not yet"),
             _csv_time(head["last_seen_date"], "never"), duration_text(head["sr_start"], head["sr_end"]) or "not yet",
@@ -4310,25 +4342,24 @@ def _metadata_csv_row(config: Config, rows: list[sqlite3.Row]) -> list[Any]:
             " ".join(files) or "none", head["sr_state"], head["sr_message"] or "none"]
 
 
-def results_metadata_csv(store: Store, config: Config, cr_ids: list[int], style: CsvStyle = CsvStyle()
+def results_metadata_csv(store: Store, config: Config, selection: Selection, style: CsvStyle = CsvStyle()
                          ) -> Iterator[bytes]:
     """jatos-lite: the results metadata as CSV, one row per study result, streamed."""
     conn = store.connect()
     try:
         yield from csv_chunks(METADATA_CSV_COLUMNS, (
-            [_metadata_csv_row(config, sr_rows)]
-            for sr_rows in _grouped(conn.execute(_EXPORT_SQL.format(data=""), (to_json(cr_ids),)), "sr_id")), style)
+            [_metadata_csv_row(config, sr_rows)] for sr_rows in _grouped(_export_rows(conn, selection), "sr_id")),
+            style)
     finally:
         conn.close()
 
 
-def results_plain_text(store: Store, cr_ids: list[int]) -> Iterator[bytes]:
+def results_plain_text(store: Store, selection: Selection) -> Iterator[bytes]:
     """All selected data, one component result after another, each followed by a newline (§2.3)."""
     conn = store.connect()
     try:
-        rows = conn.execute("SELECT data FROM component_results WHERE id IN (SELECT value FROM json_each(?)) "
-                            "AND data IS NOT NULL ORDER BY id", (to_json(cr_ids),))
-        for (data,) in rows:
+        sql, args = selection.select("cr.data", component_results_only=True)
+        for (data,) in conn.execute(sql + " AND cr.data IS NOT NULL ORDER BY cr.id", args):
             yield (data + "\n").encode("utf-8")
     finally:
         conn.close()
@@ -4407,23 +4438,23 @@ def _csv_value(value: Any) -> Any:
     return value
 
 
-def results_csv(store: Store, cr_ids: list[int], style: CsvStyle = CsvStyle()) -> Iterator[bytes]:
+def results_csv(store: Store, selection: Selection, style: CsvStyle = CsvStyle()) -> Iterator[bytes]:
     """jatos-lite: tabular result data of the selection merged into one CSV, the JATOS IDs in
     the leading columns and the union of the data's columns after them (first seen first).
     Two passes over the rows, so memory holds the column names, not the data."""
     conn = store.connect()
-    sql = ("SELECT cr.study_result_id, cr.id, cr.component_id, sr.worker_id, sr.batch_id, cr.data "
-           "FROM component_results cr JOIN study_results sr ON sr.id = cr.study_result_id "
-           "WHERE cr.id IN (SELECT value FROM json_each(?)) AND cr.data IS NOT NULL ORDER BY cr.id")
+    sql, args = selection.select("cr.study_result_id, cr.id, cr.component_id, sr.worker_id, sr.batch_id, cr.data",
+                                 component_results_only=True)
+    sql += " AND cr.data IS NOT NULL ORDER BY cr.id"
     try:
         columns: dict[str, None] = {}
-        for row in conn.execute(sql, (to_json(cr_ids),)):
+        for row in conn.execute(sql, args):
             for record in data_rows(row[5]):
                 columns.update(dict.fromkeys(record))
         data_columns = [c for c in columns if c not in CSV_ID_COLUMNS]
         yield from csv_chunks(CSV_ID_COLUMNS + data_columns, (
             [list(row[:5]) + [_csv_value(record.get(c)) for c in data_columns] for record in data_rows(row[5])]
-            for row in conn.execute(sql, (to_json(cr_ids),))), style)
+            for row in conn.execute(sql, args)), style)
     finally:
         conn.close()
 
@@ -4437,14 +4468,30 @@ def result_file(db: Db, config: Config, filename: str, cr_id_text: str | None) -
     path = None if sr_id is None else confined_path(run_uploads(config, sr_id) / cr_id_text, filename)
     if path is None or not path.is_file():
         raise JatosError(404, f"Result file not found: {filename}")
-    log_for_studies(db, studies_of_results(db, [cr_id]), "Exported single result file")
+    log_for_studies(db, studies_of_results(db, selection_of("componentResultId", cr_id)), "Exported single result file")
     return path
 
 
-def studies_of_results(db: Db, cr_ids: list[int]) -> list[str]:
-    """The UUIDs of the studies the component results belong to."""
-    return [row[0] for row in db.all(f"SELECT DISTINCT s.uuid {_RESULT_JOIN} "
-                                     "WHERE cr.id IN (SELECT value FROM json_each(?)) ORDER BY s.id", to_json(cr_ids))]
+def studies_of_results(db: Db, selection: Selection) -> list[str]:
+    """The UUIDs of the studies the selected results belong to."""
+    sql, args = selection.studies()
+    return [row["uuid"] for row in db.all(sql, *args)]
+
+
+def _remove_runs(db: Db, config: Config, sr_ids: list[int]) -> None:
+    """Study results with everything they hold: component results, uploads, applied
+    requests and channel connections."""
+    if not sr_ids:
+        return
+    ids = to_json(sr_ids)
+    conns = "SELECT id FROM channel_conns WHERE study_result_id IN (SELECT value FROM json_each(?))"
+    db.conns_changed = True
+    db.run(f"DELETE FROM channel_conn_scopes WHERE conn IN ({conns})", ids)
+    for table, column in (("channel_conns", "study_result_id"), ("applied_requests", "study_result_id"),
+                          ("component_results", "study_result_id"), ("study_results", "id")):
+        db.run(f"DELETE FROM {table} WHERE {column} IN (SELECT value FROM json_each(?))", ids)
+    for sr_id in sr_ids:
+        shutil.rmtree(run_uploads(config, sr_id), ignore_errors=True)
 
 
 def delete_results(db: Db, config: Config, cr_ids: list[int]) -> list[int]:
@@ -4455,36 +4502,28 @@ def delete_results(db: Db, config: Config, cr_ids: list[int]) -> list[int]:
     db.run("DELETE FROM component_results WHERE id IN (SELECT value FROM json_each(?))", ids)
     for cr_id, sr_id in pairs:
         shutil.rmtree(run_uploads(config, sr_id) / str(cr_id), ignore_errors=True)
-    for sr_id in {sr_id for _, sr_id in pairs}:
-        if db.value("SELECT 1 FROM component_results WHERE study_result_id = ?", sr_id) is None:
-            db.run("DELETE FROM applied_requests WHERE study_result_id = ?", sr_id)
-            db.run("DELETE FROM study_results WHERE id = ?", sr_id)
-            shutil.rmtree(run_uploads(config, sr_id), ignore_errors=True)
+    _remove_runs(db, config, [sr_id for sr_id in sorted({sr_id for _, sr_id in pairs}) if db.value(
+        "SELECT 1 FROM component_results WHERE study_result_id = ?", sr_id) is None])
     return [cr_id for cr_id, _ in pairs]
 
 
-def delete_selected_results(db: Db, config: Config, cr_ids: list[int]) -> list[int]:
-    """DELETE of selected results: as delete_results, and their studies' logs say so."""
-    studies = studies_of_results(db, cr_ids)
-    deleted = delete_results(db, config, cr_ids)
+def delete_selected_results(db: Db, config: Config, selection: Selection) -> tuple[list[int], int]:
+    """DELETE of selected results: the component results (as delete_results) and the selected
+    runs that have none; their studies' logs say so. Returns the deleted component results'
+    IDs and how many runs without component results went."""
+    studies = studies_of_results(db, selection)
+    sql, args = selection.select("sr.id")
+    empty_runs = [row[0] for row in db.all(sql + " AND cr.id IS NULL", *args)]
+    sql, args = selection.select("cr.id", component_results_only=True)
+    deleted = delete_results(db, config, [row[0] for row in db.all(sql + " ORDER BY cr.id", *args)])
+    _remove_runs(db, config, empty_runs)
     log_for_studies(db, studies, "Removed result data and files")
-    return deleted
+    return deleted, len(empty_runs)
 
 
 def delete_runs(db: Db, config: Config, where: str, *args: Any) -> None:
     """Delete the study results matching `where` (SQL over study_results) with everything they hold."""
-    sr_ids = [r[0] for r in db.all(f"SELECT id FROM study_results WHERE {where}", *args)]
-    ids = to_json(sr_ids)
-    delete_results(db, config, [r[0] for r in db.all(
-        "SELECT id FROM component_results WHERE study_result_id IN (SELECT value FROM json_each(?))", ids)])
-    conns = "SELECT id FROM channel_conns WHERE study_result_id IN (SELECT value FROM json_each(?))"
-    db.conns_changed = True
-    db.run(f"DELETE FROM channel_conn_scopes WHERE conn IN ({conns})", ids)
-    db.run("DELETE FROM channel_conns WHERE study_result_id IN (SELECT value FROM json_each(?))", ids)
-    db.run("DELETE FROM applied_requests WHERE study_result_id IN (SELECT value FROM json_each(?))", ids)
-    db.run("DELETE FROM study_results WHERE id IN (SELECT value FROM json_each(?))", ids)
-    for sr_id in sr_ids:
-        shutil.rmtree(run_uploads(config, sr_id), ignore_errors=True)
+    _remove_runs(db, config, [row[0] for row in db.all(f"SELECT id FROM study_results WHERE {where}", *args)])
 
 
 def delete_batch_rows(db: Db, config: Config, batch_id: int) -> None:
@@ -4837,6 +4876,13 @@ def _flag_parameter(name: str, default: bool, description: str) -> dict:
     return _query_parameter(name, {"type": "boolean", "default": default}, description)
 
 
+def _selector_parameter(name: str) -> dict:
+    what = ("component results" if name in COMPONENT_SELECTORS
+            else "whole study results, also those without component results (jatos-lite)")
+    item = {"type": "string" if name.endswith("Uuid") else "integer"}
+    return _query_parameter(name, {"type": "array", "items": item}, f"Selects {what}; repeat the parameter for several")
+
+
 _PATH_PARAMETERS = {
     "study_id": "The study's ID or UUID",
     "key": "The component's or batch's ID or UUID; a group's ID",
@@ -4850,10 +4896,7 @@ _PATH_PARAMETERS = {
 OPENAPI_PARAMETERS = {
     **{name: {"name": name, "in": "path", "required": True, "schema": {"type": "string"}, "description": text}
        for name, text in _PATH_PARAMETERS.items()},
-    **{name: _query_parameter(name, {"type": "array", "items": {"type": "string" if name.endswith("Uuid")
-                                                                else "integer"}},
-                              "Selects results; repeat the parameter for several")
-       for name in SELECTORS},
+    **{name: _selector_parameter(name) for name in SELECTORS},
     **{name: _flag_parameter(name, default, "Study import flag (formats-and-api.md §1.5)")
        for name, default in IMPORT_FLAG_DEFAULTS.items()},
     "withComponentProperties": _flag_parameter("withComponentProperties", False, "Components as full objects"),
@@ -5818,15 +5861,14 @@ def api_batch_groups(call: Call, batch_id: str) -> str:
 
 # --- Web: JATOS API v1, results ---------------------------------------------------------------------
 
-def _selected_results(call: Call, exported: tuple[str, ...] = ()) -> list[int]:
-    """The selected component results; an export says so in their studies' logs."""
+def _selected_results(call: Call, exported: tuple[str, ...] = ()) -> Selection:
+    """The request's selection; an export says so in its studies' logs."""
     body = _json_body() if "json" in (bottle.request.content_type or "") else None
     selection = parse_selection(_query_pairs(), body)
-    with call.store.tx() as db:
-        cr_ids = select_component_results(db, selection)
-        if exported:
-            log_for_studies(db, studies_of_results(db, cr_ids), *exported)
-        return cr_ids
+    if exported:
+        with call.store.tx() as db:
+            log_for_studies(db, studies_of_results(db, selection), *exported)
+    return selection
 
 
 def _download(kind: str, extension: str) -> None:
@@ -5840,23 +5882,23 @@ def _csv_style(query: dict[str, str]) -> CsvStyle:
 
 
 def api_results(call: Call) -> Any:
-    cr_ids = _selected_results(call, RESULTS_EXPORTED)
+    selection = _selected_results(call, RESULTS_EXPORTED)
     bottle.response.content_type = "application/zip"
     _download("", "zip")
-    return results_archive(call.store, call.config, cr_ids, _flag(call.query, "isApiCall", True))
+    return results_archive(call.store, call.config, selection, _flag(call.query, "isApiCall", True))
 
 
 def api_results_metadata(call: Call) -> Any:
     style = _csv_style(call.query)
-    cr_ids = _selected_results(call)
+    selection = _selected_results(call)
     if call.query.get("format") == "csv":
         bottle.response.content_type = "text/csv; charset=utf-8"
         _download("metadata_", "csv")
-        return results_metadata_csv(call.store, call.config, cr_ids, style)
+        return results_metadata_csv(call.store, call.config, selection, style)
     bottle.response.content_type = "application/json"
     if _flag(call.query, "download", True):
         _download("metadata_", "json")
-    return results_metadata(call.store, call.config, cr_ids, _flag(call.query, "isApiCall", True),
+    return results_metadata(call.store, call.config, selection, _flag(call.query, "isApiCall", True),
                             _flag(call.query, "details", False))
 
 
@@ -5864,41 +5906,45 @@ def api_results_data(call: Call) -> Any:
     query = call.query
     as_text = query.get("format") != "csv" and _flag(query, "asPlainText", False)
     style = _csv_style(query)
-    cr_ids = _selected_results(call, DATA_EXPORTED if as_text else RESULTS_EXPORTED)
+    selection = _selected_results(call, DATA_EXPORTED if as_text else RESULTS_EXPORTED)
     if query.get("format") == "csv":
         bottle.response.content_type = "text/csv; charset=utf-8"
         _download("data_", "csv")
-        return results_csv(call.store, cr_ids, style)
+        return results_csv(call.store, selection, style)
     if as_text:
         bottle.response.content_type = "text/plain; charset=UTF-8"
         if _flag(query, "download", False):
             _download("data_", "txt")
-        return results_plain_text(call.store, cr_ids)
+        return results_plain_text(call.store, selection)
     bottle.response.content_type = "application/zip"
     _download("data_", "zip")
-    return results_zip(call.store, call.config, cr_ids, with_data=True, with_files=False)
+    return results_zip(call.store, call.config, selection, with_data=True, with_files=False)
 
 
 def api_results_files(call: Call) -> Any:
-    cr_ids = _selected_results(call, RESULTS_EXPORTED)
+    selection = _selected_results(call, RESULTS_EXPORTED)
     bottle.response.content_type = "application/zip"
     _download("files_", "zip")
-    return results_zip(call.store, call.config, cr_ids, with_data=False, with_files=True)
+    return results_zip(call.store, call.config, selection, with_data=False, with_files=True)
 
 
 def api_results_search(call: Call) -> str:
     """jatos-lite: the component results among the selected whose data contains `text`."""
     matches = text_matcher(call.query.get("text", ""), _flag(call.query, "regex", False),
                            _flag(call.query, "caseSensitive", False))
-    cr_ids = _selected_results(call)
+    selection = _selected_results(call)
     with call.store.snapshot() as db:
-        return envelope(search_result_data(db.conn, cr_ids, matches))
+        return envelope(search_result_data(db.conn, selection, matches))
 
 
 def api_results_delete(call: Call) -> str:
-    cr_ids = _selected_results(call)
+    """JATOS's answer, the deleted component results' IDs; jatos-lite: a message counts the
+    deleted runs that had no component results, if there were any."""
+    selection = _selected_results(call)
     with call.store.tx() as db:
-        return envelope(delete_selected_results(db, call.config, cr_ids))
+        deleted, empty_runs = delete_selected_results(db, call.config, selection)
+    noun = "study result" if empty_runs == 1 else "study results"
+    return envelope(deleted, f"Deleted {empty_runs} {noun} without component results" if empty_runs else None)
 
 
 def api_result_file(call: Call, filename: str) -> Any:
@@ -5920,7 +5966,8 @@ def _results_doc(summary: str, method: str, query: tuple[str, ...], answer: dict
 
 
 def _results_delete_doc(method: str) -> dict:
-    return _operation("Delete component results (and study results left empty)", *_SELECTORS,
+    return _operation("Delete the selected component results (and study results left empty) and study results "
+                      "without component results", *_SELECTORS,
                       body=_SELECTION_BODY, deprecated=method == "PUT")
 
 
@@ -6702,12 +6749,12 @@ def export_results(store: Store, config: Config, study_key: str, target: Path, a
     `as_csv` its merged result data ("data") or its results metadata ("metadata") as CSV."""
     with store.tx() as db:
         study = find_study(db, study_key)
-        cr_ids = select_component_results(db, {**{key: set() for key in SELECTORS}, "studyId": {study["id"]}})
+        selection = selection_of("studyId", study["id"])
         if as_csv != "metadata":
-            log_for_studies(db, studies_of_results(db, cr_ids), *RESULTS_EXPORTED)
-    chunks = (results_csv(store, cr_ids, style) if as_csv == "data" else
-              results_metadata_csv(store, config, cr_ids, style) if as_csv == "metadata" else
-              results_archive(store, config, cr_ids, api_call=False))
+            log_for_studies(db, studies_of_results(db, selection), *RESULTS_EXPORTED)
+    chunks = (results_csv(store, selection, style) if as_csv == "data" else
+              results_metadata_csv(store, config, selection, style) if as_csv == "metadata" else
+              results_archive(store, config, selection, api_call=False))
     return write_download(chunks, target)
 
 

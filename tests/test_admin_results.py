@@ -6,6 +6,7 @@ Screenshots go to test-artifacts/."""
 
 from __future__ import annotations
 
+import http.client
 import http.cookiejar
 import io
 import json
@@ -63,6 +64,17 @@ class Participant:
 
     def leave(self, how: str) -> None:
         self.browser.open(f"{self.base}{self.run}/{how}", timeout=10).read()
+
+
+def start_only(link: str) -> str:
+    """A participant whose browser opens the study link but never loads the first component (the
+    redirect to it is not followed): a run without component results. Returns the run's UUID."""
+    parts = urllib.parse.urlsplit(link)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    connection.request("GET", parts.path)
+    answer = connection.getresponse()
+    assert answer.status == 303
+    return answer.getheader("Location").split("/")[2]
 
 
 def runs_in_every_state(server: LiveServer) -> dict:
@@ -386,3 +398,49 @@ def test_the_session_editor_is_large_and_checks_json_as_you_type(page, live_serv
     page.wait_for_selector(".notice >> text=saved")
     assert study["lab"].api("GET", f"/batches/{study['batch']}/session")["data"]["sessionData"] == {"round": 2}
     snap(page, "sessions")
+
+
+
+def test_manage_results_a_run_without_component_results_is_listed_exported_and_deleted(
+        page, live_server, study) -> None:
+    """Issue #16: a run whose first component never loaded counts toward maxTotalWorkers, so the
+    run views list it, count it, export it and delete it; the component view has no row for it."""
+    lab, base = study["lab"], live_server.url
+    uuid = start_only(f"{base}/publix/{lab.code(study['study'], 'gm')}")
+    runs = lab.api("GET", f"/results/metadata?studyId={study['study']}")["data"][0]["studyResults"]
+    empty_run = next(run for run in runs if run["uuid"] == uuid)
+    empty = empty_run["id"]
+    for view, count in ((f"batch/{study['batch']}", 5), (f"worker/{empty_run['workerId']}", 1)):
+        page.goto(f"{base}/jatos/#{view}")
+        wait_rows(page, count)
+        assert empty in rows(page), view
+
+    page.goto(f"{base}/jatos/#study/{study['study']}/Components")
+    page.locator("#tab tr", has_text="Component 1").get_by_role("link", name="results").click()
+    page.wait_for_selector("h2 >> text=Results of component 'Component 1'")
+    wait_rows(page, 4)
+    assert page.inner_text("#counts") == "Showing 4 of 4 component results · 0 selected"
+
+    page.goto(f"{base}/jatos/#study/{study['study']}/Results")
+    wait_rows(page, 5)
+    assert page.inner_text("#counts") == "Showing 5 of 5 runs · 0 selected"
+    row = page.locator(f"#results tr[data-result='{empty}']")
+    assert "STARTED" in row.inner_text()
+    row.get_by_role("button", name="Data").click()
+    page.locator(f"#results tr[data-details='{empty}']").get_by_text("No component results").wait_for()
+    row.locator("input[type=checkbox]").check()
+    assert page.inner_text("#counts") == "Showing 5 of 5 runs · 1 selected"
+    snap(page, "results_run_without_component_results")
+    entries = downloaded_zip(page, "Results archive")
+    assert list(entries) == ["metadata.json"]
+    assert [(run["id"], run["componentResults"]) for run in
+            json.loads(entries["metadata.json"])["data"][0]["studyResults"]] == [(empty, [])]
+
+    asked = []
+    page.once("dialog", lambda dialog: (asked.append(dialog.message), dialog.accept()))
+    page.click("#delete-results")
+    page.wait_for_selector("text=Deleted 1 run (selected).")
+    wait_rows(page, 4)
+    assert asked == ["Delete 1 run (selected) with all their data and files? This cannot be undone."]
+    assert empty not in rows(page) and sorted(rows(page)) == sorted(study["runs"].values())
+    assert lab.api("GET", f"/results/metadata?studyResultId={empty}")["data"] == []

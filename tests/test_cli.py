@@ -200,7 +200,7 @@ def test_export_writes_data_or_metadata_as_csv_for_excel(tmp_path: Path, capsys)
 
 
 def test_a_minted_token_opens_the_api(tmp_path: Path, capsys) -> None:
-    assert jatos_lite.main(["token", "--name", "jatosR", *folders(tmp_path)]) == 0
+    assert jatos_lite.main(["token", "--name", "jatosR", "--data", str(tmp_path / "data")]) == 0
     token = capsys.readouterr().out.strip()
     api = webtest.TestApp(jatos_lite.create_app(jatos_lite.Config(studies=tmp_path / "studies",
                                                                   data=tmp_path / "data")))

@@ -219,3 +219,112 @@ def test_worker_selector_and_details_for_the_admin_page(client: webtest.TestApp,
     assert [r["id"] for r in runs] == [run["id"]] and runs[0]["mturkWorkerId"] is None
     assert [c["componentTitle"] for c in runs[0]["componentResults"]] == ["Part 1", "Part 2", "Part 3"]
     assert all("message" in c for c in runs[0]["componentResults"])
+
+
+# --- jatos-lite: runs without component results (issue #16) ------------------------------------------
+# A participant who opens a study link but never loads the first component leaves a run with no
+# component result. JATOS never exports it nor lets it be deleted, yet it counts toward
+# maxTotalWorkers; jatos-lite's run selectors reach it.
+
+
+@pytest.fixture
+def with_empty_run(lab: Lab, client: webtest.TestApp, store: jatos_lite.Store) -> dict:
+    """A study with one run that sent data and one whose first component page was never requested."""
+    study = lab.study()
+    code = lab.code(study["id"], "gm")
+    full = webtest.TestApp(client.app)
+    base = full.get(f"/publix/{code}", status=303).follow().request.path.rsplit("/", 1)[0]
+    full.post(f"{base}/resultData", b"some data", headers=TEXT)
+    webtest.TestApp(client.app).get(f"/publix/{code}", status=303)  # the redirect to the component is not followed
+    with store.snapshot() as db:
+        full_id, empty_id = [row[0] for row in db.all("SELECT id FROM study_results ORDER BY id")]
+        assert db.value("SELECT COUNT(*) FROM component_results WHERE study_result_id = ?", empty_id) == 0
+    meta = client.get(f"/jatos/api/v1/results/metadata?studyResultId={full_id}", headers=AUTH).json
+    return {"study": study, "full": meta["data"][0]["studyResults"][0], "empty": empty_id}
+
+
+def _runs(client: webtest.TestApp, query: str) -> dict[int, list[int]]:
+    """Study result ID -> its component result IDs, as /results/metadata selects them."""
+    data = client.get(f"/jatos/api/v1/results/metadata?{query}", headers=AUTH).json["data"]
+    return {run["id"]: [c["id"] for c in run["componentResults"]] for study in data for run in study["studyResults"]}
+
+
+def test_a_run_without_component_results_is_in_the_metadata_through_every_run_selector(
+        client: webtest.TestApp, with_empty_run: dict) -> None:
+    full = with_empty_run["full"]
+    meta = client.get(f"/jatos/api/v1/results/metadata?studyResultId={with_empty_run['empty']}", headers=AUTH).json
+    assert meta["data"], "the run is there"
+    empty = meta["data"][0]["studyResults"][0]
+    assert empty["componentResults"] == [] and empty["studyState"] == "STARTED"
+    assert list(empty) == list(full), "the same keys in the same order as any study result"
+    both = {full["id"]: [full["componentResults"][0]["id"]], empty["id"]: []}
+    study = with_empty_run["study"]
+    for query in (f"studyId={study['id']}", f"studyUuid={study['uuid']}", f"batchId={empty['batchId']}",
+                  f"studyResultId={full['id']}&studyResultId={empty['id']}"):
+        assert _runs(client, query) == both, query
+    assert _runs(client, f"workerId={empty['workerId']}") == {empty["id"]: []}
+    assert _runs(client, f"componentId={study['components'][0]['id']}") == {full["id"]: both[full["id"]]}
+    by_body = client.post_json("/jatos/api/v1/results/metadata", {"studyResultIds": f"{empty['id']}"}, headers=AUTH)
+    assert by_body.json["data"][0]["studyResults"] == [empty]
+    details = client.get(f"/jatos/api/v1/results/metadata?studyResultId={empty['id']}&details=true", headers=AUTH)
+    assert details.json["data"][0]["studyResults"][0]["componentResults"] == []
+
+
+def test_a_run_without_component_results_is_a_row_of_the_metadata_csv(client: webtest.TestApp,
+                                                                        with_empty_run: dict) -> None:
+    response = client.get(f"/jatos/api/v1/results/metadata?studyId={with_empty_run['study']['id']}&format=csv",
+                          headers=AUTH)
+    table = list(csv.DictReader(io.StringIO(response.text)))
+    assert [int(row["Result ID"]) for row in table] == [with_empty_run["full"]["id"], with_empty_run["empty"]]
+    assert table[1]["Files"] == "none" and table[1]["State"] == "STARTED"
+
+
+def test_a_run_without_component_results_is_in_the_archives_metadata_json_only(client: webtest.TestApp,
+                                                                                with_empty_run: dict) -> None:
+    full, empty = with_empty_run["full"], with_empty_run["empty"]
+    response = client.get(f"/jatos/api/v1/results?studyResultId={full['id']}&studyResultId={empty}", headers=AUTH)
+    with zipfile.ZipFile(io.BytesIO(response.body)) as archive:
+        assert archive.namelist() == [f"study_result_{full['id']}/comp-result_{full['componentResults'][0]['id']}"
+                                      "/data.txt", "metadata.json"]
+        runs = json.loads(archive.read("metadata.json"))["data"][0]["studyResults"]
+        assert runs[0] == full and [(run["id"], run["componentResults"]) for run in runs[1:]] == [(empty, [])]
+    only_empty = client.get(f"/jatos/api/v1/results/data?studyResultId={empty}", headers=AUTH)
+    with zipfile.ZipFile(io.BytesIO(only_empty.body)) as archive:
+        assert archive.namelist() == []
+    assert client.get(f"/jatos/api/v1/results/data?studyResultId={empty}&asPlainText=true", headers=AUTH).body == b""
+
+
+def test_deleting_a_run_without_component_results_removes_it_and_the_log_says_so(
+        client: webtest.TestApp, with_empty_run: dict, store: jatos_lite.Store) -> None:
+    study, full, empty = with_empty_run["study"], with_empty_run["full"], with_empty_run["empty"]
+    log = f"/jatos/api/v1/studies/{study['id']}/log?download=false&entryLimit=1"
+    assert json.loads(client.get(log, headers=AUTH).body)[0]["msg"] != "Removed result data and files"
+    answer = client.post_json("/jatos/api/v1/results/delete", {"studyResultIds": [empty]}, headers=AUTH).json
+    assert answer == {"apiVersion": jatos_lite.API_VERSION, "message": "Deleted 1 study result without component "
+                      "results", "data": []}
+    assert _runs(client, f"studyId={study['id']}") == {full["id"]: [full["componentResults"][0]["id"]]}
+    with store.snapshot() as db:
+        assert db.value("SELECT COUNT(*) FROM study_results WHERE id = ?", empty) == 0
+    assert json.loads(client.get(log, headers=AUTH).body)[0]["msg"] == "Removed result data and files"
+    again = client.post_json("/jatos/api/v1/results/delete", {"studyResultIds": [empty]}, headers=AUTH).json
+    assert again == {"apiVersion": jatos_lite.API_VERSION, "data": []}, "nothing selected, nothing deleted"
+
+
+def test_deleting_a_study_s_results_takes_its_runs_without_component_results_too(
+        client: webtest.TestApp, with_empty_run: dict) -> None:
+    study, full = with_empty_run["study"], with_empty_run["full"]
+    answer = client.post(f"/jatos/api/v1/results/delete?studyId={study['id']}", headers=AUTH).json
+    assert answer["data"] == [full["componentResults"][0]["id"]]
+    assert answer["message"] == "Deleted 1 study result without component results"
+    assert _runs(client, f"studyId={study['id']}") == {}
+
+
+def test_deleting_a_run_s_last_component_result_still_deletes_the_run(client: webtest.TestApp,
+                                                                       with_empty_run: dict) -> None:
+    """Today's rule: a run that a deletion of component results leaves empty goes too (the
+    answer has no message: no run was selected that had no component results)."""
+    study, full, empty = with_empty_run["study"], with_empty_run["full"], with_empty_run["empty"]
+    cr_id = full["componentResults"][0]["id"]
+    answer = client.post_json("/jatos/api/v1/results/delete", {"componentResultIds": [cr_id]}, headers=AUTH).json
+    assert answer == {"apiVersion": jatos_lite.API_VERSION, "data": [cr_id]}
+    assert _runs(client, f"studyId={study['id']}") == {empty: []}

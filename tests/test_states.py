@@ -157,7 +157,8 @@ def test_a_forbidden_reload_fails_a_finished_last_component_result(lab: Lab, sto
     lab.client.get(start, status=200)
     lab.client.get(start.replace(study["components"][0]["uuid"], study["components"][1]["uuid"]), status=200)
     with store.tx() as db:
-        jatos_lite.delete_selected_results(db, config, [db.value("SELECT MAX(id) FROM component_results")])
+        jatos_lite.delete_selected_results(db, config, jatos_lite.selection_of(
+            "componentResultId", db.value("SELECT MAX(id) FROM component_results")))
     assert component_states(store) == ["FINISHED"]
     lab.client.get(start, status=303)
     assert component_states(store) == ["FAIL"]
