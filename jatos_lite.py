@@ -6984,6 +6984,7 @@ def build_parser() -> argparse.ArgumentParser:
     backup_parser.add_argument("-o", "--output", type=Path, required=True, help="file to write")
     token_parser = commands.add_parser("token", help="API tokens: create (default; printed once), list, revoke ID")
     _data_option(token_parser)
+    token_parser.add_argument("--studies", type=Path, help=argparse.SUPPRESS)  # unused; accepted as before
     token_parser.add_argument("action", nargs="?", choices=["create", "list", "revoke"], default="create")
     token_parser.add_argument("id", nargs="?", type=int, help="the token to revoke")
     token_parser.add_argument("--name", default="command line", help="a name to recognise the token by")
