@@ -37,7 +37,6 @@ import copy
 import csv
 import dataclasses
 import datetime
-import decimal
 import email.utils
 import errno
 import functools
@@ -70,7 +69,7 @@ import uuid
 import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterable, Iterator, NamedTuple
+from typing import Any, Callable, Generator, Iterable, Iterator, NamedTuple
 
 import bottle
 import jsonpatch
@@ -274,8 +273,8 @@ def human_bytes(n: int) -> str:
     while n >= 999_950 and index < len(prefixes) - 1:
         n //= 1000
         index += 1
-    value = (decimal.Decimal(n) / 1000).quantize(decimal.Decimal("0.1"), decimal.ROUND_HALF_UP)
-    return f"{value} {prefixes[index]}B"
+    tenths = (n + 50) // 100  # n / 1000 in tenths, rounded half up (integers: Decimal took 3x as long)
+    return f"{tenths // 10}.{tenths % 10} {prefixes[index]}B"
 
 
 def duration_text(start_ms: int | None, end_ms: int | None) -> str | None:
@@ -285,8 +284,7 @@ def duration_text(start_ms: int | None, end_ms: int | None) -> str | None:
     seconds = max(0, (end_ms - start_ms) // 1000)
     days, rest = divmod(seconds, 86400)
     hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    clock = f"{hours:02d}:{minutes:02d}:{secs:02d}"
+    clock = "%02d:%02d:%02d" % (hours, *divmod(rest, 60))  # quicker than an f-string's three format specs
     return f"{days}:{clock}" if days else clock
 
 
@@ -4068,7 +4066,7 @@ def search_result_data(conn: sqlite3.Connection, selection: Selection, matches: 
 
 # --- results export -----------------------------------------------------------
 
-_EXPORT_COLUMNS = """
+_METADATA_COLUMNS = """
     s.id AS study_id, s.uuid AS study_uuid, s.title AS study_title,
     sr.id AS sr_id, sr.uuid AS sr_uuid, sr.study_code, w.comment AS worker_comment,
     sr.start_date AS sr_start, sr.end_date AS sr_end, sr.last_seen_date, sr.state AS sr_state,
@@ -4083,69 +4081,136 @@ _EXPORT_JOINS = ("LEFT JOIN components c ON c.id = cr.component_id JOIN studies 
                  "JOIN workers w ON w.id = sr.worker_id JOIN batches b ON b.id = sr.batch_id")
 
 
-def _export_rows(conn: sqlite3.Connection, selection: Selection, with_data: bool = False) -> Iterator[sqlite3.Row]:
-    """The selection's rows, streamed: one per component result and one (`cr_id` None) per
-    run without any, study after study and in each by run and component result ID. A query
-    per study reads the study's runs in the order of their index, so SQLite never sorts."""
-    sql, args = selection.select(_EXPORT_COLUMNS + (", cr.data AS data" if with_data else ""), _EXPORT_JOINS)
+def _export_rows(conn: sqlite3.Connection, selection: Selection, columns: str = _METADATA_COLUMNS) -> Iterator[Any]:
+    """The selection's rows as named tuples, streamed: one per component result and one
+    (`cr_id` None) per run without any, study after study and in each by run and component
+    result ID. A query per study reads the study's runs in the order of their index, so
+    SQLite never sorts."""
+    sql, args = selection.select(columns, _EXPORT_JOINS)
     for study_id, _ in conn.execute(*selection.studies()).fetchall():
-        yield from conn.execute(sql + " AND sr.study_id = ? ORDER BY sr.id, cr.id", [*args, study_id])
+        yield from _named_rows(conn.execute(sql + " AND sr.study_id = ? ORDER BY sr.id, cr.id", [*args, study_id]))
 
 
 def result_path(sr_id: int, cr_id: int) -> str:
     return f"study_result_{sr_id}/comp-result_{cr_id}"
 
 
-def _result_files(config: Config, sr_id: int, cr_id: int) -> list[Path]:
-    folder = run_uploads(config, sr_id) / str(cr_id)
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".upload-"))
+def _named_rows(cursor: sqlite3.Cursor) -> Iterator[Any]:
+    """A cursor's rows as named tuples (row.sr_id): an export reads up to 30 columns of each
+    row, and a sqlite3.Row looks each name up along its columns (a dict costs more to make)."""
+    cursor.row_factory = None
+    return map(collections.namedtuple("ExportRow", [column[0] for column in cursor.description])._make, cursor)
 
 
-def _component_result_metadata(config: Config, row: sqlite3.Row, details: bool = False) -> dict:
-    size = row["data_size"]
-    data = {"size": size, "sizeHumanReadable": human_bytes(size)}
-    if size == 0:
-        data["filename"] = "data.txt"  # JATOS writes it only for empty data; reproduced on purpose
-    files = [{"filename": p.name, "size": p.stat().st_size, "sizeHumanReadable": human_bytes(p.stat().st_size)}
-             for p in _result_files(config, row["sr_id"], row["cr_id"])]
-    return {"id": row["cr_id"], "componentId": row["component_id"], "componentUuid": row["component_uuid"],
-            "startDate": row["cr_start"], "endDate": row["cr_end"],
-            "duration": duration_text(row["cr_start"], row["cr_end"]), "componentState": row["cr_state"],
-            "path": "/" + result_path(row["sr_id"], row["cr_id"]), "data": data, "files": files,
-            "isQuotaReached": bool(row["cr_quota"]),
-            **({"componentTitle": row["component_title"], "message": row["cr_message"]} if details else {})}
+class _UploadedFiles:
+    """The uploaded files of component results, asked for run after run (the export's rows
+    come ordered by run). The uploads folder is listed once: when it holds at most
+    `most_runs` run folders, runs not among them are known to have no files; otherwise
+    each run's folder is listed, once. Either way no paths and stats per component result."""
+
+    def __init__(self, config: Config, most_runs: int = 10_000):
+        self.config = config
+        self.root = str(config.uploads)  # run_uploads as text: a Path per run would cost more than the listing
+        self.runs = self._runs_with_uploads(most_runs)
+        self.sr_id: int | None = None
+        self.folders: set[str] = set()
+
+    def _runs_with_uploads(self, most: int) -> set[str] | None:
+        """The names of the run folders, or None when there are more than `most`."""
+        try:
+            with os.scandir(self.root) as listing:
+                names = set(itertools.islice((entry.name for entry in listing), most + 1))
+        except FileNotFoundError:
+            return set()
+        return names if len(names) <= most else None
+
+    def __call__(self, sr_id: int, cr_id: int) -> list[Path]:
+        if sr_id != self.sr_id:
+            self.sr_id, self.folders = sr_id, set()
+            if self.runs is None or str(sr_id) in self.runs:
+                with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                    self.folders = set(os.listdir(os.path.join(self.root, str(sr_id))))
+        if str(cr_id) not in self.folders:
+            return []
+        folder = run_uploads(self.config, sr_id) / str(cr_id)
+        if not folder.is_dir():
+            return []
+        return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".upload-"))
 
 
-def _study_result_metadata(row: sqlite3.Row, component_results: list[dict], details: bool = False) -> dict:
-    meta: dict[str, Any] = {"id": row["sr_id"], "uuid": row["sr_uuid"], "studyCode": row["study_code"]}
-    if row["worker_comment"]:
-        meta["comment"] = row["worker_comment"]
-    meta.update({"startDate": row["sr_start"], "endDate": row["sr_end"],
-                 "duration": duration_text(row["sr_start"], row["sr_end"]), "lastSeenDate": row["last_seen_date"],
-                 "studyState": row["sr_state"]})
-    if row["sr_message"]:
-        meta["message"] = row["sr_message"]
-    query = json.loads(row["url_query_parameters"] or "{}")
+_json_text = json.encoder.encode_basestring  # a JSON string exactly as to_json writes one (ensure_ascii off)
+
+
+def _json_scalar(value: Any) -> str:
+    """A column's value (text, integer or NULL) exactly as to_json writes it, without the
+    encoder to_json sets up for every call."""
+    if value is None:
+        return "null"
+    if value.__class__ is str:
+        return _json_text(value)
+    return str(value) if value.__class__ is int else to_json(value)
+
+
+def _json_bool(value: Any) -> str:
+    return "true" if value else "false"
+
+
+def _files_json(files: list[Path]) -> str:
+    if not files:  # most component results
+        return ""
+    sizes = [(path.name, path.stat().st_size) for path in files]
+    return ",".join('{"filename":%s,"size":%d,"sizeHumanReadable":"%s"}' % (
+        _json_text(name), size, human_bytes(size)) for name, size in sizes)
+
+
+def _component_result_json(row: Any, files: list[Path], details: bool = False) -> str:
+    """One component result's metadata, written with templates rather than built as a dict
+    (it is done for every row); tests compare it with JATOS's field order."""
+    size = row.data_size
+    data = '{"size":%d,"sizeHumanReadable":"%s"%s}' % (
+        size, human_bytes(size), ',"filename":"data.txt"' if size == 0 else "")  # JATOS's quirk, on purpose
+    more = (',"componentTitle":%s,"message":%s' % (_json_scalar(row.component_title), _json_scalar(row.cr_message))
+            if details else "")
+    return ('{"id":%d,"componentId":%d,"componentUuid":%s,"startDate":%s,"endDate":%s,"duration":%s,'
+            '"componentState":%s,"path":"/%s","data":%s,"files":[%s],"isQuotaReached":%s%s}') % (
+        row.cr_id, row.component_id, _json_text(row.component_uuid), _json_scalar(row.cr_start),
+        _json_scalar(row.cr_end), _json_scalar(duration_text(row.cr_start, row.cr_end)),
+        _json_text(row.cr_state), result_path(row.sr_id, row.cr_id), data, _files_json(files),
+        _json_bool(row.cr_quota), more)
+
+
+def _study_result_json(row: Any, component_results: str, details: bool = False) -> str:
+    """One study result's metadata around its component results' JSON; optional fields only when JATOS writes them."""
+    parts = ['{"id":%d,"uuid":%s,"studyCode":%s' % (row.sr_id, _json_text(row.sr_uuid),
+                                                      _json_scalar(row.study_code))]
+    if row.worker_comment:
+        parts.append(',"comment":' + _json_scalar(row.worker_comment))
+    parts.append(',"startDate":%s,"endDate":%s,"duration":%s,"lastSeenDate":%s,"studyState":%s' % (
+        _json_scalar(row.sr_start), _json_scalar(row.sr_end),
+        _json_scalar(duration_text(row.sr_start, row.sr_end)), _json_scalar(row.last_seen_date),
+        _json_text(row.sr_state)))
+    if row.sr_message:
+        parts.append(',"message":' + _json_scalar(row.sr_message))
+    query = row.url_query_parameters
+    query = json.loads(query) if query and query != "{}" else None
     if query:
-        meta["urlQueryParameters"] = query
-    meta.update({"workerId": row["worker_id"], "workerType": row["worker_type"], "batchId": row["batch_id"],
-                 "batchUuid": row["batch_uuid"], "batchTitle": row["batch_title"],
-                 "groupId": row["group_id"]})
-    if row["confirmation_code"] is not None:
-        meta["confirmationCode"] = row["confirmation_code"]
+        parts.append(',"urlQueryParameters":' + to_json(query))
+    parts.append(',"workerId":%d,"workerType":%s,"batchId":%d,"batchUuid":%s,"batchTitle":%s,"groupId":%s' % (
+        row.worker_id, _json_text(row.worker_type), row.batch_id, _json_text(row.batch_uuid),
+        _json_text(row.batch_title), _json_scalar(row.group_id)))
+    if row.confirmation_code is not None:
+        parts.append(',"confirmationCode":' + _json_scalar(row.confirmation_code))
     if details:
-        meta["mturkWorkerId"] = row["mturk_worker_id"]
-    meta.update({"isQuotaReached": bool(row["sr_quota"]), "componentResults": component_results})
-    return meta
+        parts.append(',"mturkWorkerId":' + _json_scalar(row.mturk_worker_id))
+    parts.append(',"isQuotaReached":%s,"componentResults":[%s]}' % (_json_bool(row.sr_quota), component_results))
+    return "".join(parts)
 
 
-def _grouped(rows: Iterable[sqlite3.Row], key: str) -> Iterator[list[sqlite3.Row]]:
-    """Consecutive rows with the same `key`, one group at a time (the cursor streams)."""
-    group: list[sqlite3.Row] = []
+def _by_run(rows: Iterable[Any]) -> Iterator[list[Any]]:
+    """Consecutive rows of the same study result, one run at a time (the cursor streams)."""
+    group: list[Any] = []
     for row in rows:
-        if group and group[-1][key] != row[key]:
+        if group and group[-1].sr_id != row.sr_id:
             yield group
             group = []
         group.append(row)
@@ -4160,20 +4225,21 @@ def metadata_chunks(conn: sqlite3.Connection, config: Config, selection: Selecti
     each component's title and message and the MTurk worker ID."""
     yield '{"apiVersion":"%s","data":[' % API_VERSION if api_call else '{"data":['
     rows = _export_rows(conn, selection)
+    files = _UploadedFiles(config)
     first_study = True
     study_id = None
-    for sr_rows in _grouped(rows, "sr_id"):
+    for sr_rows in _by_run(rows):
         head = sr_rows[0]
-        if head["study_id"] != study_id:
+        if head.study_id != study_id:
             if study_id is not None:
                 yield "]}"
             yield ("" if first_study else ",") + to_json(
-                {"studyId": head["study_id"], "studyUuid": head["study_uuid"], "studyTitle": head["study_title"]}
+                {"studyId": head.study_id, "studyUuid": head.study_uuid, "studyTitle": head.study_title}
             )[:-1] + ',"studyResults":['
-            first_study, study_id, first_sr = False, head["study_id"], True
-        yield ("" if first_sr else ",") + to_json(
-            _study_result_metadata(head, [_component_result_metadata(config, r, details) for r in sr_rows
-                                          if r["cr_id"] is not None], details))
+            first_study, study_id, first_sr = False, head.study_id, True
+        component_results = ",".join(_component_result_json(row, files(row.sr_id, row.cr_id), details)
+                                     for row in sr_rows if row.cr_id is not None)
+        yield ("" if first_sr else ",") + _study_result_json(head, component_results, details)
         first_sr = False
     if study_id is not None:
         yield "]}"
@@ -4181,6 +4247,11 @@ def metadata_chunks(conn: sqlite3.Connection, config: Config, selection: Selecti
 
 
 ZIP64_LIMIT = 0xFFFFFFFF
+DIRECTORY_SPILL_BYTES = 4 << 20  # past this, a ZIP's central directory waits in a temporary file
+_LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")
+_DATA_DESCRIPTOR = struct.Struct("<IIII")
+_CENTRAL_HEADER = struct.Struct("<IHHHHHHIIIHHHHHII")
+_ZIP64_OFFSET = struct.Struct("<HHQ")
 
 
 def _dos_time(moment: time.struct_time) -> tuple[int, int]:
@@ -4200,49 +4271,63 @@ def _gathered(pieces: Iterable[bytes], size: int = CHUNK_BYTES) -> Iterator[byte
     yield bytes(buffer)
 
 
-def zip_stream(entries: Iterable[tuple[str, Iterable[bytes]]]) -> Iterator[bytes]:
+def zip_stream(entries: Iterable[tuple[str, Iterable[bytes]]], spill_bytes: int = DIRECTORY_SPILL_BYTES
+               ) -> Iterator[bytes]:
     """A deflated ZIP produced while it is sent, in pieces of about 1 MiB: each entry's
-    sizes and CRC follow its data (a data descriptor), and the central directory is kept as
-    packed bytes, about 60 bytes plus the name per entry. ZIP64 end records when there are
-    65,535 entries or more, or the archive passes 4 GiB; a single entry must stay under
+    sizes and CRC follow its data (a data descriptor), and the central directory, about 90
+    bytes per entry, is held in memory up to `spill_bytes` and in a temporary file beyond,
+    so memory stays the same however many entries there are. ZIP64 end records when there
+    are 65,535 entries or more, or the archive passes 4 GiB; a single entry must stay under
     4 GiB (uploads and result data are far smaller)."""
-    return _gathered(_zip_pieces(entries))
+    return _gathered(_zip_pieces(entries, spill_bytes))
 
 
-def _zip_pieces(entries: Iterable[tuple[str, Iterable[bytes]]]) -> Iterator[bytes]:
-    dos_time, dos_date = _dos_time(time.localtime())
-    directory = bytearray()
-    offset = count = 0
-    for name, chunks in entries:
-        encoded = name.encode("utf-8")
-        header = struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0x0808, 8, dos_time, dos_date, 0, 0, 0,
-                             len(encoded), 0) + encoded
-        yield header
-        compressor, crc, size, packed_size = zlib.compressobj(6, zlib.DEFLATED, -15), 0, 0, 0
-        for chunk in chunks:
-            crc, size = zlib.crc32(chunk, crc), size + len(chunk)
-            packed = compressor.compress(chunk)
+def _deflated(chunks: Iterable[bytes]) -> Generator[bytes, None, tuple[int, int, int]]:
+    """An entry's data deflated (level 6, as zipfile); returns (CRC, size, deflated size)."""
+    compressor, crc, size, packed_size = zlib.compressobj(6, zlib.DEFLATED, -15), 0, 0, 0
+    for chunk in chunks:
+        crc, size = zlib.crc32(chunk, crc), size + len(chunk)
+        packed = compressor.compress(chunk)
+        if packed:
             packed_size += len(packed)
             yield packed
-        packed = compressor.flush()
-        packed_size += len(packed)
-        yield packed
-        if size >= ZIP64_LIMIT or packed_size >= ZIP64_LIMIT:
-            raise JatosError(500, f"{name} is too large for this archive (4 GiB per file)")
-        yield struct.pack("<IIII", 0x08074B50, crc, packed_size, size)
-        extra = struct.pack("<HHQ", 1, 8, offset) if offset >= ZIP64_LIMIT else b""
-        directory += struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 45 if extra else 20, 45 if extra else 20,
-                                 0x0808, 8, dos_time, dos_date, crc, packed_size, size, len(encoded), len(extra),
-                                 0, 0, 0, 0, min(offset, ZIP64_LIMIT)) + encoded + extra
-        offset += len(header) + packed_size + 16
-        count += 1
-    yield bytes(directory)
-    if count >= 0xFFFF or offset >= ZIP64_LIMIT or len(directory) >= ZIP64_LIMIT:
-        yield struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, count, count, len(directory), offset)
-        yield struct.pack("<IIQI", 0x07064B50, 0, offset + len(directory), 1)
+    packed = compressor.flush()
+    yield packed
+    return crc, size, packed_size + len(packed)
+
+
+def _zip_pieces(entries: Iterable[tuple[str, Iterable[bytes]]], spill_bytes: int) -> Iterator[bytes]:
+    dos_time, dos_date = _dos_time(time.localtime())
+    offset = count = 0
+    with tempfile.SpooledTemporaryFile(spill_bytes) as directory:
+        for name, chunks in entries:
+            encoded = name.encode("utf-8")
+            header = _LOCAL_HEADER.pack(0x04034B50, 20, 0x0808, 8, dos_time, dos_date, 0, 0, 0, len(encoded), 0)
+            yield header + encoded
+            crc, size, packed_size = yield from _deflated(chunks)
+            if size >= ZIP64_LIMIT or packed_size >= ZIP64_LIMIT:
+                raise JatosError(500, f"{name} is too large for this archive (4 GiB per file)")
+            yield _DATA_DESCRIPTOR.pack(0x08074B50, crc, packed_size, size)
+            extra = _ZIP64_OFFSET.pack(1, 8, offset) if offset >= ZIP64_LIMIT else b""
+            directory.write(_CENTRAL_HEADER.pack(
+                0x02014B50, 45 if extra else 20, 45 if extra else 20, 0x0808, 8, dos_time, dos_date, crc,
+                packed_size, size, len(encoded), len(extra), 0, 0, 0, 0, min(offset, ZIP64_LIMIT)) + encoded + extra)
+            offset += _LOCAL_HEADER.size + len(encoded) + packed_size + _DATA_DESCRIPTOR.size
+            count += 1
+        directory_size = directory.tell()
+        directory.seek(0)
+        yield from read_chunks(directory, 1 << 16)  # small pieces: _gathered copies each into its buffer
+    yield from _zip_end(count, offset, directory_size)
+
+
+def _zip_end(count: int, offset: int, directory_size: int) -> Iterator[bytes]:
+    """The end of central directory record, with ZIP64 records before it when needed."""
+    if count >= 0xFFFF or offset >= ZIP64_LIMIT or directory_size >= ZIP64_LIMIT:
+        yield struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, count, count, directory_size, offset)
+        yield struct.pack("<IIQI", 0x07064B50, 0, offset + directory_size, 1)
         yield struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 0xFFFF, 0xFFFF, ZIP64_LIMIT, ZIP64_LIMIT, 0)
     else:
-        yield struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, count, count, len(directory), offset, 0)
+        yield struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, count, count, directory_size, offset, 0)
 
 
 def _file_chunks(path: Path) -> Iterator[bytes]:
@@ -4252,15 +4337,18 @@ def _file_chunks(path: Path) -> Iterator[bytes]:
 
 def _result_entries(conn: sqlite3.Connection, config: Config, selection: Selection, with_data: bool,
                     with_files: bool) -> Iterator[tuple[str, Iterable[bytes]]]:
-    for row in _export_rows(conn, selection, with_data):
-        if row["cr_id"] is None:
+    # only the IDs and the data: reading the metadata's 30 columns too made this 2.4 times as slow
+    columns = "sr.id AS sr_id, cr.id AS cr_id" + (", cr.data AS data" if with_data else "")
+    files = _UploadedFiles(config)
+    for row in _export_rows(conn, selection, columns):
+        sr_id, cr_id = row.sr_id, row.cr_id
+        if cr_id is None:
             continue
-        prefix = result_path(row["sr_id"], row["cr_id"])
         if with_files:
-            for path in _result_files(config, row["sr_id"], row["cr_id"]):
-                yield f"{prefix}/files/{path.name}", _file_chunks(path)
-        if with_data and row["data"] is not None:
-            yield f"{prefix}/data.txt", [row["data"].encode("utf-8")]
+            for path in files(sr_id, cr_id):
+                yield f"{result_path(sr_id, cr_id)}/files/{path.name}", _file_chunks(path)
+        if with_data and row.data is not None:
+            yield f"{result_path(sr_id, cr_id)}/data.txt", (row.data.encode("utf-8"),)
 
 
 def results_archive(store: Store, config: Config, selection: Selection, api_call: bool = True) -> Iterator[bytes]:
@@ -4329,17 +4417,16 @@ def _csv_time(ms: int | None, empty: str) -> str:
     return empty if ms is None else datetime.datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _metadata_csv_row(config: Config, rows: list[sqlite3.Row]) -> list[Any]:
+def _metadata_csv_row(files: _UploadedFiles, rows: list[Any]) -> list[Any]:
     """One study result as the JATOS results table shows it (§2.8), times in the server's local time."""
     head = rows[0]
-    files = [path.name for row in rows if row["cr_id"] is not None
-             for path in _result_files(config, row["sr_id"], row["cr_id"])]
-    return [str(bool(head["sr_quota"])).lower(), head["sr_id"], head["sr_uuid"], head["study_code"] or "none",
-            _csv_time(head["sr_start"], "never"), _csv_time(head["sr_end"], "not yet"),
-            _csv_time(head["last_seen_date"], "never"), duration_text(head["sr_start"], head["sr_end"]) or "not yet",
-            head["batch_title"], head["batch_id"], head["worker_id"], head["worker_type"],
-            head["mturk_worker_id"] or "none", head["confirmation_code"] or "none", head["group_id"] or "none",
-            " ".join(files) or "none", head["sr_state"], head["sr_message"] or "none"]
+    names = [path.name for row in rows for path in files(row.sr_id, row.cr_id)]  # none for a run without any
+    return [str(bool(head.sr_quota)).lower(), head.sr_id, head.sr_uuid, head.study_code or "none",
+            _csv_time(head.sr_start, "never"), _csv_time(head.sr_end, "not yet"),
+            _csv_time(head.last_seen_date, "never"), duration_text(head.sr_start, head.sr_end) or "not yet",
+            head.batch_title, head.batch_id, head.worker_id, head.worker_type,
+            head.mturk_worker_id or "none", head.confirmation_code or "none", head.group_id or "none",
+            " ".join(names) or "none", head.sr_state, head.sr_message or "none"]
 
 
 def results_metadata_csv(store: Store, config: Config, selection: Selection, style: CsvStyle = CsvStyle()
@@ -4347,9 +4434,9 @@ def results_metadata_csv(store: Store, config: Config, selection: Selection, sty
     """jatos-lite: the results metadata as CSV, one row per study result, streamed."""
     conn = store.connect()
     try:
+        files = _UploadedFiles(config)
         yield from csv_chunks(METADATA_CSV_COLUMNS, (
-            [_metadata_csv_row(config, sr_rows)] for sr_rows in _grouped(_export_rows(conn, selection), "sr_id")),
-            style)
+            [_metadata_csv_row(files, sr_rows)] for sr_rows in _by_run(_export_rows(conn, selection))), style)
     finally:
         conn.close()
 

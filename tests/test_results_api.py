@@ -328,3 +328,92 @@ def test_deleting_a_run_s_last_component_result_still_deletes_the_run(client: we
     answer = client.post_json("/jatos/api/v1/results/delete", {"componentResultIds": [cr_id]}, headers=AUTH).json
     assert answer == {"apiVersion": jatos_lite.API_VERSION, "data": [cr_id]}
     assert _runs(client, f"studyId={study['id']}") == {empty: []}
+
+
+NASTY = 'a "quote", a \\ and\na line\tand \x01 ü 日本 \u2028 </script>'
+
+
+def odd_run(store: jatos_lite.Store, config: jatos_lite.Config, study_id: int) -> dict:
+    """A run with every optional metadata field and odd text in each text column: a component result
+    without an end and with an upload (and a partial one, left out), and one with empty data."""
+    with store.tx() as db:
+        component_id, component_uuid = db.one("SELECT id, uuid FROM components WHERE study_id = ?", study_id)
+        batch_id, batch_uuid = db.one("SELECT id, uuid FROM batches WHERE study_id = ?", study_id)
+        db.run("UPDATE batches SET title = ? WHERE id = ?", NASTY, batch_id)
+        worker_id = db.insert("INSERT INTO workers(type, comment, mturk_worker_id) VALUES ('MTurk', ?, ?)",
+                              NASTY, NASTY)
+        sr_id = db.insert("INSERT INTO study_results(uuid, study_code, study_id, batch_id, worker_id, state, "
+                          "start_date, end_date, last_seen_date, url_query_parameters, confirmation_code, message, "
+                          "quota_reached, group_result_id) VALUES ('sr-uuid', ?, ?, ?, ?, 'FINISHED', 1700000000000, "
+                          "1700090061999, 1700090061000, ?, ?, ?, 1, 7)", NASTY, study_id, batch_id, worker_id,
+                          json.dumps({"q": NASTY, "n": [1, 2.5]}), NASTY, NASTY)
+        crs = [db.insert("INSERT INTO component_results(study_result_id, component_id, state, start_date, end_date, "
+                         "data, data_size, message, quota_reached) VALUES (?, ?, ?, 1700000000000, ?, ?, ?, ?, ?)",
+                         sr_id, component_id, state, end, data, size, message, quota)
+               for state, end, data, size, message, quota in [("STARTED", None, "ab", 2, None, 0),
+                                                             ("FINISHED", 1700000001000, "", 0, NASTY, 1)]]
+    folder = config.uploads / str(sr_id) / str(crs[0])
+    folder.mkdir(parents=True)
+    (folder / "f é.bin").write_bytes(b"x" * 1500)
+    (folder / ".upload-partial").write_bytes(b"x")
+    return {"sr_id": sr_id, "crs": crs, "worker_id": worker_id, "batch": (batch_id, batch_uuid),
+            "component": (component_id, component_uuid)}
+
+
+def test_metadata_is_exactly_what_jatos_writes_with_odd_text_and_every_optional_field(
+        lab: Lab, client: webtest.TestApp, store: jatos_lite.Store, config: jatos_lite.Config) -> None:
+    """The metadata is written from templates rather than as dicts through json: byte for byte
+    what to_json of JATOS's objects gives, field order and escapes included."""
+    study = lab.study(components=COMPONENTS[:1])
+    run = odd_run(store, config, study["id"])
+    (component_id, component_uuid), (batch_id, batch_uuid) = run["component"], run["batch"]
+    for details in (False, True):
+        more = {"componentTitle": "Part 1"} if details else {}
+        components = [{
+            "id": run["crs"][0], "componentId": component_id, "componentUuid": component_uuid,
+            "startDate": 1700000000000, "endDate": None, "duration": None, "componentState": "STARTED",
+            "path": f"/study_result_{run['sr_id']}/comp-result_{run['crs'][0]}",
+            "data": {"size": 2, "sizeHumanReadable": "2 B"},
+            "files": [{"filename": "f é.bin", "size": 1500, "sizeHumanReadable": "1.5 kB"}], "isQuotaReached": False,
+            **({**more, "message": None} if details else {})}, {
+            "id": run["crs"][1], "componentId": component_id, "componentUuid": component_uuid,
+            "startDate": 1700000000000, "endDate": 1700000001000, "duration": "00:00:01",
+            "componentState": "FINISHED", "path": f"/study_result_{run['sr_id']}/comp-result_{run['crs'][1]}",
+            "data": {"size": 0, "sizeHumanReadable": "0 B", "filename": "data.txt"}, "files": [],
+            "isQuotaReached": True, **({**more, "message": NASTY} if details else {})}]
+        result = {
+            "id": run["sr_id"], "uuid": "sr-uuid", "studyCode": NASTY, "comment": NASTY, "startDate": 1700000000000,
+            "endDate": 1700090061999, "duration": "1:01:01:01", "lastSeenDate": 1700090061000,
+            "studyState": "FINISHED", "message": NASTY, "urlQueryParameters": {"q": NASTY, "n": [1, 2.5]},
+            "workerId": run["worker_id"], "workerType": "MTurk", "batchId": batch_id, "batchUuid": batch_uuid,
+            "batchTitle": NASTY, "groupId": 7, "confirmationCode": NASTY,
+            **({"mturkWorkerId": NASTY} if details else {}), "isQuotaReached": True, "componentResults": components}
+        expected = {"apiVersion": jatos_lite.API_VERSION, "data": [{
+            "studyId": study["id"], "studyUuid": study["uuid"], "studyTitle": study["title"],
+            "studyResults": [result]}]}
+        body = client.get(f"/jatos/api/v1/results/metadata?studyResultId={run['sr_id']}&details={str(details).lower()}",
+                          headers=AUTH).text
+        assert body == jatos_lite.to_json(expected)
+
+
+def test_uploaded_files_with_and_without_one_listing_of_the_uploads_folder(config: jatos_lite.Config) -> None:
+    """Up to `most_runs` run folders the uploads folder is listed once; beyond, each run's folder
+    is: the same files either way, stray files where folders belong ignored."""
+    for sr_id, cr_id, name in [(1, 1, "b"), (1, 1, "a"), (1, 2, ".upload-x"), (2, 3, "c")]:
+        (config.uploads / str(sr_id) / str(cr_id)).mkdir(parents=True, exist_ok=True)
+        (config.uploads / str(sr_id) / str(cr_id) / name).write_bytes(b"x")
+    (config.uploads / "3").write_text("a file where a run's folder belongs")
+    (config.uploads / "4").mkdir()
+    (config.uploads / "4" / "5").write_text("a file where a component result's folder belongs")
+    asked = [(1, 1), (1, 2), (1, 9), (2, 3), (3, 1), (4, 5), (9, 9), (1, 1)]
+    for most_runs in (10_000, 0):
+        files = jatos_lite._UploadedFiles(config, most_runs)
+        assert [[path.name for path in files(sr_id, cr_id)] for sr_id, cr_id in asked] == \
+            [["a", "b"], [], [], ["c"], [], [], [], ["a", "b"]]
+
+
+@pytest.mark.parametrize("size, text", [(0, "0 B"), (999, "999 B"), (1000, "1.0 kB"), (1049, "1.0 kB"),
+                                        (1050, "1.1 kB"), (999_949, "999.9 kB"), (999_950, "1.0 MB"),
+                                        (1_234_567, "1.2 MB"), (5 * 10**21, "5000.0 EB")])
+def test_human_readable_sizes_round_half_up_like_jatos(size: int, text: str) -> None:
+    assert jatos_lite.human_bytes(size) == text
