@@ -8,7 +8,9 @@ jatos.js does, keeps one long-poll (GET .../channels/poll) on one keep-alive con
 sends each message with POST .../channels/{conn}/send on another. Every page broadcasts one
 message every `every` seconds for `seconds`; the pages are spread over several load
 processes. Per step the script prints delivery latency (p50, p99, max), messages lost (not
-delivered within 8 s of the last send), duplicated and delivered to the wrong group, the
+delivered within 8 s of the last send), duplicated and delivered to the wrong group, pages
+that failed (a request timed out, or the server closed the channel of a page it had not heard
+of for its presence timeout), the
 server's peak RSS and its CPU time per message; and the same for the baseline measured at
 the same step in the same run: a minimal in-memory group relay on waitress with the same
 thread count and the same wire calls (no database, no membership, no durability).
@@ -30,6 +32,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 from common import API_TOKEN, RELAY_ANSWER, percentile, start, study_runs
 
@@ -90,6 +93,13 @@ class Page:
         self.received: dict[str, int] = {}
         self.latencies: list[float] = []
         self.wrong_group = 0
+        self.failed = False  # a request timed out (60 s) or the server closed the page's channel
+
+    def run(self, loop: Callable[..., None], *args: float) -> None:
+        try:
+            loop(*args)
+        except (OSError, RuntimeError, http.client.HTTPException):
+            self.failed = True
 
     def request(self, connection: http.client.HTTPConnection, method: str, path: str, body: object = None) -> dict:
         connection.request(method, self.spec["prefix"] + path, body=None if body is None else json.dumps(body),
@@ -118,6 +128,8 @@ class Page:
         while True:
             answer = self.request(connection, "GET", f"channels/poll?c={conn}:{self.cursor}&page={conn}&wait=20")
             arrived = time.time()
+            if "closed" in answer[conn]:  # not heard of for the presence timeout: the server closed it
+                raise RuntimeError("closed")
             for event in answer[conn]["events"]:
                 self.note(event["msg"].get("msg"), arrived)
             self.cursor = answer[conn]["cursor"]
@@ -139,9 +151,9 @@ def load_process() -> None:
     job = json.loads(sys.stdin.read())
     pages = [Page(spec, job["port"]) for spec in job["pages"]]
     for page in pages:
-        threading.Thread(target=page.poll_loop, daemon=True).start()
-    senders = [threading.Thread(target=page.send_loop, daemon=True,
-                                args=(job["every"], job["start"] + (i * 0.618 % 1) * job["every"],
+        threading.Thread(target=page.run, args=(page.poll_loop,), daemon=True).start()
+    senders = [threading.Thread(target=page.run, daemon=True,
+                                args=(page.send_loop, job["every"], job["start"] + (i * 0.618 % 1) * job["every"],
                                       job["start"] + job["seconds"]))
                for i, page in enumerate(pages)]
     for sender in senders:
@@ -150,7 +162,8 @@ def load_process() -> None:
         sender.join()
     time.sleep(DRAIN_SECONDS)
     json.dump([{"id": p.spec["id"], "group": p.spec["group"], "sent": p.sent, "received": dict(p.received),
-                "latencies": list(p.latencies), "wrong": p.wrong_group} for p in pages], sys.stdout)
+                "latencies": list(p.latencies), "wrong": p.wrong_group, "failed": p.failed} for p in pages],
+              sys.stdout)
 
 
 # --- a step: the pages set up, the load run, the figures --------------------------------------
@@ -225,7 +238,8 @@ def figures(results: list[dict], cpu: float, rss: float) -> dict:
     sent = sum(page["sent"] for page in results)
     return {"sent": sent, "p50": percentile(latencies, 0.5), "p99": percentile(latencies, 0.99),
             "max": max(latencies, default=float("nan")), "late": sum(v > LATE_MS for v in latencies), "lost": lost,
-            "dup": duplicated, "wrong": sum(page["wrong"] for page in results), "rss": rss,
+            "dup": duplicated, "wrong": sum(page["wrong"] for page in results),
+            "failed": sum(page["failed"] for page in results), "rss": rss,
             "cpu_ms": cpu / sent * 1000 if sent else float("nan")}
 
 
@@ -244,7 +258,8 @@ def measure(script: str, pages_of: object, count: int, args: argparse.Namespace,
 
 def report(name: str, f: dict) -> None:
     print(f"{name:>10} | {f['sent']:>6} {f['p50']:>7.1f} {f['p99']:>8.1f} {f['max']:>8.1f} {f['late']:>5} "
-          f"{f['lost']:>5} {f['dup']:>4} {f['wrong']:>5} {f['rss']:>7.0f} {f['cpu_ms']:>7.2f}", flush=True)
+          f"{f['lost']:>5} {f['dup']:>4} {f['wrong']:>5} {f['failed']:>6} {f['rss']:>7.0f} {f['cpu_ms']:>7.2f}",
+          flush=True)
 
 
 def main() -> None:
@@ -257,11 +272,13 @@ def main() -> None:
     args = parser.parse_args()
     print(f"groups of {GROUP_SIZE}, {args.seconds:g} s, {args.threads} server threads, "
           f"{args.processes} load processes; latency in ms; lost = not delivered {DRAIN_SECONDS:g} s after the "
-          f"last send; late = over {LATE_MS / 1000:g} s; RSS = server peak MB; CPU = server ms per message")
+          f"last send; late = over {LATE_MS / 1000:g} s; failed = pages whose request timed out (60 s) or whose "
+          f"channel the server closed (not heard of for its presence timeout); RSS = server peak MB; "
+          f"CPU = server ms per message")
     for every in (float(text) for text in args.every.split(",")):
         print(f"\none message per page every {every:g} s")
         print(f"{'pages':>5} {'server':>10} | {'sent':>6} {'p50':>7} {'p99':>8} {'max':>8} {'late':>5} {'lost':>5} "
-              f"{'dup':>4} {'wrong':>5} {'RSS':>7} {'CPU':>7}")
+              f"{'dup':>4} {'wrong':>5} {'failed':>6} {'RSS':>7} {'CPU':>7}")
         for count in (int(text) for text in args.pages.split(",")):
             for name, script, pages_of in (("jatos-lite", JATOS_LITE, jatos_lite_pages),
                                            ("relay", RELAY, relay_pages)):
