@@ -6925,14 +6925,20 @@ PYZ_MAIN = b"import sys\n\nimport jatos_lite\n\nsys.exit(jatos_lite.main())\n"
 BUNDLED_STUDIES = "bundled_studies"  # in a pyz built with --with-studies: index.json and a .jzip per study
 
 
+def existing_store(config: Config) -> Store:
+    """The database of a command that reads what a server made: one line, never a new empty
+    database, when the data folder is not the one jatos-lite runs with."""
+    if not config.db_path.exists():
+        raise JatosError(404, f"There is no database in {config.data.resolve()}: run this in the folder you start "
+                              "jatos-lite from, or give its --data and --studies.")
+    return Store(config.db_path)
+
+
 def bundled_study_entries(config: Config) -> list[tuple[str, bytes]]:
     """`jatos-lite pyz --with-studies`: each study of the data folder as the .jzip that carries it
     to another computer (properties, components, batches, files; not its results or links),
     and their index."""
-    if not config.db_path.exists():
-        raise JatosError(404, f"There is no database in {config.data.resolve()}: run this in the folder you start "
-                              "jatos-lite from, or give its --data and --studies.")
-    store = Store(config.db_path)
+    store = existing_store(config)
     try:
         with store.snapshot() as db:
             documents = [study_jas(db, study) for study in db.all("SELECT * FROM studies ORDER BY id")]
@@ -7156,12 +7162,12 @@ def run_command(args: argparse.Namespace, config: Config) -> None:
         verb = "Imported" if created else "Updated"
         print(f"{verb} study '{study['title']}' (ID {study_id}) in {config.studies / study['dir_name']}")
     elif args.command == "links":
-        links_command(Store(config.db_path), config, args)
+        links_command(existing_store(config), config, args)
     elif args.command == "token":
         token_command(Store(config.db_path), args.action, args.name, args.id)
     elif args.command in ("export", "export-study"):
         style = csv_style_of(args) if args.command == "export" else None
-        store = Store(config.db_path)
+        store = existing_store(config)
         size = (export_study(store, config, args.study, args.output) if style is None else
                 export_results(store, config, args.study, args.output, args.csv, style))
         print(f"Wrote {args.output} ({human_bytes(size)})")
@@ -7173,7 +7179,7 @@ def run_command(args: argparse.Namespace, config: Config) -> None:
         print(f"Wrote {args.output} ({human_bytes(size)}){studies}: copy it anywhere and start it with "
               f"'python {args.output.name}'")
     elif args.command == "backup":
-        size = backup(Store(config.db_path), config, args.output)
+        size = backup(existing_store(config), config, args.output)
         print(f"Wrote {args.output} ({human_bytes(size)}): database, result files and studies")
 
 

@@ -90,6 +90,7 @@ def test_import_then_links_print_full_urls_that_start_runs(tmp_path: Path, lan: 
 
 
 def test_links_of_an_unknown_study_fail_with_a_message(tmp_path: Path, capsys) -> None:
+    jatos_lite.Store(jatos_lite.Config(data=tmp_path / "data").db_path)  # a database with no study
     assert jatos_lite.main(["links", "nothing", "--type", "gm", "--data", str(tmp_path / "data")]) == 1
     assert "nothing" in capsys.readouterr().err
 
@@ -299,3 +300,14 @@ def test_the_banner_names_the_sign_in_link_every_lan_address_and_the_folders(
     listening = {(sockaddr[0], sockaddr[1]) for *_, sockaddr in served["listen"]}
     assert listening == {("0.0.0.0", port), ("127.0.0.1", admin_port)}  # participants everywhere, admin here only
     assert served["threads"] == jatos_lite.Config().threads and served["asyncore_use_poll"] is True
+
+@pytest.mark.parametrize("command", [["links", "1", "--type", "gm"], ["export", "1", "-o", "out.zip"],
+                                     ["export-study", "1", "-o", "out.jzip"], ["backup", "-o", "out.zip"]])
+def test_a_command_on_a_folder_without_a_database_says_so_and_makes_none(
+        command: list[str], tmp_path: Path, capsys) -> None:
+    """Run in the wrong folder, a command that reads what a server made says so in one line,
+    instead of creating an empty database there and answering that the study doesn't exist."""
+    assert jatos_lite.main([*command, "--data", str(tmp_path / "data")]) == 1
+    printed = capsys.readouterr().err.strip()
+    assert printed.startswith("jatos-lite: There is no database in") and "\n" not in printed
+    assert not (tmp_path / "data" / "jatos.sqlite").exists()
