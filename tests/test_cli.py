@@ -301,13 +301,15 @@ def test_the_banner_names_the_sign_in_link_every_lan_address_and_the_folders(
     assert listening == {("0.0.0.0", port), ("127.0.0.1", admin_port)}  # participants everywhere, admin here only
     assert served["threads"] == jatos_lite.Config().threads and served["asyncore_use_poll"] is True
 
-@pytest.mark.parametrize("command", [["links", "1", "--type", "gm"], ["export", "1", "-o", "out.zip"],
-                                     ["export-study", "1", "-o", "out.jzip"], ["backup", "-o", "out.zip"]])
+@pytest.mark.parametrize("command", [["links", "1", "--type", "gm"], ["export", "1", "-o", "{out}.zip"],
+                                     ["export-study", "1", "-o", "{out}.jzip"], ["backup", "-o", "{out}.zip"]])
 def test_a_command_on_a_folder_without_a_database_says_so_and_makes_none(
         command: list[str], tmp_path: Path, capsys) -> None:
     """Run in the wrong folder, a command that reads what a server made says so in one line,
     instead of creating an empty database there and answering that the study doesn't exist."""
-    assert jatos_lite.main([*command, "--data", str(tmp_path / "data")]) == 1
+    arguments = [word.format(out=tmp_path / "out") for word in command]
+    assert jatos_lite.main([*arguments, "--data", str(tmp_path / "data")]) == 1
+    assert not list(tmp_path.glob("out.*"))
     printed = capsys.readouterr().err.strip()
     assert printed.startswith("jatos-lite: There is no database in") and "\n" not in printed
     assert not (tmp_path / "data" / "jatos.sqlite").exists()
