@@ -599,6 +599,12 @@ class ClientFile(NamedTuple):
     modified: float
 
 
+def command_name() -> str:
+    """How its user starts this jatos-lite's commands: `python FILE.pyz` from a zipapp."""
+    archive = Path(__file__).parent
+    return f"python {archive.name}" if archive.is_file() else "jatos-lite"
+
+
 @functools.cache
 def client_file(relative: str) -> ClientFile:
     """A shipped file, read beside this module through its loader, so that it is found in a
@@ -6568,7 +6574,7 @@ def print_banner(store: Store, config: Config, sign_in: str, summary: str) -> No
     for warning in storage_warnings(config.data):
         print(f"  WARNING: {warning}")
     print(f"  Admin page (sign in; this link works for {ADMIN_SESSION_SECONDS // 86400} days):  {sign_in}")
-    print(f"  API token for scripts (jatosR, curl): run  jatos-lite token create{folders}")
+    print(f"  API token for scripts (jatosR, curl): run  {command_name()} token create{folders}")
     print("  Participants on this network can use:")
     for url in base_urls(config):
         print(f"    {url}/publix/run")

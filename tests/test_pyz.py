@@ -64,6 +64,7 @@ def test_the_pyz_serves_the_example_study_to_its_end(pyz: Path, bare_python: str
         js = urllib.request.urlopen(f"{server.url}/assets/javascripts/jatos.js", timeout=10).read()
         assert js == (ROOT / "jatos.js").read_bytes()
         sign_in = next(word for word in server.banner.split() if "/jatos/login?token=" in word)
+        assert f"run  python {pyz.name} token create" in server.banner  # there is no jatos-lite command here
         page = chromium.new_context().new_page()
         page.goto(sign_in.replace("localhost", "127.0.0.1"))
         assert page.title() and page.content().count("\n") > 50  # admin.html, not a one-line stand-in
