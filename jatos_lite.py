@@ -4402,6 +4402,11 @@ class CsvStyle(NamedTuple):
     bom: bool = False
     delimiter: str = ","
 
+    @classmethod
+    def chosen(cls, excel: bool, semicolon: bool) -> CsvStyle:
+        """The style the API's excel/semicolon flags and the CLI's --excel/--semicolon ask for."""
+        return cls(excel, ";" if semicolon else ",")
+
 
 def csv_chunks(header: list[str], row_groups: Iterable[list[list[Any]]], style: CsvStyle = CsvStyle()
                ) -> Iterator[bytes]:
@@ -4595,8 +4600,10 @@ def delete_results(db: Db, config: Config, cr_ids: list[int]) -> list[int]:
     db.run("DELETE FROM component_results WHERE id IN (SELECT value FROM json_each(?))", ids)
     for cr_id, sr_id in pairs:
         shutil.rmtree(run_uploads(config, sr_id) / str(cr_id), ignore_errors=True)
-    _remove_runs(db, config, [sr_id for sr_id in sorted({sr_id for _, sr_id in pairs}) if db.value(
-        "SELECT 1 FROM component_results WHERE study_result_id = ?", sr_id) is None])
+    _remove_runs(db, config, [row[0] for row in db.all(
+        "SELECT id FROM study_results sr WHERE id IN (SELECT value FROM json_each(?)) "
+        "AND NOT EXISTS (SELECT 1 FROM component_results WHERE study_result_id = sr.id) ORDER BY id",
+        to_json(sorted({sr_id for _, sr_id in pairs})))])
     return [cr_id for cr_id, _ in pairs]
 
 
@@ -5174,9 +5181,13 @@ class RouteKinds:
         return callback
 
 
+def is_admin_port(config: Config, port: int | str | None) -> bool:
+    """Whether a request to this port reached the admin listener (always, when there is only one)."""
+    return not config.admin_port or str(port) == str(config.admin_port)
+
+
 def on_admin_listener(config: Config) -> bool:
-    """Whether this request came to the admin listener (always, when there is only one)."""
-    return not config.admin_port or bottle.request.environ.get("SERVER_PORT") == str(config.admin_port)
+    return is_admin_port(config, bottle.request.environ.get("SERVER_PORT"))
 
 
 def _origin(port: int) -> str:
@@ -5204,8 +5215,12 @@ def authenticate(db: Db, config: Config) -> dict:
     request = bottle.request
     return api_caller(db, config, Credentials(
         request.get_header("Authorization", "") or "", _cookie_value(SESSION_COOKIE),
-        request.get_header("X-CSRF-Token", "") or "", request.method not in ("GET", "HEAD"),
+        _csrf_header(), request.method not in ("GET", "HEAD"),
         on_admin_listener(config)))
+
+
+def _csrf_header() -> str:
+    return bottle.request.get_header("X-CSRF-Token", "") or ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -5558,7 +5573,7 @@ def admin_login(call: Call) -> Redirect:
 def admin_logout(call: Call) -> str:
     """jatos-lite: sign out (POST with the CSRF header); the session ends and its cookie is cleared."""
     session = signed_in(call.admin())
-    check_csrf(session, bottle.request.get_header("X-CSRF-Token", "") or "")
+    check_csrf(session, _csrf_header())
     end_admin_session(call.db, session)
     bottle.response.add_header("Set-Cookie", cookie_header(SESSION_COOKIE, "", 0, http_only=True, same_site="Lax"))
     return envelope(message="Signed out")
@@ -5971,7 +5986,7 @@ def _download(kind: str, extension: str) -> None:
 
 def _csv_style(query: dict[str, str]) -> CsvStyle:
     """excel=true: with a byte order mark, so that Excel reads UTF-8; semicolon=true: `;` between values."""
-    return CsvStyle(_flag(query, "excel", False), ";" if _flag(query, "semicolon", False) else ",")
+    return CsvStyle.chosen(_flag(query, "excel", False), _flag(query, "semicolon", False))
 
 
 def api_results(call: Call) -> Any:
@@ -6259,7 +6274,7 @@ def may_send_archive(app: bottle.Bottle, headers: dict[str, str], port: int) -> 
     config, store = app.config["jatos_lite.config"], app.config["jatos_lite.store"]
     shown = Credentials(headers.get("AUTHORIZATION", ""),
                         parse_cookie_header(headers.get("COOKIE", "")).get(SESSION_COOKIE),
-                        headers.get("X_CSRF_TOKEN", ""), True, not config.admin_port or port == config.admin_port)
+                        headers.get("X_CSRF_TOKEN", ""), True, is_admin_port(config, port))
     try:
         with store.snapshot() as db:
             api_caller(db, config, shown)
@@ -6855,7 +6870,7 @@ def csv_style_of(args: argparse.Namespace) -> CsvStyle:
     """`jatos-lite export --csv ... [--excel] [--semicolon]`: how the CSV is written."""
     if (args.excel or args.semicolon) and not args.csv:
         raise JatosError(400, "--excel and --semicolon shape a CSV export: add --csv data or --csv metadata.")
-    return CsvStyle(args.excel, ";" if args.semicolon else ",")
+    return CsvStyle.chosen(args.excel, args.semicolon)
 
 
 def export_study(store: Store, config: Config, study_key: str, target: Path) -> int:
