@@ -41,6 +41,7 @@ import email.utils
 import errno
 import functools
 import hashlib
+import heapq
 import hmac
 import html
 import io
@@ -77,6 +78,8 @@ import jsonpointer
 import waitress.channel
 import waitress.parser
 import waitress.server
+import waitress.task
+import waitress.wasyncore
 
 __version__ = "0.1.0"
 JATOS_VERSION = "3.10.5"
@@ -101,9 +104,13 @@ class Config:
     studies: Path = Path("studies")
     data: Path = Path("data")
     api_token: str | None = None
-    # Every page of a channel study holds one long-poll, and a held poll takes a thread: 1000 keep a
-    # classroom of 500 pages as quick as an in-memory relay (bench/channels_scale.py, README).
-    threads: int = 1000
+    # A channel poll waiting for news takes no thread (it waits with its connection: GuardedChannel),
+    # so the threads are for requests being worked on; fewer threads spend less CPU time on
+    # switching between them (bench/channels_scale.py, README).
+    threads: int = 32
+    # Every page of a channel study keeps about two connections open (its poll and its sends); the
+    # server holds at most 2/5 of this many polls, and warns near that.
+    connections: int = 4000
     max_result_data: int = 5_000_000
     max_upload: int = 30_000_000
     max_uploads_per_run: int = 50_000_000
@@ -907,7 +914,7 @@ class Store:
     takes SQLite's lock, so several processes may share the file (the CLI while a server
     runs, or several servers).
     The pool, not one connection per thread, bounds memory and descriptors: a server has
-    hundreds of threads (held channel polls), and each connection keeps its own page cache,
+    dozens of threads, and each connection keeps its own page cache,
     parsed schema and three open files.
     """
 
@@ -2929,6 +2936,7 @@ def replay_or_apply(db: Db, sr_uuid: str, request_id: str | None, apply: Callabl
 
 # (The poll hold, presence timeout, sweep interval and memory size are fields of Config.)
 LAST_SEEN_REFRESH_SECONDS = 5.0
+SEEN_WRITE_SECONDS = 0.5  # how often the hub writes the last_seen of the conns polls saw
 GROUP_CLEANER_INTERVAL_SECONDS = 60.0
 GROUP_MEMBER_IDLE_MS = 90_000
 EVENT_RETENTION_SECONDS = 600.0
@@ -2941,6 +2949,7 @@ WATCH_ERROR_PAUSE_SECONDS = 1.0
 HELD_POLLS_PER_BROWSER = 4
 CROWDED_SHARE = 0.8  # of the held-poll limit: the server warns, and the admin page shows it
 HELD_POLLS_PER_RUN = 2  # a run's page holds one; a reloaded page's old poll may not have ended yet
+PARKING_KEY = "jatos_lite.parking"  # a request's Parking in its WSGI environment (from GuardedChannel)
 POLL_RETRY_AFTER_MS = 1000  # a poll released to make room asks its page to wait before the next
 
 
@@ -3352,6 +3361,46 @@ def _delivered_to(conn_id: str, scope: str, event: ChannelEvent) -> bool:
     return event.scope == scope and event.recipient in (None, conn_id) and event.exclude != conn_id
 
 
+@dataclasses.dataclass
+class HeldPoll:
+    """A poll between its arrival and its answer: what it waits for, and its answer so far."""
+
+    sr_uuid: str
+    wanted: list[tuple[str, int]]  # (conn id, cursor)
+    deadline: float  # time.monotonic() when the hold ends
+    generation: int  # the hub's generation its answer is from
+    conn_changes: int  # the hub's conn_changes its answer is from
+    answer: dict
+    scopes: dict[str, str]  # conn id -> the scope whose events change its answer
+    seen: list[str]  # conns whose last_seen is due to be written
+    ticket: int = -1
+
+
+class PollParked(BaseException):
+    """Raised by a poll that waits without a thread, up to GuardedChannel.service, which leaves
+    the request to its connection. A BaseException, so that bottle's and waitress's `except
+    Exception` (answering 500) let it pass."""
+
+
+class Parking:
+    """A connection's way to hold its poll without a worker thread (GuardedChannel): `resume`
+    queues the connection for a worker thread again, and the poll then continues its HeldPoll."""
+
+    def __init__(self, channel: Any):
+        self.channel = channel
+        self.held: HeldPoll | None = None
+        self.give_up: Callable[[int], None] = lambda ticket: None
+
+    def resume(self) -> None:
+        self.channel.server.add_task(self.channel)
+
+    def end(self) -> None:
+        """The request is answered or its connection closed: a ticket it still has is given up."""
+        if self.held is not None:
+            self.give_up(self.held.ticket)
+            self.held = None
+
+
 class ChannelHub:
     """Wakes the held polls of a channel scope when events were appended to it, in this process
     (commit hook) or another one (PRAGMA data_version, checked often); limits how many
@@ -3374,7 +3423,8 @@ class ChannelHub:
         self._lock = threading.Lock()
         self._held: dict[int, tuple[str, tuple[str | None, str], int]] = {}  # ticket -> (browser, (run, page), order)
         self._released: set[int] = set()
-        self._waiting: dict[int, tuple[dict[str, str], threading.Event]] = {}  # ticket -> (conn -> scope, wake-up)
+        self._waiting: dict[int, tuple[dict[str, str], Callable[[], None]]] = {}  # ticket -> (conn -> scope, wake-up)
+        self._parked_until: list[tuple[float, int]] = []  # a heap of (deadline, ticket) of parked polls
         self._waiting_on: dict[str, set[int]] = collections.defaultdict(set)  # scope -> tickets in _waiting
         self._announced: set[int] = set()  # events of our own commits the watcher need not wake for
         self._recent: collections.deque[ChannelEvent] = collections.deque()
@@ -3384,6 +3434,8 @@ class ChannelHub:
         # (run, conn) -> (conn_changes when read, monotonic time read, _POLLED_CONNS row)
         self._polled: dict[tuple[str, str], tuple[int, float, sqlite3.Row]] = {}
         self.conn_changes = 0  # how many commits opened, moved, closed or deleted conns
+        self._seen: dict[str, str] = {}  # conn -> run: conns polls saw whose last_seen is to be written
+        self._seen_written = 0.0
         self._tickets = itertools.count()
         self._watcher: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -3467,13 +3519,22 @@ class ChannelHub:
         return known is not None and known[0] == self.conn_changes and now - known[1] < POLLED_CONN_MEMORY_SECONDS
 
     def mark_seen(self, sr_uuid: str, conn_ids: list[str]) -> None:
-        """A poll showed the conns' page is there: write their last_seen, and forget their rows,
-        which a conn change does not (their last_seen is older now than the database's)."""
-        with self.store.tx() as db:
-            refresh_conns(db, conn_ids)
+        """A poll showed the conns' page is there. The watcher writes their last_seen, many at a
+        time (_write_seen), so that no poll waits for the write lock."""
         with self._lock:
-            for conn_id in conn_ids:
-                self._polled.pop((sr_uuid, conn_id), None)
+            self._seen.update(dict.fromkeys(conn_ids, sr_uuid))
+
+    def _write_seen(self) -> None:
+        """Write the last_seen of the conns polls saw, and forget their rows, which a conn change
+        does not (their last_seen is older now than the database's)."""
+        with self._lock:
+            seen, self._seen = self._seen, {}
+        if seen:
+            with self.store.tx() as db:
+                refresh_conns(db, list(seen))
+            with self._lock:
+                for conn_id, sr_uuid in seen.items():
+                    self._polled.pop((sr_uuid, conn_id), None)
 
     def _events_for(self, conn_id: str, scope: str, cursor: int) -> dict:
         newer = itertools.takewhile(lambda event: event.id > cursor, reversed(self._recent))
@@ -3488,20 +3549,51 @@ class ChannelHub:
         self.generation += 1
         self._scope_generation.update(dict.fromkeys(scopes, self.generation))
         tickets = set().union(*(self._waiting_on.get(scope, ()) for scope in scopes))
-        for conns, wake_up in (self._waiting[ticket] for ticket in tickets):
+        for ticket in tickets:
+            conns = self._waiting[ticket][0]
             if events is None:
                 wakes = not scopes.isdisjoint(conns.values())
             else:
                 wakes = any(_delivered_to(conn_id, scope, event)
                             for event in events for conn_id, scope in conns.items())
             if wakes:
-                wake_up.set()
+                self._fire(ticket)
 
     def _release(self, ticket: int) -> None:
         """(Under the lock.) Answer a held poll at once."""
         self._released.add(ticket)
-        if ticket in self._waiting:
-            self._waiting[ticket][1].set()
+        self._fire(ticket)
+
+    def _await(self, ticket: int, generation: int, conns: dict[str, str], wake_up: Callable[[], None]) -> bool:
+        """(Under the lock.) Have `wake_up` called once when a scope of `conns` (id -> scope) gets
+        events after `generation`, or the ticket is released; False when that has happened already."""
+        if ticket in self._released or self._news(generation, conns):
+            return False
+        self._waiting[ticket] = (conns, wake_up)
+        for scope in conns.values():
+            self._waiting_on[scope].add(ticket)
+        return True
+
+    def _fire(self, ticket: int) -> None:
+        """(Under the lock.) Wake the poll up, at most once per wait."""
+        wake_up = self._stop_waiting(ticket)
+        if wake_up is not None:
+            wake_up()
+
+    def _stop_waiting(self, ticket: int) -> Callable[[], None] | None:
+        """(Under the lock.) Forget a poll's wait; its wake-up, if it was waiting."""
+        waiting = self._waiting.pop(ticket, None)
+        if waiting is None:
+            return None
+        for scope in waiting[0].values():
+            tickets = self._waiting_on[scope]
+            tickets.discard(ticket)
+            if not tickets:
+                del self._waiting_on[scope]
+        return waiting[1]
+
+    def _news(self, generation: int, conns: dict[str, str]) -> bool:
+        return any(self._scope_generation.get(scope, 0) > generation for scope in conns.values())
 
     def _watch(self) -> None:
         """Wakes polls for events other processes appended, and runs the maintenance even
@@ -3511,12 +3603,22 @@ class ChannelHub:
         seen = last_event_id(Db(conn))
         while not self._stopping.wait(WATCH_INTERVAL_SECONDS):
             try:
+                self._resume_overdue()
                 version, seen = self._wake_for_new_events(conn, version, seen)
+                self._write_seen_when_due()
                 self.maintain()
             except sqlite3.Error:
                 log.exception("channel watcher: database error (retrying)")
                 time.sleep(WATCH_ERROR_PAUSE_SECONDS)
         conn.close()
+        with contextlib.suppress(sqlite3.Error):
+            self._write_seen()
+
+    def _write_seen_when_due(self) -> None:
+        now = time.monotonic()
+        if now - self._seen_written >= SEEN_WRITE_SECONDS:
+            self._seen_written = now
+            self._write_seen()
 
     def stop(self) -> None:
         """End the watcher and answer every held poll (an embedding application or a test
@@ -3560,6 +3662,13 @@ class ChannelHub:
         keeps one participant from pushing out the others' polls.
         A page's polls are ordered by the number it gives them, else by arrival: a poll the page
         aborted can reach the server after its successor, and is then answered at once itself."""
+        ticket = self._take_ticket(browser, page, number, run)
+        try:
+            yield ticket
+        finally:
+            self._drop_ticket(ticket)
+
+    def _take_ticket(self, browser: str, page: str, number: int | None, run: str | None) -> int:
         key = (run, page)
         with self._lock:
             ticket = next(self._tickets)
@@ -3571,12 +3680,13 @@ class ChannelHub:
             else:
                 self._make_room(browser, key)
             self._held[ticket] = (browser, key, order)
-        try:
-            yield ticket
-        finally:
-            with self._lock:
-                self._held.pop(ticket, None)
-                self._released.discard(ticket)
+        return ticket
+
+    def _drop_ticket(self, ticket: int) -> None:
+        with self._lock:
+            self._held.pop(ticket, None)
+            self._released.discard(ticket)
+            self._stop_waiting(ticket)
 
     def _make_room(self, browser: str, key: tuple[str | None, str]) -> None:
         """(Under the lock.) Release what a new held poll of the page `key` (run, page) replaces
@@ -3602,8 +3712,8 @@ class ChannelHub:
         if not self._crowded and held >= self.max_held * CROWDED_SHARE:
             self._crowded = True
             log.warning("%d of at most %d pages are waiting for channel news: near the limit, pages wait "
-                        "longer. Start jatos-lite with more --threads (now %d).", held, self.max_held,
-                        self.config.threads)
+                        "longer. Start jatos-lite with more --connections (now %d).", held, self.max_held,
+                        self.config.connections)
         elif self._crowded and held < self.max_held * CROWDED_SHARE / 2:
             self._crowded = False
 
@@ -3613,32 +3723,21 @@ class ChannelHub:
             held = len(self._held)
         near = held >= self.max_held * CROWDED_SHARE
         advice = (f"{held} of at most {self.max_held} pages are connected to channels: near the limit, pages "
-                  f"wait longer for messages. Restart jatos-lite with more threads, e.g. --threads "
-                  f"{self.config.threads * 2}.") if near else None
+                  f"wait longer for messages. Restart jatos-lite with more connections, e.g. --connections "
+                  f"{self.config.connections * 2}.") if near else None
         return {"connectedPages": held, "maxConnectedPages": self.max_held, "capacityWarning": advice}
 
     def wait(self, ticket: int, generation: int, conns: dict[str, str], timeout: float) -> bool:
         """Until the scope of one of `conns` (id -> scope) got events after `generation` (True),
-        the ticket is released or the timeout passed (False)."""
-        def news() -> bool:
-            return any(self._scope_generation.get(s, 0) > generation for s in conns.values())
-
+        the ticket is released or the timeout passed (False), holding this thread."""
         wake_up = threading.Event()
         with self._lock:
-            if ticket in self._released or news():
-                return news()
-            self._waiting[ticket] = (conns, wake_up)
-            for scope in conns.values():
-                self._waiting_on[scope].add(ticket)
-        wake_up.wait(timeout)
+            waiting = self._await(ticket, generation, conns, wake_up.set)
+        if waiting:
+            wake_up.wait(timeout)
         with self._lock:
-            del self._waiting[ticket]
-            for scope in conns.values():
-                waiting = self._waiting_on[scope]
-                waiting.discard(ticket)
-                if not waiting:
-                    del self._waiting_on[scope]
-            return news()
+            self._stop_waiting(ticket)
+            return self._news(generation, conns)
 
     def released(self, ticket: int) -> bool:
         return ticket in self._released
@@ -3649,31 +3748,77 @@ class ChannelHub:
             self._polled = {key: known for key, known in self._polled.items() if self._still_valid(known, now)}
 
     def poll(self, sr_uuid: str, wanted: list[tuple[str, int]], browser: str, page: str, number: int | None,
-             hold_seconds: float) -> dict:
+             hold_seconds: float, parking: Parking | None = None) -> dict:
         """The answer to a page's poll for its conns (id, cursor): at once when there is news,
-        else when news comes, the hold ends, or the poll must make room (then with retryAfter)."""
+        else when news comes, the hold ends, or the poll must make room (then with retryAfter).
+        With `parking`, a poll waits without a thread: PollParked leaves the request to its
+        connection, and the poll runs again (continuing its HeldPoll) when it is woken."""
         self.start_watching()
-        deadline = time.monotonic() + hold_seconds
+        held = parking.held if parking is not None else None
+        if held is None:
+            held = self._begin_poll(sr_uuid, wanted, hold_seconds)
+            held.ticket = self._take_ticket(browser, page, number, sr_uuid)
+            if held.seen:  # the page is there now (not necessarily when the answer leaves); most polls write nothing
+                self.mark_seen(sr_uuid, held.seen)
+        try:
+            answer = self._answer_when_due(held, parking)
+        except PollParked:
+            raise
+        except BaseException:
+            self._drop_ticket(held.ticket)
+            raise
+        self._drop_ticket(held.ticket)
+        return answer
+
+    def _begin_poll(self, sr_uuid: str, wanted: list[tuple[str, int]], hold_seconds: float) -> HeldPoll:
         generation, conn_changes = self.generation, self.conn_changes
         # read first: a poll for conns that are not the run's is refused before it can push anyone out
         answer, scopes, seen = self.poll_from_memory(sr_uuid, wanted, conn_changes) \
             or self._poll_database(sr_uuid, wanted)
-        with self.hold(browser, page, number, sr_uuid) as ticket:
-            if seen:  # the page is there now (not necessarily when the answer leaves); most polls write nothing
-                self.mark_seen(sr_uuid, seen)
-            while True:
-                news = any("closed" in a or a["events"] for a in answer.values())
-                remaining = deadline - time.monotonic()
-                if not news and self.released(ticket):
-                    answer["retryAfter"] = POLL_RETRY_AFTER_MS
-                if news or "retryAfter" in answer or remaining <= 0:
-                    return answer
-                self.wait(ticket, generation, scopes, remaining)
-                generation = self.generation
-                answer = self.recent_answer({c: (scopes[c], answer[c]["cursor"]) for c in scopes}, conn_changes)
-                if answer is None:
-                    conn_changes = self.conn_changes
-                    answer, scopes, _ = self._poll_database(sr_uuid, wanted)  # a held page is seen at its next poll
+        return HeldPoll(sr_uuid, wanted, time.monotonic() + hold_seconds, generation, conn_changes,
+                        answer, scopes, seen)
+
+    def _answer_when_due(self, held: HeldPoll, parking: Parking | None) -> dict:
+        while True:
+            answer = held.answer
+            news = any("closed" in a or a["events"] for a in answer.values())
+            remaining = held.deadline - time.monotonic()
+            if not news and self.released(held.ticket):
+                answer["retryAfter"] = POLL_RETRY_AFTER_MS
+            if news or "retryAfter" in answer or remaining <= 0:
+                return answer
+            if parking is None:
+                self.wait(held.ticket, held.generation, held.scopes, remaining)
+            elif self._park(held, parking):
+                raise PollParked()
+            self._catch_up(held)
+
+    def _park(self, held: HeldPoll, parking: Parking) -> bool:
+        """Leave the poll to its connection until news, its release or its deadline (False: it
+        came already)."""
+        with self._lock:
+            if not self._await(held.ticket, held.generation, held.scopes, parking.resume):
+                return False
+            parking.held, parking.give_up = held, self._drop_ticket
+            heapq.heappush(self._parked_until, (held.deadline, held.ticket))
+            return True
+
+    def _catch_up(self, held: HeldPoll) -> None:
+        """A woken poll's answer now."""
+        held.generation = self.generation
+        cursors = {c: (held.scopes[c], held.answer[c]["cursor"]) for c in held.scopes}
+        answer = self.recent_answer(cursors, held.conn_changes)
+        if answer is None:
+            held.conn_changes = self.conn_changes
+            answer, held.scopes, _ = self._poll_database(held.sr_uuid, held.wanted)  # a held page is seen at its next poll
+        held.answer = answer
+
+    def _resume_overdue(self) -> None:
+        """Wake the parked polls whose hold has ended."""
+        now = time.monotonic()
+        with self._lock:
+            while self._parked_until and self._parked_until[0][0] <= now:
+                self._fire(heapq.heappop(self._parked_until)[1])
 
     def _poll_database(self, sr_uuid: str, wanted: list[tuple[str, int]]) -> tuple[dict, dict[str, str], list[str]]:
         """Each conn's answer, the scope whose events would change it, and the conns whose
@@ -5511,7 +5656,8 @@ def publix_channel_poll(call: Call, sr: str) -> str:
     hold = min(float(wait_text), longest) if re.fullmatch(r"\d+(\.\d+)?", wait_text) else longest
     page = query.get("page") or " ".join(sorted(c for c, _ in wanted))
     number = parse_id(query.get("n", ""))
-    return _json_answer(call.hub.poll(sr, wanted, _browser_key(), page, number, hold))
+    parking = bottle.request.environ.get(PARKING_KEY)
+    return _json_answer(call.hub.poll(sr, wanted, _browser_key(), page, number, hold, parking))
 
 
 def publix_channel_send(call: Call, sr: str, conn: str) -> str:
@@ -6625,7 +6771,7 @@ def bind_server(app: bottle.Bottle, config: Config) -> Any:
     listen = f"{config.host}:{config.port}" + (f" {config.admin_host}:{config.admin_port}" if config.admin_port else "")
     try:
         return guarded_server(app, config, listen=listen, threads=config.threads, **WAITRESS_OPTIONS,
-                              connection_limit=connection_limit(config.threads), max_request_body_size=config.max_archive)
+                              connection_limit=connection_limit(config.connections), max_request_body_size=config.max_archive)
     except OSError as exc:
         if exc.errno in ADDRESS_IN_USE:
             admin = f" (or its admin port {config.admin_port})" if config.admin_port else ""
@@ -6643,11 +6789,9 @@ SHUTDOWN_SECONDS = 3.0  # how long answers to held polls and running requests ma
 
 
 def serve_until_stopped(server: Any) -> None:
-    """waitress's loop, until Ctrl-C (or SIGTERM) interrupts it."""
-    import waitress.wasyncore as wasyncore
-
-    wasyncore.loop(timeout=server.adj.asyncore_loop_timeout, map=_socket_map(server),
-                   use_poll=server.adj.asyncore_use_poll)
+    """waitress's loop (PacedLoop), until Ctrl-C (or SIGTERM) interrupts it."""
+    server.asyncore.loop(timeout=server.adj.asyncore_loop_timeout, map=_socket_map(server),
+                         use_poll=server.adj.asyncore_use_poll)
 
 
 def _socket_map(server: Any) -> dict:
@@ -6657,8 +6801,7 @@ def _socket_map(server: Any) -> dict:
 def shut_down(server: Any, app: bottle.Bottle) -> None:
     """Stop accepting, answer the held polls, let running requests finish and their answers out,
     and close every connection."""
-    import waitress.wasyncore as wasyncore
-
+    wasyncore = waitress.wasyncore
     sockets = _socket_map(server)
     for listener in _listeners(server):
         wasyncore.dispatcher.close(listener)
@@ -6729,6 +6872,8 @@ class BodyLimitParser(waitress.parser.HTTPRequestParser):
     are in: waitress has one limit for the whole server and buffers a body up to it (on disk
     beyond a few MB) before the application sees the request."""
 
+    parking: Parking | None = None  # set when the request runs (ParkingTask)
+
     def __init__(self, adj: Any, small_adj: Any, may_send_archive: Callable[[dict[str, str]], bool]):
         super().__init__(adj)
         self.small_adj, self.may_send_archive = small_adj, may_send_archive
@@ -6742,13 +6887,35 @@ class BodyLimitParser(waitress.parser.HTTPRequestParser):
                         self.path, self.adj.max_request_body_size)
 
 
+class ParkingTask(waitress.task.WSGITask):
+    """waitress's task with the request's Parking in the environment (PARKING_KEY)."""
+
+    def get_environment(self) -> dict:
+        environ = super().get_environment()
+        if self.request.parking is None:
+            self.request.parking = Parking(self.channel)
+        environ[PARKING_KEY] = self.request.parking
+        return environ
+
+
 class GuardedChannel(waitress.channel.HTTPChannel):
     """A connection that counts against its address's share, and notes when the request it is
     receiving began, so that one device can neither hold every connection the server accepts
-    nor keep connections by sending a header a byte at a time."""
+    nor keep connections by sending a header a byte at a time. A channel poll waiting for news
+    stays with its connection (Parking) instead of holding a worker thread."""
 
     counted = False
     headers_since: float | None = None
+    task_class = ParkingTask
+
+    def service(self) -> None:
+        request = self.requests[0]
+        try:
+            super().service()
+        except PollParked:
+            return  # the request stays first in line; the hub queues the connection again when the poll is due
+        if request.parking is not None:
+            request.parking.end()
 
     def __init__(self, server: Any, sock: socket.socket, addr: Any, adj: Any, map: Any = None):
         super().__init__(server, sock, addr, adj, map)
@@ -6789,7 +6956,45 @@ def guarded_server(app: Any, config: Config, **options: Any) -> Any:
         listener.may_send_archive = functools.partial(may_send_archive, app, port=listener.effective_port)
         listener.maintenance = functools.partial(_close_slow_headers, listener, listener.maintenance,
                                                  config.header_timeout_seconds)
+        listener.handle_accept = functools.partial(_accept_waiting, listener, listener.handle_accept)
+    server.asyncore = PacedLoop
+    hub = app.config.get("jatos_lite.hub") if isinstance(app, bottle.Bottle) else None
+    if hub is not None:  # held polls take no thread here, but a connection each, and their pages one more
+        hub.max_held = max(hub.max_held, _listeners(server)[0].adj.connection_limit * 2 // 5)
     return server
+
+
+class PacedLoop:
+    """waitress's event loop with its turns spaced by the number of connections. Each turn asks
+    every connection whether it waits to read or write: with thousands of connections (pages
+    holding channel polls) a turn per event took most of the CPU time the requests need.
+    Measured at 1,000 pages each sending every 5 s (bench/channels_scale.py): the loop held the
+    GIL 70% of the time and the server spent 12.6 ms CPU per message; with spaced turns, 6.6 ms."""
+
+    dispatcher = waitress.wasyncore.dispatcher  # waitress's server reads it from here, like the module
+
+    @staticmethod
+    def loop(timeout: float, use_poll: bool = False, map: dict | None = None, count: int | None = None) -> None:
+        turn = waitress.wasyncore.poll2 if use_poll and hasattr(select, "poll") else waitress.wasyncore.poll
+        while map and (count is None or count > 0):
+            began = time.monotonic()
+            turn(timeout, map)
+            pause = len(map) * LOOP_SECONDS_PER_CONNECTION - (time.monotonic() - began)
+            if pause > 0:
+                time.sleep(pause)
+            count = None if count is None else count - 1
+
+
+def _accept_waiting(listener: Any, accept_one: Callable[[], None]) -> None:
+    """Accept the connections waiting, not one a turn of the (paced) event loop: a class opening
+    its pages at once would wait seconds for the loop, then for TCP to try again."""
+    for _ in range(ACCEPTS_PER_TURN):
+        connections = len(listener._map)
+        if len(listener.active_channels) >= listener.adj.connection_limit:
+            return
+        accept_one()
+        if len(listener._map) == connections:  # none was waiting
+            return
 
 
 def _listeners(server: Any) -> list[Any]:
@@ -6799,13 +7004,13 @@ def _listeners(server: Any) -> list[Any]:
     return [s for s in server.map.values() if hasattr(s, "active_channels")]
 
 
+LOOP_SECONDS_PER_CONNECTION = 20e-6  # the least time between two turns of the event loop, per connection
+ACCEPTS_PER_TURN = 100
 SELECT_SOCKETS = 500  # select(), waitress's fallback where there is no poll() (Windows), watches at most 512
 
 
-def connection_limit(threads: int, has_poll: bool | None = None) -> int:
-    """Four connections per thread (held polls and the requests beside them), but no more than
-    select() can watch where waitress has to use it."""
-    wanted = max(100, threads * 4)
+def connection_limit(wanted: int, has_poll: bool | None = None) -> int:
+    """The connections wanted, but no more than select() can watch where waitress has to use it."""
     has_poll = hasattr(select, "poll") if has_poll is None else has_poll
     return wanted if has_poll else min(wanted, SELECT_SOCKETS)
 
@@ -7030,7 +7235,10 @@ def _serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, help=f"port to listen on (default {defaults.port})")
     parser.add_argument("--api-token", dest="api_token", help="one fixed API token, e.g. for scripts and tests")
     parser.add_argument("--threads", type=int,
-                        help=f"worker threads (default {defaults.threads}; a held channel poll takes one)")
+                        help=f"worker threads (default {defaults.threads}; a channel poll waiting for news takes none)")
+    parser.add_argument("--connections", type=int,
+                        help=f"connections held open at most (default {defaults.connections}; a page of a batch or "
+                             "group study keeps about two)")
     parser.add_argument("--admin-port", dest="admin_port", type=int,
                         help="port of the admin page and sign-in, on this computer only (default: --port + 1; "
                              "0: the participants' port, which lets study pages act as the researcher)")
@@ -7119,7 +7327,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     tolerant_console()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    options = {name: getattr(args, name, None) for name in ("host", "port", "api_token", "threads", "admin_port",
+    options = {name: getattr(args, name, None) for name in ("host", "port", "api_token", "threads", "connections", "admin_port",
                                                              "legacy_links", "browser", "studies", "data")}
     try:
         config = config_from_env(**options)

@@ -1,7 +1,7 @@
 """Channels at classroom scale: pages in groups of 4, from 50 to 1,000 pages, against a relay.
 
     python bench/channels_scale.py [--pages 50,100,250,500,1000] [--every 5,1] [--seconds 20]
-                                   [--processes 4] [--threads 1000]
+                                   [--processes 4] [--threads 32] [--relay-threads 1000]
 
 Each page opens its group channel (batch maxActiveMembers = maxTotalMembers = 4) and, as
 jatos.js does, keeps one long-poll (GET .../channels/poll) on one keep-alive connection and
@@ -13,7 +13,9 @@ that failed (a request timed out, or the server closed the channel of a page it 
 of for its presence timeout), the
 server's peak RSS and its CPU time per message; and the same for the baseline measured at
 the same step in the same run: a minimal in-memory group relay on waitress with the same
-thread count and the same wire calls (no database, no membership, no durability).
+wire calls (no database, no membership, no durability). The relay holds each poll in a thread,
+as jatos-lite did before it parked polls, so it runs with the thread count jatos-lite had then
+(1000); with jatos-lite's 32 it could not hold more than 32 pages.
 The server runs as `serve` runs it, except that every page comes from this one computer, so
 the per-address connection share is lifted for the run.
 """
@@ -51,7 +53,8 @@ JATOS_LITE = textwrap.dedent('''
     app = jatos_lite.create_app(config)
     app.config["jatos_lite.hub"].start_watching()
     server = jatos_lite.guarded_server(app, config, host="127.0.0.1", port=port, threads=threads,
-                                       connection_limit=max(100, threads * 4) * 4, **jatos_lite.WAITRESS_OPTIONS)
+                                       connection_limit=jatos_lite.connection_limit(config.connections),
+                                       **jatos_lite.WAITRESS_OPTIONS)
     server.run()
 ''')
 
@@ -78,7 +81,7 @@ RELAY = RELAY_ANSWER + textwrap.dedent('''
             changed.wait_for(lambda: len(messages) > cursor, timeout=float(query.get("wait", 20)))
             events = [{"id": i + 1, "msg": m} for i, m in enumerate(messages[cursor:], start=cursor)]
         return answer(start_response, {conn: {"events": events, "cursor": cursor + len(events)}})
-    waitress.serve(app, host="127.0.0.1", port=port, threads=threads, connection_limit=max(100, threads * 4) * 4,
+    waitress.serve(app, host="127.0.0.1", port=port, threads=threads, connection_limit=16000,
                    _quiet=True, asyncore_use_poll=True)
 ''')
 
@@ -245,7 +248,8 @@ def figures(results: list[dict], cpu: float, rss: float) -> dict:
 
 def measure(script: str, pages_of: object, count: int, args: argparse.Namespace, every: float) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        server, port = start(script, tmp, str(args.threads), API_TOKEN)
+        threads = args.threads if script is JATOS_LITE else args.relay_threads
+        server, port = start(script, tmp, str(threads), API_TOKEN)
         try:
             pages = pages_of(port, count) if script is JATOS_LITE else pages_of(count)
             before = cpu_seconds(server.pid)
@@ -268,9 +272,11 @@ def main() -> None:
     parser.add_argument("--every", default="5,1", help="seconds between one page's messages, one series each")
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--processes", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=1000)  # serve's default
+    parser.add_argument("--threads", type=int, default=32)  # serve's default
+    parser.add_argument("--relay-threads", type=int, default=1000)  # a thread per held poll
     args = parser.parse_args()
-    print(f"groups of {GROUP_SIZE}, {args.seconds:g} s, {args.threads} server threads, "
+    print(f"groups of {GROUP_SIZE}, {args.seconds:g} s, {args.threads} jatos-lite threads, "
+          f"{args.relay_threads} relay threads, "
           f"{args.processes} load processes; latency in ms; lost = not delivered {DRAIN_SECONDS:g} s after the "
           f"last send; late = over {LATE_MS / 1000:g} s; failed = pages whose request timed out (60 s) or whose "
           f"channel the server closed (not heard of for its presence timeout); RSS = server peak MB; "

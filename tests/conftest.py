@@ -175,15 +175,15 @@ def free_port() -> int:
 
 
 class LiveServer:
-    """jatos-lite on a real waitress server on a free loopback port, in a background thread."""
+    """jatos-lite on a real waitress server, as `serve` builds it, on a free loopback port, in a
+    background thread."""
 
     def __init__(self, config: jatos_lite.Config, port: int | None = None):
-        import waitress.server
-
         self.config = config
         self.app = jatos_lite.create_app(config)
-        self.server = waitress.server.create_server(self.app, host="127.0.0.1", port=port or free_port(), threads=16,
-                                                    **jatos_lite.WAITRESS_OPTIONS)
+        self.server = jatos_lite.guarded_server(self.app, config, host="127.0.0.1", port=port or free_port(),
+                                                threads=16, connection_limit=jatos_lite.connection_limit(config.connections),
+                                                **jatos_lite.WAITRESS_OPTIONS)
         self.url = f"http://127.0.0.1:{self.server.effective_port}"
         self.closing = False
         self.thread = threading.Thread(target=self._run, daemon=True)

@@ -239,7 +239,7 @@ def test_the_page_shows_connected_pages_and_warns_near_the_limit(admin, live_ser
             held.enter_context(hub.hold(f"browser{number}", "page", run=f"run{number}"))
         page.wait_for_selector(f"#server >> text={int(hub.max_held * 0.8) + 1} pages connected", timeout=10_000)
         warning = page.text_content("#server .warning")
-        assert "near the limit" in warning and "--threads" in warning
+        assert "near the limit" in warning and "--connections" in warning
         snap(page, "capacity_warning")
     page.wait_for_selector("#server >> text=0 pages connected", timeout=10_000)
     assert page.query_selector("#server .warning") is None

@@ -196,5 +196,5 @@ def test_held_polls_near_the_limit_warn_once_and_say_so(store, caplog) -> None:
         assert "near the limit" in caplog.records[0].getMessage() and len(caplog.records) == 1
         status = channels.capacity()
         assert status["connectedPages"] == 10 and status["maxConnectedPages"] == 10
-        assert "--threads" in status["capacityWarning"]
+        assert "--connections" in status["capacityWarning"]
     assert channels.capacity() == {"connectedPages": 0, "maxConnectedPages": 10, "capacityWarning": None}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.cookiejar
 import json
 import random
+import socket
 import subprocess
 import sys
 import threading
@@ -454,9 +455,10 @@ def test_a_member_that_stops_polling_is_closed_for_the_others(lab: Lab, live_ser
 
 
 def test_a_page_polling_often_writes_its_last_seen_once_per_interval(lab: Lab, monkeypatch) -> None:
-    """Polls reuse the conn rows they read (POLLED_CONN_MEMORY_SECONDS); the one that writes
-    last_seen must forget them, or every poll after the interval would write again."""
+    """Polls reuse the conn rows they read (POLLED_CONN_MEMORY_SECONDS); the write of last_seen
+    must forget them, or every poll after the interval would write again."""
     monkeypatch.setattr(jatos_lite, "LAST_SEEN_REFRESH_SECONDS", 0.25)
+    monkeypatch.setattr(jatos_lite, "SEEN_WRITE_SECONDS", 0.05)
     writes: list[list[str]] = []
     refresh = jatos_lite.refresh_conns
     monkeypatch.setattr(jatos_lite, "refresh_conns", lambda db, conn_ids: writes.append(conn_ids) or refresh(db, conn_ids))
@@ -468,6 +470,75 @@ def test_a_page_polling_often_writes_its_last_seen_once_per_interval(lab: Lab, m
         member.poll("group")
         time.sleep(0.01)
     assert 2 <= len(writes) <= 4 and all(w == [member.conn["group"]] for w in writes)
+
+
+# --- held polls wait without a worker thread (Parking) --------------------------------------
+
+
+PAGES = 40  # more than the live server's 16 threads
+
+
+def held_polls(live_server: LiveServer) -> int:
+    return live_server.app.config["jatos_lite.hub"].capacity()["connectedPages"]
+
+
+def test_more_pages_than_threads_hold_polls_and_a_send_still_goes_through(lab: Lab, live_server: LiveServer) -> None:
+    """40 pages hold a poll on a server with 16 worker threads: none is answered early to make
+    room, a send is answered at once, and every page gets its message. While a held poll took a
+    thread, the 17th poll waited for a thread and the send waited behind them."""
+    study_id, _ = lab.study()
+    pages = lab.members(study_id, PAGES)
+    for page in pages:
+        page.open("batch")
+        page.drain("batch")
+    answers: dict[int, list[dict]] = {}
+    polls = [threading.Thread(target=lambda page=page: answers.update({id(page): page.poll("batch", wait=15)}))
+             for page in pages]
+    for poll in polls:
+        poll.start()
+    for _ in range(100):
+        if held_polls(live_server) == PAGES:
+            break
+        time.sleep(0.05)
+    assert held_polls(live_server) == PAGES
+    sender, = lab.members(study_id, 1)
+    version = sender.open("batch")["version"]
+    started = time.monotonic()
+    sender.patch("batch", 1, version, {"op": "add", "path": "/x", "value": 1})
+    assert time.monotonic() - started < 2
+    for poll in polls:
+        poll.join(timeout=5)
+    assert time.monotonic() - started < 5
+    assert all(actions(answers[id(page)]) == ["SESSION"] for page in pages), answers
+    assert held_polls(live_server) == 0
+
+
+def page_with_nothing_new(lab: Lab) -> Member:
+    study_id, _ = lab.study()
+    page, = lab.members(study_id, 1)
+    page.open("batch")
+    page.drain("batch")
+    return page
+
+
+def test_a_held_poll_without_news_ends_at_its_wait_and_gives_its_place_up(lab: Lab, live_server: LiveServer) -> None:
+    page = page_with_nothing_new(lab)
+    started = time.monotonic()
+    assert page.poll("batch", wait=1) == []
+    assert 0.9 <= time.monotonic() - started < 3
+    assert held_polls(live_server) == 0
+
+
+def test_a_held_poll_whose_page_hung_up_gives_its_place_up(lab: Lab, live_server: LiveServer) -> None:
+    page = page_with_nothing_new(lab)
+    port = int(live_server.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(f"GET /publix/{page.sr}/channels/poll?c={page.conn['batch']}:{page.cursor['batch']}&wait=1 "
+                     f"HTTP/1.1\r\nHost: lab\r\n\r\n".encode())
+        time.sleep(0.3)
+        assert held_polls(live_server) == 1
+    time.sleep(1.5)
+    assert held_polls(live_server) == 0
 
 
 def test_a_page_closing_tells_the_others_at_once(lab: Lab) -> None:

@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 README_OPTIONS = re.findall(r"^\| `(--[a-z-]+)` \| `(JATOS_LITE_[A-Z_]+)` \| `?([^|`]+?)`? \|",
                             (ROOT / "README.md").read_text(encoding="utf-8"), re.MULTILINE)
 EXAMPLES = {"host": "127.0.0.5", "port": "9123", "admin_port": "9124", "studies": "my_studies", "data": "my_data",
-            "api_token": "token-from-somewhere", "threads": "40", "legacy_links": "True", "browser": "True"}
-OTHER_VALUES = {"port": "999", "threads": "999", "admin_port": "999", "legacy_links": "off", "browser": "off"}  # when a flag wins
+            "api_token": "token-from-somewhere", "threads": "40", "connections": "800", "legacy_links": "True", "browser": "True"}
+OTHER_VALUES = {"port": "999", "threads": "999", "connections": "999", "admin_port": "999", "legacy_links": "off", "browser": "off"}  # when a flag wins
 SWITCHES = {"legacy_links", "browser"}  # flags without a value (--name / --no-name)
 
 
@@ -300,6 +300,7 @@ def test_the_banner_names_the_sign_in_link_every_lan_address_and_the_folders(
     listening = {(sockaddr[0], sockaddr[1]) for *_, sockaddr in served["listen"]}
     assert listening == {("0.0.0.0", port), ("127.0.0.1", admin_port)}  # participants everywhere, admin here only
     assert served["threads"] == jatos_lite.Config().threads and served["asyncore_use_poll"] is True
+    assert served["connection_limit"] == jatos_lite.Config().connections
 
 @pytest.mark.parametrize("command", [["links", "1", "--type", "gm"], ["export", "1", "-o", "{out}.zip"],
                                      ["export-study", "1", "-o", "{out}.jzip"], ["backup", "-o", "{out}.zip"]])

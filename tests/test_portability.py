@@ -9,6 +9,7 @@ import errno
 import os
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -35,9 +36,9 @@ def test_the_open_file_limit_is_raised_as_far_as_the_system_allows(monkeypatch: 
 
 
 def test_without_poll_the_server_accepts_no_more_connections_than_select_watches() -> None:
-    assert jatos_lite.connection_limit(320, has_poll=True) == 1280
-    assert jatos_lite.connection_limit(320, has_poll=False) == jatos_lite.SELECT_SOCKETS < 512
-    assert jatos_lite.connection_limit(10, has_poll=False) == 100
+    assert jatos_lite.connection_limit(4000, has_poll=True) == 4000
+    assert jatos_lite.connection_limit(4000, has_poll=False) == jatos_lite.SELECT_SOCKETS < 512
+    assert jatos_lite.connection_limit(100, has_poll=False) == 100
 
 
 def refused_once(monkeypatch: pytest.MonkeyPatch) -> list[object]:
@@ -183,3 +184,44 @@ def test_a_data_folder_inside_pythons_installation_is_warned_about() -> None:
     warnings = jatos_lite.storage_warnings(Path(sys.prefix) / "Scripts" / "data", mounts="")
     assert any("a folder for programs" in warning for warning in warnings)
     assert jatos_lite.storage_warnings(Path.home() / "lab" / "data", mounts="") == []
+
+
+class Idle:
+    """A connection that waits for nothing (a held poll): the event loop only asks it."""
+
+    accepting = False
+
+    def readable(self) -> bool:
+        return False
+
+    def writable(self) -> bool:
+        return False
+
+
+def test_the_event_loop_turns_no_faster_than_its_connections_allow() -> None:
+    """Each turn asks every connection what it waits for: with 1,000 connections, turns are at
+    least 1,000 x LOOP_SECONDS_PER_CONNECTION apart, so asking cannot take the CPU."""
+    connections = {number: Idle() for number in range(1000)}
+    started = time.monotonic()
+    jatos_lite.PacedLoop.loop(timeout=0, use_poll=True, map=connections, count=3)
+    assert time.monotonic() - started >= 3 * 1000 * jatos_lite.LOOP_SECONDS_PER_CONNECTION * 0.9
+
+
+class Listener:
+    """A listening socket with `waiting` connections to accept, one per call, as waitress's."""
+
+    def __init__(self, waiting: int, limit: int):
+        self.waiting, self._map, self.active_channels = waiting, {}, {}
+        self.adj = types.SimpleNamespace(connection_limit=limit)
+
+    def accept_one(self) -> None:
+        if self.waiting:
+            self.waiting -= 1
+            self._map[len(self._map)] = self.active_channels[len(self._map)] = object()
+
+
+@pytest.mark.parametrize("waiting, limit, accepted", [(30, 100, 30), (30, 10, 10), (500, 1000, 100)])
+def test_a_turn_accepts_every_waiting_connection_up_to_the_limit(waiting: int, limit: int, accepted: int) -> None:
+    listener = Listener(waiting, limit)
+    jatos_lite._accept_waiting(listener, listener.accept_one)
+    assert len(listener._map) == accepted == min(waiting, limit, jatos_lite.ACCEPTS_PER_TURN)
