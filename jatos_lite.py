@@ -3422,6 +3422,8 @@ class ChannelHub:
         self._scope_generation: dict[str, int] = {}
         self._lock = threading.Lock()
         self._held: dict[int, tuple[str, tuple[str | None, str], int]] = {}  # ticket -> (browser, (run, page), order)
+        # ("page", (run, page)), ("run", run) and ("browser", browser) -> their tickets in _held, oldest first
+        self._held_in: dict[tuple[str, Any], dict[int, None]] = collections.defaultdict(dict)
         self._released: set[int] = set()
         self._waiting: dict[int, tuple[dict[str, str], Callable[[], None]]] = {}  # ticket -> (conn -> scope, wake-up)
         self._parked_until: list[tuple[float, int]] = []  # a heap of (deadline, ticket) of parked polls
@@ -3673,38 +3675,52 @@ class ChannelHub:
         with self._lock:
             ticket = next(self._tickets)
             order = ticket if number is None else number
-            overtaken = any(held_key == key and held_order > order
-                            for _, held_key, held_order in self._held.values())
+            overtaken = any(self._held[held][2] > order for held in self._held_in.get(("page", key), ()))
             if overtaken:
                 self._released.add(ticket)
             else:
                 self._make_room(browser, key)
             self._held[ticket] = (browser, key, order)
+            for group in self._groups_of(ticket):
+                self._held_in[group][ticket] = None
         return ticket
+
+    def _groups_of(self, ticket: int) -> list[tuple[str, Any]]:
+        """(Under the lock.) The groups of held polls a ticket counts in."""
+        browser, key, _ = self._held[ticket]
+        return [("page", key), ("browser", browser)] + ([("run", key[0])] if key[0] is not None else [])
 
     def _drop_ticket(self, ticket: int) -> None:
         with self._lock:
-            self._held.pop(ticket, None)
+            if ticket in self._held:
+                for group in self._groups_of(ticket):
+                    tickets = self._held_in[group]
+                    del tickets[ticket]
+                    if not tickets:
+                        del self._held_in[group]
+                del self._held[ticket]
             self._released.discard(ticket)
             self._stop_waiting(ticket)
 
     def _make_room(self, browser: str, key: tuple[str | None, str]) -> None:
         """(Under the lock.) Release what a new held poll of the page `key` (run, page) replaces
         or pushes out."""
-        for held, (_, held_key, _) in self._held.items():
-            if held_key == key:
-                self._release(held)
-        holding = sorted(t for t in self._held if t not in self._released)
-        same_run = [t for t in holding if key[0] is not None and self._held[t][1][0] == key[0]]
-        if len(same_run) >= HELD_POLLS_PER_RUN:
-            self._release(same_run[0])
-        same_browser = [t for t in holding if self._held[t][0] == browser and t not in self._released]
-        if len(same_browser) >= HELD_POLLS_PER_BROWSER:
-            self._release(same_browser[0])
-        holding = [t for t in holding if t not in self._released]
-        if len(holding) >= self.max_held:
+        for held in list(self._held_in.get(("page", key), ())):
+            self._release(held)
+        if key[0] is not None:
+            self._release_oldest(("run", key[0]), HELD_POLLS_PER_RUN)
+        self._release_oldest(("browser", browser), HELD_POLLS_PER_BROWSER)
+        holding = len(self._held) - len(self._released)  # every released ticket is still held until its poll ends
+        if holding >= self.max_held:
+            self._release(next(t for t in self._held if t not in self._released))
+            holding -= 1
+        self._note_crowding(holding + 1)
+
+    def _release_oldest(self, group: tuple[str, Any], most: int) -> None:
+        """(Under the lock.) Release the group's oldest held poll when it holds `most`."""
+        holding = [t for t in self._held_in.get(group, ()) if t not in self._released]
+        if len(holding) >= most:
             self._release(holding[0])
-        self._note_crowding(len(holding) + 1)
 
     def _note_crowding(self, held: int) -> None:
         """(Under the lock.) Warn once when held polls near the limit, again only after they fell
