@@ -6817,16 +6817,15 @@ def _socket_map(server: Any) -> dict:
 def shut_down(server: Any, app: bottle.Bottle) -> None:
     """Stop accepting, answer the held polls, let running requests finish and their answers out,
     and close every connection."""
-    wasyncore = waitress.wasyncore
     sockets = _socket_map(server)
     for listener in _listeners(server):
-        wasyncore.dispatcher.close(listener)
+        waitress.wasyncore.dispatcher.close(listener)
     app.config["jatos_lite.hub"].stop()
     deadline = time.monotonic() + SHUTDOWN_SECONDS
     while _still_busy(server, sockets) and time.monotonic() < deadline:
-        wasyncore.loop(timeout=0.05, map=sockets, use_poll=server.adj.asyncore_use_poll, count=1)
+        waitress.wasyncore.loop(timeout=0.05, map=sockets, use_poll=server.adj.asyncore_use_poll, count=1)
     server.task_dispatcher.shutdown(timeout=SHUTDOWN_SECONDS)
-    wasyncore.close_all(sockets)
+    waitress.wasyncore.close_all(sockets)
 
 
 def _still_busy(server: Any, sockets: dict) -> bool:
@@ -6992,13 +6991,14 @@ class PacedLoop:
     @staticmethod
     def loop(timeout: float, use_poll: bool = False, map: dict | None = None, count: int | None = None) -> None:
         turn = waitress.wasyncore.poll2 if use_poll and hasattr(select, "poll") else waitress.wasyncore.poll
-        while map and (count is None or count > 0):
+        for _ in itertools.repeat(None) if count is None else range(count):
+            if not map:
+                return
             began = time.monotonic()
             turn(timeout, map)
             pause = len(map) * LOOP_SECONDS_PER_CONNECTION - (time.monotonic() - began)
             if pause > 0:
                 time.sleep(pause)
-            count = None if count is None else count - 1
 
 
 def _accept_waiting(listener: Any, accept_one: Callable[[], None]) -> None:

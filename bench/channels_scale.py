@@ -38,6 +38,8 @@ from typing import Callable
 
 from common import API_TOKEN, RELAY_ANSWER, percentile, start, study_runs
 
+import jatos_lite  # noqa: E402  (common puts the project on the path)
+
 DRAIN_SECONDS = 8.0
 LATE_MS = 5000.0
 GROUP_SIZE = 4
@@ -272,7 +274,7 @@ def main() -> None:
     parser.add_argument("--every", default="5,1", help="seconds between one page's messages, one series each")
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--processes", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=32)  # serve's default
+    parser.add_argument("--threads", type=int, default=jatos_lite.Config().threads)  # serve's default
     parser.add_argument("--relay-threads", type=int, default=1000)  # a thread per held poll
     args = parser.parse_args()
     print(f"groups of {GROUP_SIZE}, {args.seconds:g} s, {args.threads} jatos-lite threads, "
