@@ -138,6 +138,21 @@ def test_the_servers_address_of_a_study_shows_the_study(admin, live_server: Live
     assert admin.locator("nav.tabs button.on").inner_text() == "Properties"
 
 
+def test_a_late_answer_for_a_view_left_does_not_paint_over_the_view_gone_to(admin, live_server: LiveServer) -> None:
+    """The studies list is slow to come; the researcher has meanwhile opened a study. When the list
+    comes at last, the study stays on the screen (it once was replaced by the list)."""
+    study_id = RemoteLab(live_server).import_study(make_jzip(title="Gone to", dir_name="gone-to"))
+    held = []
+    admin.route("**/api/v1/studies/properties", lambda route: held.append(route))
+    admin.reload()
+    while not held:
+        admin.wait_for_timeout(20)
+    admin.evaluate(f"location.hash = '#study/{study_id}/Properties'")
+    admin.wait_for_selector("h2 >> text=Gone to")
+    held[0].continue_()
+    admin.wait_for_timeout(500)
+    assert admin.locator("h2").inner_text() == "Gone to" and admin.locator("#studies").count() == 0
+
 @pytest.mark.parametrize("leave", ["jatos.endStudy()", "jatos.abortStudy()"])
 def test_a_researchers_test_run_ends_on_the_studys_page(admin, live_server: LiveServer, leave: str) -> None:
     """A test run (Jatos worker) that ends or aborts is sent back to /jatos/<id>, which shows the study."""
