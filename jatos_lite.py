@@ -935,6 +935,8 @@ class Store:
         self._queued = 0  # writers waiting for the write lock or holding it
         self._batch: _Batch | None = None
         self._writer: sqlite3.Connection | None = None
+        # ids of the events of the batch being committed, from before its COMMIT until the hooks have it
+        self.committing_events: frozenset[int] = frozenset()
         self._local = threading.local()
         self._migrate()
 
@@ -1058,6 +1060,7 @@ class Store:
         try:
             if batch.broken is not None or not conn.in_transaction:
                 raise sqlite3.OperationalError(f"the transaction was lost: {batch.broken}")
+            self.committing_events = frozenset(event.id for event in batch.events)
             conn.execute("COMMIT")
         except BaseException as error:
             batch.error = error
@@ -1068,6 +1071,7 @@ class Store:
         else:
             self._announce(batch)
         finally:
+            self.committing_events = frozenset()
             batch.done.set()
 
     def _announce(self, batch: _Batch) -> None:
@@ -3430,6 +3434,7 @@ class ChannelHub:
         self._waiting_on: dict[str, set[int]] = collections.defaultdict(set)  # scope -> tickets in _waiting
         self._announced: set[int] = set()  # events of our own commits the watcher need not wake for
         self._recent: collections.deque[ChannelEvent] = collections.deque()
+        self._recent_in: dict[str, collections.deque[ChannelEvent]] = {}  # the same events, by scope
         self._recent_bytes = 0
         self._recent_from = 0
         self._recent_upto = 0
@@ -3464,10 +3469,16 @@ class ChannelHub:
         if events[0].id != self._recent_upto + 1:  # another process committed events in between
             self._forget_upto(events[0].id - 1)
         self._recent.extend(events)
+        for event in events:
+            self._recent_in.setdefault(event.scope, collections.deque()).append(event)
         self._recent_bytes += sum(event.size for event in events)
         self._recent_upto = events[-1].id
         while self._recent_bytes > self.config.recent_events_bytes:
             dropped = self._recent.popleft()
+            in_scope = self._recent_in[dropped.scope]
+            in_scope.popleft()
+            if not in_scope:
+                del self._recent_in[dropped.scope]
             self._recent_bytes -= dropped.size
             self._recent_from = dropped.id
 
@@ -3476,6 +3487,7 @@ class ChannelHub:
         Another process committed: the conn rows polls read may be stale too."""
         self._polled.clear()
         self._recent.clear()
+        self._recent_in.clear()
         self._recent_bytes = 0
         self._recent_from = self._recent_upto = max(event_id, self._recent_upto)
 
@@ -3539,7 +3551,7 @@ class ChannelHub:
                     self._polled.pop((sr_uuid, conn_id), None)
 
     def _events_for(self, conn_id: str, scope: str, cursor: int) -> dict:
-        newer = itertools.takewhile(lambda event: event.id > cursor, reversed(self._recent))
+        newer = itertools.takewhile(lambda event: event.id > cursor, reversed(self._recent_in.get(scope, ())))
         events = [{"id": e.id, "msg": e.message} for e in newer if _delivered_to(conn_id, scope, e)]
         events = events[::-1][:MAX_EVENTS_PER_POLL]
         return {"cursor": events[-1]["id"] if events else cursor, "events": events}
@@ -3640,13 +3652,19 @@ class ChannelHub:
         rows = conn.execute("SELECT id, scope FROM channel_events WHERE id > ? ORDER BY id", (seen,)).fetchall()
         if rows:
             with self._lock:
-                foreign = {row["scope"] for row in rows if row["id"] not in self._announced}
-                self._announced.difference_update(row["id"] for row in rows)
+                foreign = {row["scope"] for row in rows if not self._ours(row["id"])}
+                self._announced = {event_id for event_id in self._announced if event_id > rows[-1]["id"]}
                 if foreign:
                     self._forget_upto(rows[-1]["id"])
                     self._wake(foreign)
             seen = rows[-1]["id"]
         return current, seen
+
+    def _ours(self, event_id: int) -> bool:
+        """(Under the lock.) Whether this process committed the event. Our commit is visible
+        before its hook has told us of it (notify): in that gap its ids are the store's
+        committing_events, which is read first, since it is emptied only after the hook."""
+        return event_id in self.store.committing_events or event_id in self._announced
 
     def start_watching(self) -> None:
         with self._lock:

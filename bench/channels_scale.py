@@ -166,8 +166,8 @@ def load_process() -> None:
     for sender in senders:
         sender.join()
     time.sleep(DRAIN_SECONDS)
-    json.dump([{"id": p.spec["id"], "group": p.spec["group"], "sent": p.sent, "received": dict(p.received),
-                "latencies": list(p.latencies), "wrong": p.wrong_group, "failed": p.failed} for p in pages],
+    json.dump({"cpu": time.process_time(), "pages": [{"id": p.spec["id"], "group": p.spec["group"], "sent": p.sent, "received": dict(p.received),
+                "latencies": list(p.latencies), "wrong": p.wrong_group, "failed": p.failed} for p in pages]},
               sys.stdout)
 
 
@@ -217,7 +217,8 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def run_load(port: int, pages: list[dict], every: float, seconds: float, processes: int) -> list[dict]:
+def run_load(port: int, pages: list[dict], every: float, seconds: float, processes: int) -> tuple[list[dict], float]:
+    """What each page sent and received, and the CPU seconds the load processes used."""
     start_at = time.time() + 1.0 + len(pages) / 500
     shares = [pages[i::processes] for i in range(processes)]
     workers = [subprocess.Popen([sys.executable, __file__, "--load"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -226,10 +227,11 @@ def run_load(port: int, pages: list[dict], every: float, seconds: float, process
         worker.stdin.write(json.dumps({"port": port, "pages": share, "every": every, "seconds": seconds,
                                        "start": start_at}))
         worker.stdin.close()
-    return [page for worker in workers for page in json.loads(worker.stdout.read())]
+    reports = [json.loads(worker.stdout.read()) for worker in workers]
+    return [page for report in reports for page in report["pages"]], sum(report["cpu"] for report in reports)
 
 
-def figures(results: list[dict], cpu: float, rss: float) -> dict:
+def figures(results: list[dict], cpu: float, rss: float, load_cpu: float) -> dict:
     members: dict[int, list[dict]] = {}
     for page in results:
         members.setdefault(page["group"], []).append(page)
@@ -245,7 +247,8 @@ def figures(results: list[dict], cpu: float, rss: float) -> dict:
             "max": max(latencies, default=float("nan")), "late": sum(v > LATE_MS for v in latencies), "lost": lost,
             "dup": duplicated, "wrong": sum(page["wrong"] for page in results),
             "failed": sum(page["failed"] for page in results), "rss": rss,
-            "cpu_ms": cpu / sent * 1000 if sent else float("nan")}
+            "cpu_ms": cpu / sent * 1000 if sent else float("nan"),
+            "load_ms": load_cpu / sent * 1000 if sent else float("nan")}
 
 
 def measure(script: str, pages_of: object, count: int, args: argparse.Namespace, every: float) -> dict:
@@ -255,8 +258,8 @@ def measure(script: str, pages_of: object, count: int, args: argparse.Namespace,
         try:
             pages = pages_of(port, count) if script is JATOS_LITE else pages_of(count)
             before = cpu_seconds(server.pid)
-            results = run_load(port, pages, every, args.seconds, args.processes)
-            return figures(results, cpu_seconds(server.pid) - before, peak_rss_mb(server.pid))
+            results, load_cpu = run_load(port, pages, every, args.seconds, args.processes)
+            return figures(results, cpu_seconds(server.pid) - before, peak_rss_mb(server.pid), load_cpu)
         finally:
             server.kill()
             server.wait()
@@ -264,7 +267,8 @@ def measure(script: str, pages_of: object, count: int, args: argparse.Namespace,
 
 def report(name: str, f: dict) -> None:
     print(f"{name:>10} | {f['sent']:>6} {f['p50']:>7.1f} {f['p99']:>8.1f} {f['max']:>8.1f} {f['late']:>5} "
-          f"{f['lost']:>5} {f['dup']:>4} {f['wrong']:>5} {f['failed']:>6} {f['rss']:>7.0f} {f['cpu_ms']:>7.2f}",
+          f"{f['lost']:>5} {f['dup']:>4} {f['wrong']:>5} {f['failed']:>6} {f['rss']:>7.0f} {f['cpu_ms']:>7.2f} "
+          f"{f['load_ms']:>7.2f}",
           flush=True)
 
 
@@ -282,11 +286,11 @@ def main() -> None:
           f"{args.processes} load processes; latency in ms; lost = not delivered {DRAIN_SECONDS:g} s after the "
           f"last send; late = over {LATE_MS / 1000:g} s; failed = pages whose request timed out (60 s) or whose "
           f"channel the server closed (not heard of for its presence timeout); RSS = server peak MB; "
-          f"CPU = server ms per message")
+          f"CPU = server ms per message; load = the load processes' ms per message (same machine)")
     for every in (float(text) for text in args.every.split(",")):
         print(f"\none message per page every {every:g} s")
         print(f"{'pages':>5} {'server':>10} | {'sent':>6} {'p50':>7} {'p99':>8} {'max':>8} {'late':>5} {'lost':>5} "
-              f"{'dup':>4} {'wrong':>5} {'failed':>6} {'RSS':>7} {'CPU':>7}")
+              f"{'dup':>4} {'wrong':>5} {'failed':>6} {'RSS':>7} {'CPU':>7} {'load':>7}")
         for count in (int(text) for text in args.pages.split(",")):
             for name, script, pages_of in (("jatos-lite", JATOS_LITE, jatos_lite_pages),
                                            ("relay", RELAY, relay_pages)):

@@ -146,6 +146,45 @@ def test_the_memory_keeps_a_bounded_amount_of_events_and_older_cursors_go_to_the
     assert [event["id"] for event in newest["c"]["events"]] == ids[-2:]
 
 
+def test_the_memory_answers_each_scope_from_its_own_events_also_after_dropping_the_oldest(store) -> None:
+    """The memory is kept by scope too (a poll looks at its scope's events, not at every group's):
+    both stay the same events while the oldest are dropped."""
+    channels = hub(store, recent_events_bytes=3_000)
+    ids: dict[str, list[int]] = {"b:1": [], "b:2": []}
+    for number in range(40):
+        scope = "b:1" if number % 3 == 0 else "b:2"
+        with store.tx() as db:
+            ids[scope].append(jatos_lite.append_event(db, scope, {"msg": "m" * 100, "n": number}))
+    assert [e.id for e in channels._recent] == sorted(e.id for kept in channels._recent_in.values() for e in kept)
+    for scope, own in ids.items():
+        cursor = own[-4]
+        answer = channels.recent_answer({"c": (scope, cursor)}, channels.conn_changes)
+        assert [event["id"] for event in answer["c"]["events"]] == own[-3:]
+
+
+def test_the_watcher_takes_our_commit_for_ours_also_before_the_hub_has_heard_of_it(store) -> None:
+    """Our commit is visible to the watcher before the commit hook tells the hub of it. Taken
+    for another process's, it emptied the memory, and every page's next poll read the database
+    (at 1,000 pages a dozen times in 10 s)."""
+    channels = hub(store)
+    channels._watcher = threading.Thread(target=lambda: None)  # a watcher exists: notify records what is ours
+    conn = store.connect()
+    turn = {"version": conn.execute("PRAGMA data_version").fetchone()[0],
+            "seen": jatos_lite.last_event_id(jatos_lite.Db(conn))}
+    with store.tx() as db:
+        first = jatos_lite.append_event(db, "b:1", {"msg": "remembered"})
+
+    def watcher_turn_before_the_hub_hears(events: list, conns_changed: bool) -> None:
+        turn["version"], turn["seen"] = channels._wake_for_new_events(conn, turn["version"], turn["seen"])
+
+    store.on_commit.insert(0, watcher_turn_before_the_hub_hears)
+    with store.tx() as db:
+        second = jatos_lite.append_event(db, "b:1", {"msg": "in the gap"})
+    conn.close()
+    answer = channels.recent_answer({"c": ("b:1", first - 1)}, channels.conn_changes)
+    assert answer is not None and [event["id"] for event in answer["c"]["events"]] == [first, second]
+
+
 def test_polls_and_sends_leave_no_garbage_for_the_collector(client, app) -> None:
     """A busy group makes hundreds of requests a second. Each reference cycle a request leaves
     waits for the garbage collector, whose pauses hold every thread (bottle's header dict,
