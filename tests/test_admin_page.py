@@ -130,6 +130,41 @@ def test_properties_and_progress(admin, live_server: LiveServer) -> None:
     snap(admin, "progress")
 
 
+def test_batches_are_edited_added_and_deleted_after_asking(admin, live_server: LiveServer) -> None:
+    lab = RemoteLab(live_server)
+    study_id = lab.import_study(make_jzip(title="Batches", dir_name="batches"))
+    admin.goto(f"{live_server.url}/jatos/#study/{study_id}/Batches")
+    batch = admin.locator("fieldset").first
+    batch.wait_for()
+    batch.locator("p", has_text="Title").locator("input").first.fill("Morning class")
+    batch.locator("label", has_text="maxActiveMembers").locator("input").fill("2")
+    batch.locator("label", has_text="MTurk").locator("input").uncheck()
+    batch.locator("textarea").fill("{not json")
+    batch.get_by_role("button", name="Save batch").click()
+    admin.wait_for_selector(".notice.error >> text=not valid JSON")
+    batch.locator("textarea").fill('{"room": 4}')
+    batch.get_by_role("button", name="Save batch").click()
+    admin.wait_for_selector(".notice >> text=Saved.")
+    saved = lab.api("GET", f"/studies/{study_id}/properties?withBatchProperties=true")["data"]["batches"][0]
+    assert (saved["title"], saved["maxActiveMembers"], saved["batchInput"]) == ("Morning class", 2, {"room": 4})
+    assert "MT" not in saved["allowedWorkerTypes"] and "GeneralMultiple" in saved["allowedWorkerTypes"]
+
+    admin.get_by_role("button", name="Add batch").click()
+    admin.wait_for_function("document.querySelectorAll('fieldset').length === 2")
+    added = admin.locator("fieldset").nth(1)
+    assert added.get_by_role("button", name="Delete batch").get_attribute("class") == "danger"
+    asked = []
+    admin.once("dialog", lambda dialog: (asked.append(dialog.message), dialog.dismiss()))
+    added.get_by_role("button", name="Delete batch").click()
+    admin.wait_for_timeout(300)
+    assert len(asked) == 1 and admin.locator("fieldset").count() == 2
+    admin.once("dialog", lambda dialog: dialog.accept())
+    added.get_by_role("button", name="Delete batch").click()
+    admin.wait_for_function("document.querySelectorAll('fieldset').length === 1")
+    batches = lab.api("GET", f"/studies/{study_id}/properties?withBatchProperties=true")["data"]["batches"]
+    assert [b["title"] for b in batches] == ["Morning class"]
+
+
 def test_the_servers_address_of_a_study_shows_the_study(admin, live_server: LiveServer) -> None:
     """/jatos/<id> (where JATOS links a study) redirects to #/studies/<id>: the study's page, not the list."""
     study_id = RemoteLab(live_server).import_study(make_jzip(title="Addressed", dir_name="addressed"))
