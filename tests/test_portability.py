@@ -13,6 +13,7 @@ import types
 from pathlib import Path
 
 import pytest
+import waitress.wasyncore
 
 import jatos_lite
 from conftest import AUTH, Lab, make_jzip
@@ -198,13 +199,21 @@ class Idle:
         return False
 
 
-def test_the_event_loop_turns_no_faster_than_its_connections_allow() -> None:
-    """Each turn asks every connection what it waits for: with 1,000 connections, turns are at
-    least 1,000 x LOOP_SECONDS_PER_CONNECTION apart, so asking cannot take the CPU."""
-    connections = {number: Idle() for number in range(1000)}
+@pytest.mark.parametrize("turn_seconds", [0.005, 0.08])
+def test_the_event_loop_pauses_by_its_connections_and_its_turns(monkeypatch, turn_seconds: float) -> None:
+    """Each turn asks every connection what it waits for, so turns are spaced by the number of
+    connections (10,000 x LOOP_SECONDS_PER_CONNECTION = 0.2 s here), and a pause is at most
+    three times the turn: the loop takes at least a quarter of the time where turns are quick,
+    and no more than the spacing where they are slow."""
+    for turn in ("poll", "poll2"):  # poll2 where the system has poll(), else poll (select)
+        monkeypatch.setattr(waitress.wasyncore, turn, lambda timeout, map: time.sleep(turn_seconds))
+    connections = {number: Idle() for number in range(10_000)}
     started = time.monotonic()
     jatos_lite.PacedLoop.loop(timeout=0, use_poll=True, map=connections, count=3)
-    assert time.monotonic() - started >= 3 * 1000 * jatos_lite.LOOP_SECONDS_PER_CONNECTION * 0.9
+    took = time.monotonic() - started
+    spacing = 10_000 * jatos_lite.LOOP_SECONDS_PER_CONNECTION
+    least = 3 * min(spacing, turn_seconds * (1 + jatos_lite.LOOP_PAUSE_PER_TURN))
+    assert least * 0.9 <= took < least + 0.15
 
 
 class Listener:
