@@ -203,8 +203,7 @@ class Idle:
 def test_the_event_loop_pauses_by_its_connections_and_its_turns(monkeypatch, turn_seconds: float) -> None:
     """Each turn asks every connection what it waits for, so turns are spaced by the number of
     connections (10,000 x LOOP_SECONDS_PER_CONNECTION = 0.2 s here), and a pause is at most
-    three times the turn: the loop takes at least a quarter of the time where turns are quick,
-    and no more than the spacing where they are slow."""
+    three times the turn: quick turns come four turns' time apart, slow ones the spacing apart."""
     for turn in ("poll", "poll2"):  # poll2 where the system has poll(), else poll (select)
         monkeypatch.setattr(waitress.wasyncore, turn, lambda timeout, map: time.sleep(turn_seconds))
     connections = {number: Idle() for number in range(10_000)}
